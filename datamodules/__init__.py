@@ -1,0 +1,26 @@
+"""Reusable preference-data modules: records, collators, LightningDataModules and synthetic worlds.
+
+Nothing here imports ``mmpo``: other projects can use these datamodules on their own.
+"""
+
+from datamodules.batch import PreferenceBatch
+from datamodules.collator import PreferenceDataset, VisionPreferenceCollator, load_image
+from datamodules.image_preference import ImagePreferenceDataModule
+from datamodules.records import BadSampleError, PreferenceRecord, load_preference_records, parse_record
+from datamodules.shapes_world import ShapesWorld, objects_in_text, vocabulary, write_shapes_world
+
+__all__ = [
+    "BadSampleError",
+    "ImagePreferenceDataModule",
+    "PreferenceBatch",
+    "PreferenceDataset",
+    "PreferenceRecord",
+    "ShapesWorld",
+    "VisionPreferenceCollator",
+    "load_image",
+    "load_preference_records",
+    "objects_in_text",
+    "parse_record",
+    "vocabulary",
+    "write_shapes_world",
+]

@@ -1,0 +1,139 @@
+"""LightningDataModule for image (or text-only) preference pairs in TRL's vision format."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from datamodules.collator import PreferenceDataset, VisionPreferenceCollator
+from datamodules.records import load_preference_records
+from datamodules.samplers import EpochShuffleSampler
+
+__all__ = ["ImagePreferenceDataModule"]
+
+log = logging.getLogger(__name__)
+
+
+class ImagePreferenceDataModule(L.LightningDataModule):
+    """Preference pairs with images, read from JSONL / JSON / Parquet files.
+
+    Each record has ``prompt``, ``chosen``, ``rejected`` and ``images`` (paths relative to
+    ``data_root``); see ``docs/data.md``. Images are decoded and processed in the DataLoader workers.
+
+    Args:
+        processor: hub id or local directory of the model's processor (``AutoProcessor``).
+        train_file: training records.
+        val_file: validation records (optional).
+        test_file: test records (optional).
+        data_root: directory image paths are relative to (default: each file's directory).
+        batch_size: pairs per training batch.
+        eval_batch_size: pairs per validation/test batch (default: ``batch_size``).
+        num_workers: DataLoader worker processes.
+        max_length: maximum prompt + response tokens; prompts are never cut.
+        on_bad_sample: ``error`` stops with a message naming file and record; ``skip`` drops and counts.
+        shuffle: shuffle the training set each epoch (seeded).
+        seed: seed of the shuffling.
+        trust_remote_code: allow custom processor code from the hub (off by default).
+        image_placeholder: marks an image's position in plain-text prompts, whatever the model's own
+            image token is (the processor's chat template inserts that).
+    """
+
+    def __init__(
+        self,
+        processor: str,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        test_file: str | None = None,
+        data_root: str | None = None,
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_length: int | None = 1024,
+        on_bad_sample: Literal["error", "skip"] = "error",
+        shuffle: bool = True,
+        seed: int = 0,
+        trust_remote_code: bool = False,
+        image_placeholder: str = "<image>",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.processor_name = processor
+        self.files = {"train": train_file, "val": val_file, "test": test_file}
+        self.data_root = data_root
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.max_length = max_length
+        self.on_bad_sample = on_bad_sample
+        self.shuffle = shuffle
+        self.seed = seed
+        self.trust_remote_code = trust_remote_code
+        self.image_placeholder = image_placeholder
+        self.datasets: dict[str, PreferenceDataset] = {}
+        self.problems: dict[str, list[str]] = {}
+        self._processor = None
+
+    @property
+    def processor(self) -> Any:
+        if self._processor is None:
+            from transformers import AutoProcessor
+
+            self._processor = AutoProcessor.from_pretrained(
+                self.processor_name, trust_remote_code=self.trust_remote_code
+            )
+        return self._processor
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage, ("train", "val", "test")) if stage else ("train", "val", "test"):
+            path = self.files[split]
+            if path is None or split in self.datasets:
+                continue
+            root = self.data_root if self.data_root is not None else str(Path(path).parent)
+            records, problems = load_preference_records(path, root, self.on_bad_sample, self.image_placeholder)
+            if not records:
+                raise ValueError(f"{path}: no usable records ({len(problems)} skipped)")
+            if problems:
+                log.warning(
+                    "%s: skipped %d bad record(s) of %d; first: %s",
+                    path,
+                    len(problems),
+                    len(problems) + len(records),
+                    problems[0],
+                )
+            self.problems[split] = problems
+            self.datasets[split] = PreferenceDataset(records, self.on_bad_sample)
+
+    def collator(self) -> VisionPreferenceCollator:
+        return VisionPreferenceCollator(self.processor, max_length=self.max_length, on_bad_sample=self.on_bad_sample)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise ValueError(f"no {split} data: set {split}_file")
+        dataset = self.datasets[split]
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=EpochShuffleSampler(dataset, seed=self.seed, shuffle=shuffle),
+            num_workers=self.num_workers,
+            collate_fn=self.collator(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, self.shuffle)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.files["val"] is None:
+            return []  # no validation set: Lightning skips validation
+        return self._loader("val", self.eval_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, False)

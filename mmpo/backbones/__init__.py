@@ -1,0 +1,5 @@
+"""Backbones: how a model family is loaded and how its per-response statistics are computed."""
+
+from mmpo.backbones.vlm import DEFAULT_LORA_TARGETS, LoraSettings, VisionLanguageBackbone
+
+__all__ = ["DEFAULT_LORA_TARGETS", "LoraSettings", "VisionLanguageBackbone"]

@@ -1,0 +1,186 @@
+"""A tiny, randomly initialised LLaVA with an offline word-level tokenizer and a real processor.
+
+Nothing can be fetched from a model hub in tests or in the quickstart, so this module builds a
+LLaVA-architecture checkpoint from transformers configs and writes it with ``save_pretrained``.
+Everything downstream then loads it with ``from_pretrained`` exactly as it would load
+``llava-hf/llava-1.5-7b-hf``: the loading path under test is the real one.
+
+Example:
+    >>> from mmpo.backbones.tiny import build_tiny_llava
+    >>> path = build_tiny_llava("runs/tiny-llava", words=["a", "red", "circle", "."])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from mmpo.io import atomic_directory
+
+__all__ = ["TINY_CHAT_TEMPLATE", "TINY_SPECIAL_TOKENS", "build_tiny_llava", "build_tiny_processor"]
+
+# A LLaVA-1.5-like template ("USER: <image> question ASSISTANT: answer</s>") with a space
+# between every word, because the tokenizer is word-level and splits on whitespace.
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'user' %}USER : "
+    "{% if m['content'] is string %}{{ m['content'] }} "
+    "{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% elif m['role'] == 'assistant' %}ASSISTANT : "
+    "{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %} </s> "
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT : {% endif %}"
+)
+
+TINY_SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
+_TEMPLATE_WORDS = ("USER", "ASSISTANT", ":")
+
+
+def build_tiny_processor(words: Iterable[str], image_size: int = 48, patch_size: int = 8):
+    """Build a ``LlavaProcessor`` offline: a word-level tokenizer plus a CLIP image processor.
+
+    Args:
+        words: every word the data can contain; anything else becomes ``<unk>``.
+        image_size: the side the image processor resizes and crops to.
+        patch_size: the vision tower's patch size; an image expands to ``(image_size / patch_size)**2``
+            ``<image>`` tokens (the CLS token is dropped by the ``default`` feature strategy).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for w in (*TINY_SPECIAL_TOKENS, *_TEMPLATE_WORDS, *sorted(set(words))):
+        vocab.setdefault(w, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        do_center_crop=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+        chat_template=TINY_CHAT_TEMPLATE,
+    )
+
+
+def build_tiny_llava(
+    out_dir: str | os.PathLike,
+    words: Iterable[str],
+    image_size: int = 48,
+    patch_size: int = 8,
+    vision_width: int = 64,
+    vision_layers: int = 2,
+    text_width: int = 128,
+    text_layers: int = 4,
+    heads: int = 4,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
+    """Write a random-init LLaVA checkpoint and its processor to ``out_dir``.
+
+    The directory is complete (model, config, tokenizer, processor, chat template) and loads with
+    ``AutoModelForImageTextToText.from_pretrained`` and ``AutoProcessor.from_pretrained``. It is written
+    to a temporary sibling and renamed, so an interrupted build never leaves a half-written model. If a
+    build with the same settings is already there it is reused.
+
+    Args:
+        out_dir: destination directory.
+        words: the data's vocabulary (see ``datamodules.shapes_world.vocabulary``).
+        image_size: input resolution of the vision tower.
+        patch_size: vision patch size.
+        vision_width: hidden size of the CLIP vision tower.
+        vision_layers: number of vision transformer layers.
+        text_width: hidden size of the Llama language model.
+        text_layers: number of language model layers.
+        heads: attention heads in both towers.
+        seed: seed of the random initialisation.
+        overwrite: rebuild even if a matching build exists.
+
+    Returns:
+        The checkpoint directory.
+    """
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    out = Path(out_dir)
+    words = sorted(set(words))
+    settings = {
+        "version": 1,
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "vision_width": vision_width,
+        "vision_layers": vision_layers,
+        "text_width": text_width,
+        "text_layers": text_layers,
+        "heads": heads,
+        "seed": seed,
+        "words": words,
+    }
+    stamp = out / "mmpo_tiny.json"
+    if not overwrite and stamp.exists() and json.loads(stamp.read_text()) == settings:
+        return out
+
+    processor = build_tiny_processor(words, image_size=image_size, patch_size=patch_size)
+    tokenizer = processor.tokenizer
+    vocab_size = len(tokenizer)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=vision_width,
+            intermediate_size=2 * vision_width,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=heads,
+            image_size=image_size,
+            patch_size=patch_size,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=text_width,
+            intermediate_size=2 * text_width,
+            num_hidden_layers=text_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=1024,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            tie_word_embeddings=False,
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "mmpo_tiny.json").write_text(json.dumps(settings, indent=1))
+    return out

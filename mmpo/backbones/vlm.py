@@ -1,0 +1,186 @@
+"""LLaVA-style vision-language backbones loaded through transformers' auto classes."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mmpo.logprobs import response_logprobs, response_logprobs_from_hidden
+
+__all__ = ["DEFAULT_LORA_TARGETS", "LoraSettings", "VisionLanguageBackbone"]
+
+# The language model's attention and MLP projections (LLaVA, LLaVA-NeXT, Qwen2-VL, ...), not the
+# vision tower's or the projector's.
+DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+_VISION_PATTERNS = ("vision_tower", "visual", "vision_model", "image_encoder")
+_PROJECTOR_PATTERNS = ("multi_modal_projector", "visual.merger", "mm_projector")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LoraSettings:
+    """LoRA adapter settings (passed to ``peft.LoraConfig``).
+
+    Args:
+        r: rank.
+        alpha: scaling numerator (``lora_alpha``).
+        dropout: dropout on the adapter input.
+        target_modules: a regex over full module names, or a list of module-name suffixes.
+        modules_to_save: modules trained in full next to the adapter (e.g. ``["multi_modal_projector"]``).
+    """
+
+    def __init__(
+        self,
+        r: int = 16,
+        alpha: int = 32,
+        dropout: float = 0.05,
+        target_modules: str | list[str] = DEFAULT_LORA_TARGETS,
+        modules_to_save: list[str] | None = None,
+    ) -> None:
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {r}")
+        self.r, self.alpha, self.dropout = r, alpha, dropout
+        self.target_modules = target_modules
+        self.modules_to_save = modules_to_save
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=self.target_modules,
+            modules_to_save=self.modules_to_save,
+            bias="none",
+        )
+
+
+class VisionLanguageBackbone:
+    """How to load a vision-language model and compute response log-probs with it.
+
+    Not a module itself: ``build()`` returns the policy (a transformers model, wrapped by peft when
+    ``lora`` is set), which the Lightning module registers as its submodule.
+
+    Args:
+        model_name_or_path: hub id (e.g. ``llava-hf/llava-1.5-7b-hf``) or local checkpoint directory.
+        lora: LoRA settings; None trains the full model (vision tower frozen unless told otherwise).
+        freeze_vision_tower: keep the vision encoder frozen.
+        freeze_projector: keep the vision-to-language projector frozen (full fine-tuning only).
+        dtype: weights' dtype at load time.
+        attn_implementation: ``eager``, ``sdpa``, ``flash_attention_2`` or None for the default.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        trust_remote_code: allow custom model code from the hub (off by default).
+        revision: hub revision (branch, tag or commit).
+        logprob_chunk_size: positions projected through the LM head at once.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        lora: LoraSettings | None = None,
+        freeze_vision_tower: bool = True,
+        freeze_projector: bool = False,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        attn_implementation: str | None = None,
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+        revision: str | None = None,
+        logprob_chunk_size: int = 1024,
+    ) -> None:
+        self.model_name_or_path = model_name_or_path
+        self.lora = lora
+        self.freeze_vision_tower = freeze_vision_tower
+        self.freeze_projector = freeze_projector
+        self.dtype = dtype
+        self.attn_implementation = attn_implementation
+        self.gradient_checkpointing = gradient_checkpointing
+        self.trust_remote_code = trust_remote_code
+        self.revision = revision
+        self.logprob_chunk_size = logprob_chunk_size
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora is not None
+
+    def load_pretrained(self) -> nn.Module:
+        """``AutoModelForImageTextToText.from_pretrained`` with this backbone's settings."""
+        from transformers import AutoModelForImageTextToText
+
+        kwargs: dict[str, Any] = {"dtype": _DTYPES[self.dtype], "trust_remote_code": self.trust_remote_code}
+        if self.attn_implementation:
+            kwargs["attn_implementation"] = self.attn_implementation
+        if self.revision:
+            kwargs["revision"] = self.revision
+        return AutoModelForImageTextToText.from_pretrained(self.model_name_or_path, **kwargs)
+
+    def build(self) -> nn.Module:
+        """Load the model, freeze what should stay frozen, and attach LoRA if configured."""
+        model = self.load_pretrained()
+        for name, p in model.named_parameters():
+            if self.freeze_vision_tower and any(s in name for s in _VISION_PATTERNS):
+                if not any(s in name for s in _PROJECTOR_PATTERNS):
+                    p.requires_grad_(False)
+            if self.freeze_projector and any(s in name for s in _PROJECTOR_PATTERNS):
+                p.requires_grad_(False)
+        if self.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        if self.lora is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, self.lora.peft_config())
+            matched = [n for n, _ in model.named_modules() if n.endswith("lora_A")]
+            if not matched:
+                raise ValueError(f"LoRA target_modules {self.lora.target_modules!r} matched no module of the model")
+        return model
+
+    @staticmethod
+    def unwrap(model: nn.Module) -> nn.Module:
+        """The transformers model under a peft wrapper (LoRA layers stay injected)."""
+        get_base = getattr(model, "get_base_model", None)
+        return get_base() if callable(get_base) else model
+
+    def token_logps(self, model: nn.Module, batch: Any) -> Tensor:
+        """Response-token log-probs (2B, T) for a :class:`~datamodules.batch.PreferenceBatch`.
+
+        Runs the inner model to its last hidden state and projects only response positions through
+        the LM head, so no (2B, T, V) logits tensor is formed. Models whose head is not a plain
+        projection (logit soft-capping or scaling) take the full-logits path.
+        """
+        base = self.unwrap(model)
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.media}
+        inner = getattr(base, "model", None)
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        text_cfg = getattr(base.config, "text_config", base.config)
+        plain_head = not any(getattr(text_cfg, a, None) for a in ("final_logit_softcapping", "logit_scale"))
+        if inner is not None and head is not None and plain_head:
+            hidden = inner(**inputs, use_cache=False).last_hidden_state  # (2B, T, H)
+            return response_logprobs_from_hidden(
+                hidden, head, batch.input_ids, batch.response_mask, self.logprob_chunk_size
+            )
+        logits = base(**inputs, use_cache=False).logits  # (2B, T, V)
+        return response_logprobs(logits, batch.input_ids, batch.response_mask, self.logprob_chunk_size)
+
+    def save(self, model: nn.Module, out_dir: str | os.PathLike) -> None:
+        """Save the adapter (LoRA) or the full model, plus the processor, in standard HF format."""
+        model.save_pretrained(out_dir)
+        try:
+            from transformers import AutoProcessor
+
+            AutoProcessor.from_pretrained(
+                self.model_name_or_path, trust_remote_code=self.trust_remote_code, revision=self.revision
+            ).save_pretrained(out_dir)
+        except (OSError, ValueError):  # a model without a processor: the weights alone are still complete
+            pass
+
+    def describe(self, model: nn.Module) -> str:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        kind = f"LoRA r={self.lora.r}" if self.lora else "full fine-tuning"
+        name = re.sub(r"^.*/", "", str(self.model_name_or_path).rstrip("/"))
+        return f"{name}: {kind}, {trainable:,} trainable of {total:,} parameters"

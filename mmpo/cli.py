@@ -1,0 +1,49 @@
+"""The ``mmpo`` command: LightningCLI for fit/validate/test/predict, plus the quickstart."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from lightning.pytorch.cli import LightningCLI
+
+__all__ = ["MMPOCLI", "main"]
+
+
+class MMPOCLI(LightningCLI):
+    """LightningCLI with mmpo's defaults: any LightningModule / LightningDataModule by ``class_path``."""
+
+    def __init__(self, args=None, run: bool = True, **kwargs) -> None:
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("auto_configure_optimizers", False)
+        with warnings.catch_warnings():
+            # mmpo passes its own argument list (``mmpo quickstart`` and tests call this in-process)
+            warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
+            super().__init__(args=args, run=run, **kwargs)
+
+
+_EXTRA = {
+    "quickstart": ("mmpo.quickstart", "SFT then DPO of a tiny LLaVA on the shapes world (CPU, no downloads)"),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in _EXTRA:
+        import importlib
+
+        importlib.import_module(_EXTRA[argv[0]][0]).main(argv[1:])
+        return
+    if argv and argv[0] in ("-h", "--help"):
+        print("mmpo: preference optimisation for vision-language models\n")
+        print("  mmpo fit|validate|test|predict --config CONFIG.yaml [--dotted.key value ...]")
+        for name, (_, doc) in _EXTRA.items():
+            print(f"  mmpo {name:<12} {doc}")
+        print()
+    MMPOCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()

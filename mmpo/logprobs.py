@@ -1,0 +1,109 @@
+"""Response-token log-probabilities without a float32 (2B, T, V) tensor.
+
+The language-model head is applied only to the positions that predict response tokens, a chunk of
+positions at a time, and the log-softmax is computed in float32 per chunk. Peak extra memory is
+``chunk_size * V`` floats instead of ``2B * T * V``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = ["gather_logprobs", "response_logprobs", "response_logprobs_from_hidden", "sequence_stats"]
+
+
+def gather_logprobs(logits: Tensor, targets: Tensor, chunk_size: int = 1024) -> Tensor:
+    """``log_softmax(logits)[i, targets[i]]`` for a flat batch of rows, in float32 chunks.
+
+    Args:
+        logits: (M, V) logits in any dtype.
+        targets: (M,) token ids.
+        chunk_size: rows per chunk.
+
+    Returns:
+        (M,) float32 log-probabilities.
+    """
+    out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    for s in range(0, logits.shape[0], chunk_size):
+        chunk = logits[s : s + chunk_size].float()  # (m, V)
+        picked = chunk.gather(-1, targets[s : s + chunk_size, None]).squeeze(-1)
+        out[s : s + chunk_size] = picked - torch.logsumexp(chunk, dim=-1)
+    return out
+
+
+def _predicting_positions(input_ids: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
+    # The token at position t is predicted by the output at t-1: shift the mask left by one.
+    pred_mask = torch.zeros_like(response_mask)
+    pred_mask[:, :-1] = response_mask[:, 1:]
+    targets = input_ids[:, 1:][response_mask[:, 1:]]  # (M,)
+    return pred_mask, targets
+
+
+def response_logprobs(logits: Tensor, input_ids: Tensor, response_mask: Tensor, chunk_size: int = 1024) -> Tensor:
+    """Per-token log-probs of the response tokens from full-sequence logits.
+
+    Args:
+        logits: (N, T, V) causal-LM logits (output t predicts token t+1).
+        input_ids: (N, T) token ids.
+        response_mask: (N, T) bool, True at response tokens.
+        chunk_size: rows of the flattened (M, V) selection processed at once.
+
+    Returns:
+        (N, T) float32 token log-probs aligned with ``input_ids``, zero outside the response.
+    """
+    response_mask = response_mask.bool()
+    pred_mask, targets = _predicting_positions(input_ids, response_mask)
+    flat = gather_logprobs(logits[pred_mask], targets, chunk_size)  # (M,)
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=logits.device)
+    out[response_mask] = flat
+    return out
+
+
+def response_logprobs_from_hidden(
+    hidden: Tensor,
+    lm_head: Callable[[Tensor], Tensor],
+    input_ids: Tensor,
+    response_mask: Tensor,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Per-token response log-probs from the last hidden states, never forming (N, T, V).
+
+    Args:
+        hidden: (N, T, H) final hidden states of the language model.
+        lm_head: the output projection (hidden → vocabulary logits).
+        input_ids: (N, T) token ids.
+        response_mask: (N, T) bool, True at response tokens.
+        chunk_size: positions projected through the head at once.
+
+    Returns:
+        (N, T) float32 token log-probs, zero outside the response.
+    """
+    response_mask = response_mask.bool()
+    pred_mask, targets = _predicting_positions(input_ids, response_mask)
+    h = hidden[pred_mask]  # (M, H): only positions that predict a response token
+    flat = torch.empty(h.shape[0], dtype=torch.float32, device=hidden.device)
+    for s in range(0, h.shape[0], chunk_size):
+        logits = lm_head(h[s : s + chunk_size])  # (m, V)
+        flat[s : s + chunk_size] = gather_logprobs(logits, targets[s : s + chunk_size], chunk_size)
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device)
+    out[response_mask] = flat
+    return out
+
+
+def sequence_stats(token_logps: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed and mean response log-probs and token counts per row.
+
+    Args:
+        token_logps: (N, T) token log-probs, zero outside the response.
+        response_mask: (N, T) response mask.
+
+    Returns:
+        ``(summed (N,), mean (N,), counts (N,))``; the mean of an empty response is 0.
+    """
+    mask = response_mask.to(token_logps.dtype)
+    counts = mask.sum(-1)
+    summed = (token_logps * mask).sum(-1)
+    return summed, summed / counts.clamp(min=1), counts

@@ -1,0 +1,199 @@
+"""The Lightning module that trains a vision-language policy on preference pairs."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from datamodules.batch import PreferenceBatch
+from mmpo.backbones.vlm import VisionLanguageBackbone
+from mmpo.io import atomic_directory
+from mmpo.logprobs import sequence_stats
+from mmpo.losses import LossOutput, PairLogps, PreferenceLoss
+
+__all__ = ["PreferenceModule"]
+
+
+def _split_pair(token_logps: Tensor, mask: Tensor) -> PairLogps:
+    """(2B, T) token log-probs, chosen rows first, into per-response statistics."""
+    summed, _, counts = sequence_stats(token_logps, mask)
+    b = token_logps.shape[0] // 2
+    return PairLogps(
+        chosen=summed[:b],
+        rejected=summed[b:],
+        chosen_tokens=counts[:b],
+        rejected_tokens=counts[b:],
+        chosen_token_logps=token_logps[:b],
+        rejected_token_logps=token_logps[b:],
+        chosen_mask=mask[:b],
+        rejected_mask=mask[b:],
+    )
+
+
+class PreferenceModule(L.LightningModule):
+    """Preference optimisation of a vision-language model with any loss of ``mmpo.losses``.
+
+    Args:
+        backbone: how to load the model and compute response log-probs.
+        loss: the objective (``mmpo.losses.DPOLoss``, ``SimPOLoss``, ``CombinedLoss``, ...).
+        optimizer: optimizer factory, e.g. ``torch.optim.AdamW`` with ``lr`` in YAML.
+        scheduler: optional LR scheduler factory, stepped every optimizer step.
+        reference: where reference log-probs come from. ``auto``: the disabled adapter with LoRA,
+            a frozen copy without, nothing for reference-free losses. ``adapter``, ``copy``, ``none``
+            force one.
+        save_dir: where the trained adapter (LoRA) or full model is written, in the standard
+            PEFT/transformers format, when training ends. None to skip.
+        checkpoint_trainable_only: keep only trainable weights in Lightning checkpoints (the frozen
+            base is reloaded from ``model_name_or_path`` on resume).
+    """
+
+    def __init__(
+        self,
+        backbone: VisionLanguageBackbone,
+        loss: PreferenceLoss,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        reference: Literal["auto", "adapter", "copy", "none"] = "auto",
+        save_dir: str | None = None,
+        checkpoint_trainable_only: bool = True,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.loss = loss
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.save_dir = save_dir
+        self.checkpoint_trainable_only = checkpoint_trainable_only
+        self.reference_mode = self._resolve_reference(reference)
+        self.policy: nn.Module | None = None
+        self._reference: tuple[nn.Module, ...] = ()  # a tuple keeps the frozen copy out of state_dict
+        self.strict_loading = not checkpoint_trainable_only
+
+    def _resolve_reference(self, reference: str) -> str:
+        if reference == "auto":
+            if not self.loss.requires_reference:
+                return "none"
+            return "adapter" if self.backbone.uses_lora else "copy"
+        if reference == "adapter" and not self.backbone.uses_lora:
+            raise ValueError("reference='adapter' needs a LoRA backbone (set backbone.lora)")
+        if reference == "none" and self.loss.requires_reference:
+            raise ValueError(f"{type(self.loss).__name__} needs a reference model; reference='none' is not possible")
+        return reference
+
+    # -- model construction -------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        self.policy = self.backbone.build().train()  # from_pretrained returns eval mode
+        if self.reference_mode == "copy":
+            ref = copy.deepcopy(self.backbone.unwrap(self.policy)).eval()
+            ref.requires_grad_(False)
+            self._reference = (ref,)
+        rank_zero_info(f"[mmpo] {self.backbone.describe(self.policy)}; reference: {self.reference_mode}")
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters: check lora.target_modules and the freeze_* options")
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- forward ------------------------------------------------------------------------------
+    def _reference_logps(self, batch: PreferenceBatch) -> Tensor | None:
+        if self.reference_mode == "none":
+            return None
+        with torch.no_grad():
+            if self.reference_mode == "adapter":
+                with self.policy.disable_adapter():
+                    return self.backbone.token_logps(self.policy, batch)
+            ref = self._reference[0]
+            if next(ref.parameters()).device != self.device:
+                ref.to(self.device)
+            return self.backbone.token_logps(ref, batch)
+
+    def compute(self, batch: PreferenceBatch) -> tuple[LossOutput, PairLogps, PairLogps | None]:
+        """Policy and reference statistics for a batch, and the loss on them."""
+        mask = batch.response_mask
+        policy = _split_pair(self.backbone.token_logps(self.policy, batch), mask)
+        ref_tokens = self._reference_logps(batch)
+        reference = _split_pair(ref_tokens, mask) if ref_tokens is not None else None
+        return self.loss(policy, reference), policy, reference
+
+    def _step(self, batch: PreferenceBatch, stage: str) -> Tensor | None:
+        if batch.skipped or batch.truncated:
+            self.log(f"{stage}/data/skipped", float(batch.skipped), reduce_fx="sum", on_step=False, on_epoch=True)
+            self.log(f"{stage}/data/truncated_responses", float(batch.truncated), reduce_fx="sum", on_epoch=True)
+        if batch.num_pairs == 0:
+            return None  # every record of this batch was skipped
+        out, policy, _ = self.compute(batch)
+        loss = out.losses.mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite {stage} loss {loss.item()} on records {batch.ids}")
+        n = batch.num_pairs
+        on_step = stage == "train"
+        margins = out.chosen_rewards - out.rejected_rewards
+        metrics = {
+            "loss": loss.detach(),
+            "rewards/chosen": out.chosen_rewards.mean(),
+            "rewards/rejected": out.rejected_rewards.mean(),
+            "rewards/margins": margins.mean(),
+            "rewards/accuracies": (margins > 0).float().mean(),
+            "logps/chosen": policy.chosen.detach().mean(),
+            "logps/rejected": policy.rejected.detach().mean(),
+            "logps/accuracies": (policy.chosen > policy.rejected).float().mean(),
+        }
+        for k, v in metrics.items():
+            self.log(f"{stage}/{k}", v, on_step=on_step, on_epoch=True, batch_size=n, prog_bar=k == "loss")
+        return loss
+
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor | None:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def predict_step(self, batch: PreferenceBatch, batch_idx: int) -> dict[str, Any]:
+        out, policy, _ = self.compute(batch)
+        return {
+            "ids": batch.ids,
+            "logps_chosen": policy.chosen.detach().cpu(),
+            "logps_rejected": policy.rejected.detach().cpu(),
+            "rewards_chosen": out.chosen_rewards.cpu(),
+            "rewards_rejected": out.rejected_rewards.cpu(),
+        }
+
+    # -- checkpoints and export ---------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.checkpoint_trainable_only:
+            return
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_train_end(self) -> None:
+        if self.save_dir and self.trainer.is_global_zero:
+            self.export(self.save_dir)
+
+    def export(self, out_dir: str | os.PathLike) -> Path:
+        """Write the trained weights (PEFT adapter or full model) and the processor to ``out_dir``.
+
+        Written to a temporary sibling directory and renamed, so a crash never leaves a partial export.
+        """
+        out = Path(out_dir)
+        with atomic_directory(out) as tmp:
+            self.backbone.save(self.policy, tmp)
+        rank_zero_info(f"[mmpo] saved {'LoRA adapter' if self.backbone.uses_lora else 'model'} to {out}")
+        return out

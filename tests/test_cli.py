@@ -1,0 +1,94 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mmpo.backbones import VisionLanguageBackbone
+from mmpo.cli import MMPOCLI, main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.name for p in CONFIGS}
+    assert {"quickstart.yaml", "quickstart_sft.yaml", "llava15_7b_dpo_lora.yaml", "qwen2vl_2b_dpo_lora.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses_and_instantiates(config, tiny_llava, monkeypatch):
+    # Model loading is pointed at the tiny LLaVA; everything else is the config as written.
+    from transformers import AutoModelForImageTextToText
+
+    monkeypatch.setattr(
+        VisionLanguageBackbone, "load_pretrained", lambda self: AutoModelForImageTextToText.from_pretrained(tiny_llava)
+    )
+    cli = MMPOCLI(args=["--config", str(config), "--trainer.accelerator=cpu", "--trainer.devices=1"], run=False)
+    spec = yaml.safe_load(config.read_text())
+    want_loss = spec["model"]["init_args"]["loss"]["class_path"].rsplit(".", 1)[1]
+    assert type(cli.model.loss).__name__ == want_loss
+    assert type(cli.datamodule).__name__ == spec["data"]["class_path"].rsplit(".", 1)[1]
+    cli.model.configure_model()  # LoRA targets must match the model's module names
+    assert any(p.requires_grad for p in cli.model.parameters())
+
+
+def test_print_config_through_the_console_script():
+    out = subprocess.run(
+        [sys.executable, "-m", "mmpo.cli", "fit", "--config", "configs/quickstart.yaml", "--print_config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    printed = yaml.safe_load(out.stdout)
+    assert printed["model"]["init_args"]["loss"]["class_path"] == "mmpo.losses.DPOLoss"
+    assert printed["model"]["init_args"]["loss"]["init_args"]["beta"] == 0.1
+
+
+def _fit_args(world, tiny_llava, root, epochs, extra=()):
+    return [
+        "fit",
+        "--config",
+        str(REPO / "configs/quickstart.yaml"),
+        f"--model.init_args.backbone.init_args.model_name_or_path={tiny_llava}",
+        f"--model.init_args.save_dir={root}/adapter",
+        f"--data.init_args.processor={tiny_llava}",
+        f"--data.init_args.train_file={world}/train.jsonl",
+        f"--data.init_args.val_file={world}/val.jsonl",
+        "--data.init_args.batch_size=4",
+        f"--trainer.default_root_dir={root}",
+        f"--trainer.max_epochs={epochs}",
+        "--trainer.limit_train_batches=3",
+        "--trainer.limit_val_batches=1",
+        "--trainer.enable_checkpointing=true",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+    ]
+
+
+def _adapter(root: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(root / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_fit_through_the_cli_then_resume_matches_an_uninterrupted_run(world, tiny_llava, tmp_path):
+    straight, first, resumed = tmp_path / "straight", tmp_path / "first", tmp_path / "resumed"
+    main(_fit_args(world, tiny_llava, straight, epochs=2))
+    main(_fit_args(world, tiny_llava, first, epochs=1))
+    ckpts = sorted((first / "checkpoints").glob("*.ckpt"))
+    assert len(ckpts) == 1
+    state = torch.load(ckpts[0], map_location="cpu", weights_only=False)["state_dict"]
+    assert state and all("lora_" in k for k in state)  # trainable weights only
+    main(_fit_args(world, tiny_llava, resumed, epochs=2, extra=[f"--ckpt_path={ckpts[0]}"]))
+
+    a, b, c = _adapter(straight), _adapter(first), _adapter(resumed)
+    assert a.keys() == c.keys() and a
+    for k in a:
+        torch.testing.assert_close(c[k], a[k], atol=1e-6, rtol=1e-5)
+    assert any(not torch.allclose(a[k], b[k]) for k in a)  # the second epoch did change the adapter

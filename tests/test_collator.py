@@ -1,0 +1,139 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from datamodules import BadSampleError, PreferenceDataset, VisionPreferenceCollator, load_preference_records
+
+N_IMAGE_TOKENS = 36  # 48 px / patch 8 = 6x6 patches, CLS dropped
+
+
+def _write(tmp_path: Path, records: list, name="data.jsonl") -> Path:
+    path = tmp_path / name
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def _image(tmp_path: Path, name="a.png", color=(255, 0, 0)) -> str:
+    Image.new("RGB", (64, 64), color).save(tmp_path / name)
+    return name
+
+
+def _batch(processor, path, **kw):
+    mode = kw.setdefault("on_bad_sample", "error")
+    records, problems = load_preference_records(path, on_bad_sample=mode)
+    ds = PreferenceDataset(records, mode)
+    return VisionPreferenceCollator(processor, **kw)([ds[i] for i in range(len(ds))]), problems
+
+
+def test_batch_layout_image_tokens_and_masks(processor, tmp_path):
+    img = _image(tmp_path)
+    path = _write(
+        tmp_path,
+        [
+            {
+                "id": "r1",
+                "images": [img],
+                "prompt": "describe the image .",
+                "chosen": "a red circle .",
+                "rejected": "a blue square and a red circle .",
+            },
+            {"id": "r2", "prompt": "is there a red circle ?", "chosen": "yes .", "rejected": "no ."},
+        ],
+    )
+    batch, _ = _batch(processor, path)
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert batch.num_pairs == 2 and batch.ids == ["r1", "r2"]
+    assert batch.input_ids.shape[0] == 4
+    # rows 0 and 2 carry the image: every one of its tokens intact, in both chosen and rejected
+    assert [(row == image_id).sum().item() for row in batch.input_ids] == [N_IMAGE_TOKENS, 0, N_IMAGE_TOKENS, 0]
+    assert batch.media["pixel_values"].shape == (2, 3, 48, 48)  # one image for chosen, one for rejected
+    for i, response in enumerate(["a red circle .", "yes .", "a blue square and a red circle .", "no ."]):
+        want = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert batch.input_ids[i][batch.response_mask[i]].tolist() == want
+        # the response starts right after the prompt and the prompt ends with "ASSISTANT :"
+        p = batch.prompt_lengths[i].item()
+        assert batch.response_mask[i, :p].sum() == 0
+        assert tok.convert_ids_to_tokens(batch.input_ids[i, p - 2 : p].tolist()) == ["ASSISTANT", ":"]
+        assert batch.attention_mask[i].sum() == p + len(want)
+    # chosen and rejected rows share the prompt token for token
+    assert torch.equal(batch.input_ids[0, : batch.prompt_lengths[0]], batch.input_ids[2, : batch.prompt_lengths[2]])
+
+
+def test_conversational_records_match_plain_ones(processor, tmp_path):
+    img = _image(tmp_path)
+    plain = {"images": [img], "prompt": "describe the image .", "chosen": "a red circle .", "rejected": "no ."}
+    conv = {
+        "images": [img],
+        "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image ."}]}],
+        "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "a red circle ."}]}],
+        "rejected": [{"role": "assistant", "content": "no ."}],
+    }
+    a, _ = _batch(processor, _write(tmp_path, [plain], "a.jsonl"))
+    b, _ = _batch(processor, _write(tmp_path, [conv], "b.jsonl"))
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.response_mask, b.response_mask)
+
+
+def test_prompt_that_would_cut_image_tokens_is_an_error_or_a_counted_skip(processor, tmp_path):
+    img = _image(tmp_path)
+    rec = {"id": "long", "images": [img], "prompt": "describe the image .", "chosen": "yes .", "rejected": "no ."}
+    path = _write(tmp_path, [rec, {**rec, "id": "ok", "images": []}])
+    with pytest.raises(BadSampleError, match=r"data.jsonl:1.*max_length=20"):
+        _batch(processor, path, max_length=20)
+    batch, _ = _batch(processor, path, max_length=20, on_bad_sample="skip")
+    assert batch.skipped == 1 and batch.ids == ["ok"]
+
+
+def test_long_responses_are_shortened_and_counted(processor, tmp_path):
+    rec = {"prompt": "describe the image .", "chosen": "a red circle and a blue square .", "rejected": "no ."}
+    batch, _ = _batch(processor, _write(tmp_path, [rec]), max_length=12)
+    assert batch.truncated == 1
+    assert batch.attention_mask.sum(-1).max() <= 12
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"prompt": "q", "chosen": "a"}, "missing field"),
+        ({"prompt": "q", "chosen": "  ", "rejected": "b"}, "'chosen' response is empty"),
+        ({"prompt": "q", "chosen": "a", "rejected": "b", "images": ["nope.png"]}, "media file not found"),
+        ({"prompt": "q", "chosen": "a", "rejected": "b", "images": ["../escape.png"]}, "outside the data root"),
+        ({"prompt": "<image> <image> q", "chosen": "a", "rejected": "b", "images": ["a.png"]}, "2 image placeholder"),
+        ('{"prompt": "q", "chosen": ', "malformed JSON"),
+        ({"prompt": 3, "chosen": "a", "rejected": "b"}, "'prompt' must be"),
+    ],
+)
+def test_bad_records_name_file_and_line(tmp_path, record, message):
+    sub = tmp_path / "root"
+    sub.mkdir()
+    _image(sub)
+    _image(tmp_path, "escape.png")
+    good = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    path = _write(sub, [good, record])
+    with pytest.raises(BadSampleError, match=message) as err:
+        load_preference_records(path)
+    assert f"{path}:2" in str(err.value)
+    records, problems = load_preference_records(path, on_bad_sample="skip")
+    assert len(records) == 1 and len(problems) == 1 and f"{path}:2" in problems[0]
+
+
+def test_corrupt_image_is_an_error_or_a_counted_skip(processor, tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    _image(tmp_path)
+    rec = {"id": "x", "prompt": "describe the image .", "chosen": "yes .", "rejected": "no ."}
+    path = _write(tmp_path, [{**rec, "images": ["bad.png"]}, {**rec, "id": "y", "images": ["a.png"]}])
+    records, _ = load_preference_records(path)
+    with pytest.raises(BadSampleError, match=r"data.jsonl:1: cannot decode image .*bad.png"):
+        PreferenceDataset(records)[0]
+    batch, _ = _batch(processor, path, on_bad_sample="skip")
+    assert batch.skipped == 1 and batch.ids == ["y"]
+
+
+def test_all_skipped_gives_an_empty_batch(processor, tmp_path):
+    (tmp_path / "bad.png").write_bytes(b"garbage")
+    path = _write(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b", "images": ["bad.png"]}])
+    batch, _ = _batch(processor, path, on_bad_sample="skip")
+    assert batch.num_pairs == 0 and batch.skipped == 1
