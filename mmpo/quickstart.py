@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--configs", default="configs", help="directory holding quickstart_sft.yaml and quickstart.yaml"
     )
-    parser.add_argument("--n-train", type=int, default=512, help="training pairs in the shapes world")
-    parser.add_argument("--n-val", type=int, default=128, help="validation pairs")
+    parser.add_argument("--n-train", type=int, default=3000, help="training pairs in the shapes world")
+    parser.add_argument("--n-val", type=int, default=256, help="validation pairs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sft-epochs", type=int, default=None, help="override the SFT config's max_epochs")
     parser.add_argument("--dpo-epochs", type=int, default=None, help="override the DPO config's max_epochs")

@@ -92,3 +92,18 @@ def test_fit_through_the_cli_then_resume_matches_an_uninterrupted_run(world, tin
     for k in a:
         torch.testing.assert_close(c[k], a[k], atol=1e-6, rtol=1e-5)
     assert any(not torch.allclose(a[k], b[k]) for k in a)  # the second epoch did change the adapter
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_validate_and_test_subcommands_log_trl_metrics(world, tiny_llava, tmp_path, subcommand):
+    args = _fit_args(world, tiny_llava, tmp_path, epochs=1)
+    args[0] = subcommand
+    args += [f"--data.init_args.test_file={world}/val.jsonl", "--trainer.limit_test_batches=1"]
+    cli = MMPOCLI(args=args)
+    stage = "val" if subcommand == "validate" else "test"
+    metrics = cli.trainer.callback_metrics
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen"):
+        assert f"{stage}/{name}" in metrics
+    # a fresh LoRA adapter is the identity: policy equals reference, so every reward is 0
+    assert metrics[f"{stage}/rewards/margins"] == 0 and metrics[f"{stage}/loss"] == pytest.approx(0.693147, abs=1e-5)
+    assert metrics[f"{stage}/logps/chosen"] < 0

@@ -137,3 +137,23 @@ def test_all_skipped_gives_an_empty_batch(processor, tmp_path):
     path = _write(tmp_path, [{"prompt": "q", "chosen": "a", "rejected": "b", "images": ["bad.png"]}])
     batch, _ = _batch(processor, path, on_bad_sample="skip")
     assert batch.num_pairs == 0 and batch.skipped == 1
+
+
+@pytest.mark.parametrize("suffix", [".json", ".parquet"])
+def test_json_and_parquet_files_read_like_jsonl(processor, tmp_path, suffix):
+    import datasets
+
+    img = _image(tmp_path)
+    rows = [
+        {"id": "a", "images": [img], "prompt": "describe the image .", "chosen": "a red circle .", "rejected": "no ."},
+        {"id": "b", "images": [img], "prompt": "is there a red circle ?", "chosen": "yes .", "rejected": "no ."},
+    ]
+    jsonl, _ = _batch(processor, _write(tmp_path, rows))
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(rows))
+    else:
+        datasets.Dataset.from_list(rows).to_parquet(str(path))
+    other, _ = _batch(processor, path)
+    assert other.ids == ["a", "b"]
+    assert torch.equal(other.input_ids, jsonl.input_ids) and torch.equal(other.response_mask, jsonl.response_mask)
