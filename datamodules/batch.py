@@ -29,6 +29,9 @@ class PreferenceBatch:
         ids: the B record ids, for error messages and logs.
         skipped: records dropped while building this batch (``on_bad_sample: skip``).
         truncated: responses shortened to fit ``max_length`` in this batch.
+        shared_prompt: chosen and rejected rows of a pair hold the same prompt and media (the
+            ``media`` tensors are then the chosen block followed by an identical rejected block), so a
+            model may run each prompt once. False when the media differ (VDPO-style pairs).
     """
 
     input_ids: Tensor
@@ -39,6 +42,7 @@ class PreferenceBatch:
     ids: list[str] = field(default_factory=list)
     skipped: int = 0
     truncated: int = 0
+    shared_prompt: bool = True
 
     @property
     def num_pairs(self) -> int:
@@ -54,6 +58,7 @@ class PreferenceBatch:
             ids=list(self.ids),
             skipped=self.skipped,
             truncated=self.truncated,
+            shared_prompt=self.shared_prompt,
         )
 
     @classmethod

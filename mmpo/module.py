@@ -18,6 +18,7 @@ from mmpo.backbones.vlm import VisionLanguageBackbone
 from mmpo.io import atomic_directory
 from mmpo.logprobs import sequence_stats
 from mmpo.losses import LossOutput, PairLogps, PreferenceLoss
+from mmpo.reference_cache import ReferenceCache, compute_reference_cache, data_fingerprint, model_fingerprint
 
 __all__ = ["PreferenceModule"]
 
@@ -48,7 +49,11 @@ class PreferenceModule(L.LightningModule):
         scheduler: optional LR scheduler factory, stepped every optimizer step.
         reference: where reference log-probs come from. ``auto``: the disabled adapter with LoRA,
             a frozen copy without, nothing for reference-free losses. ``adapter``, ``copy``, ``none``
-            force one.
+            force one. ``cached``: computed once for every record before the first step, stored on
+            disk, and read back instead of running a reference model (see ``reference_cache_dir``).
+        reference_cache_dir: where cached reference log-probs live (default:
+            ``<trainer.default_root_dir>/reference_cache``). Files are named by model and data
+            fingerprints, so a change of either computes a new cache.
         save_dir: where the trained adapter (LoRA) or full model is written, in the standard
             PEFT/transformers format, when training ends. None to skip.
         checkpoint_trainable_only: keep only trainable weights in Lightning checkpoints (the frozen
@@ -61,7 +66,8 @@ class PreferenceModule(L.LightningModule):
         loss: PreferenceLoss,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
-        reference: Literal["auto", "adapter", "copy", "none"] = "auto",
+        reference: Literal["auto", "adapter", "copy", "none", "cached"] = "auto",
+        reference_cache_dir: str | None = None,
         save_dir: str | None = None,
         checkpoint_trainable_only: bool = True,
     ) -> None:
@@ -73,6 +79,8 @@ class PreferenceModule(L.LightningModule):
         self.save_dir = save_dir
         self.checkpoint_trainable_only = checkpoint_trainable_only
         self.reference_mode = self._resolve_reference(reference)
+        self.reference_cache_dir = reference_cache_dir
+        self._caches: dict[str, ReferenceCache] = {}
         self.policy: nn.Module | None = None
         self._reference: tuple[nn.Module, ...] = ()  # a tuple keeps the frozen copy out of state_dict
         self.strict_loading = not checkpoint_trainable_only
@@ -84,6 +92,8 @@ class PreferenceModule(L.LightningModule):
             return "adapter" if self.backbone.uses_lora else "copy"
         if reference == "adapter" and not self.backbone.uses_lora:
             raise ValueError("reference='adapter' needs a LoRA backbone (set backbone.lora)")
+        if reference == "cached" and not self.loss.requires_reference:
+            raise ValueError(f"{type(self.loss).__name__} uses no reference model: there is nothing to cache")
         if reference == "none" and self.loss.requires_reference:
             raise ValueError(f"{type(self.loss).__name__} needs a reference model; reference='none' is not possible")
         return reference
@@ -110,9 +120,13 @@ class PreferenceModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- forward ------------------------------------------------------------------------------
-    def _reference_logps(self, batch: PreferenceBatch) -> Tensor | None:
+    def _reference_logps(self, batch: PreferenceBatch, split: str = "train") -> Tensor | None:
         if self.reference_mode == "none":
             return None
+        if self.reference_mode == "cached":
+            if split not in self._caches:
+                raise RuntimeError(f"no cached reference log-probs for the {split} split")
+            return self._caches[split].token_logps(batch.ids, batch.response_mask)
         with torch.no_grad():
             if self.reference_mode == "adapter":
                 with self.policy.disable_adapter():
@@ -122,11 +136,11 @@ class PreferenceModule(L.LightningModule):
                 ref.to(self.device)
             return self.backbone.token_logps(ref, batch)
 
-    def compute(self, batch: PreferenceBatch) -> tuple[LossOutput, PairLogps, PairLogps | None]:
+    def compute(self, batch: PreferenceBatch, split: str = "train") -> tuple[LossOutput, PairLogps, PairLogps | None]:
         """Policy and reference statistics for a batch, and the loss on them."""
         mask = batch.response_mask
         policy = _split_pair(self.backbone.token_logps(self.policy, batch), mask)
-        ref_tokens = self._reference_logps(batch)
+        ref_tokens = self._reference_logps(batch, split)
         reference = _split_pair(ref_tokens, mask) if ref_tokens is not None else None
         return self.loss(policy, reference), policy, reference
 
@@ -136,7 +150,7 @@ class PreferenceModule(L.LightningModule):
             self.log(f"{stage}/data/truncated_responses", float(batch.truncated), reduce_fx="sum", on_epoch=True)
         if batch.num_pairs == 0:
             return None  # every record of this batch was skipped
-        out, policy, _ = self.compute(batch)
+        out, policy, _ = self.compute(batch, stage)
         loss = out.losses.mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite {stage} loss {loss.item()} on records {batch.ids}")
@@ -167,7 +181,7 @@ class PreferenceModule(L.LightningModule):
         self._step(batch, "test")
 
     def predict_step(self, batch: PreferenceBatch, batch_idx: int) -> dict[str, Any]:
-        out, policy, _ = self.compute(batch)
+        out, policy, _ = self.compute(batch, "test")
         return {
             "ids": batch.ids,
             "logps_chosen": policy.chosen.detach().cpu(),
@@ -175,6 +189,59 @@ class PreferenceModule(L.LightningModule):
             "rewards_chosen": out.chosen_rewards.cpu(),
             "rewards_rejected": out.rejected_rewards.cpu(),
         }
+
+    # -- cached reference log-probs ----------------------------------------------------------------
+    def _prepare_caches(self, splits: tuple[str, ...]) -> None:
+        if self.reference_mode != "cached":
+            return
+        dm = self.trainer.datamodule
+        if dm is None or not hasattr(dm, "datasets") or not hasattr(dm, "collator"):
+            raise ValueError("reference='cached' needs a datamodule with `datasets` and `collator()`")
+        root = Path(self.reference_cache_dir or Path(self.trainer.default_root_dir) / "reference_cache")
+        model_fp = model_fingerprint(self.backbone.model_name_or_path, self.backbone.revision)
+        for split in splits:
+            if split in self._caches or split not in dm.datasets:
+                continue
+            dataset = dm.datasets[split]
+            settings = {"split": split, "max_length": getattr(dm, "max_length", None), "processor": dm.processor_name}
+            path = root / f"{split}-{model_fp}-{data_fingerprint(dataset.records, settings)}.safetensors"
+            if not path.exists() and self.trainer.is_global_zero:
+                if self.trainer.global_step > 0 and not self.backbone.uses_lora:
+                    raise RuntimeError(f"{path} is missing and the policy has trained: it is no longer the reference")
+                self._caches[split] = self._compute_cache(dataset, dm, split)
+                self._caches[split].save(path)
+                rank_zero_info(f"[mmpo] cached reference log-probs of {len(dataset)} {split} records in {path}")
+            self.trainer.strategy.barrier()
+            if split not in self._caches:
+                self._caches[split] = ReferenceCache.load(path)
+
+    def _compute_cache(self, dataset: Any, dm: Any, split: str) -> ReferenceCache:
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            if self.backbone.uses_lora:
+
+                def forward(batch: PreferenceBatch) -> Tensor:
+                    with self.policy.disable_adapter():
+                        return self.backbone.token_logps(self.policy, batch)
+            else:
+
+                def forward(batch: PreferenceBatch) -> Tensor:
+                    return self.backbone.token_logps(self.policy, batch)
+
+            bs = getattr(dm, "eval_batch_size", 8)
+            return compute_reference_cache(forward, dataset, dm.collator(), bs, self.device, f"reference ({split})")
+        finally:
+            self.policy.train(was_training)
+
+    def on_fit_start(self) -> None:
+        self._prepare_caches(("train", "val"))
+
+    def on_validation_start(self) -> None:
+        self._prepare_caches(("val",))
+
+    def on_test_start(self) -> None:
+        self._prepare_caches(("test",))
 
     # -- checkpoints and export ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -7,8 +7,10 @@ import re
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from mmpo.backbones.shared_prefix import shared_prefix_supported, shared_prefix_token_logps
 from mmpo.logprobs import response_logprobs, response_logprobs_from_hidden
 
 __all__ = ["DEFAULT_LORA_TARGETS", "LoraSettings", "VisionLanguageBackbone"]
@@ -77,6 +79,10 @@ class VisionLanguageBackbone:
         trust_remote_code: allow custom model code from the hub (off by default).
         revision: hub revision (branch, tag or commit).
         logprob_chunk_size: positions projected through the LM head at once.
+        shared_prefix: run each pair's prompt and images once and both responses on its key/value
+            cache (same losses and gradients as running them twice). Falls back to the naive path,
+            with a one-time notice, for pairs with different media, for models with multimodal
+            rotary positions (Qwen2-VL), and under gradient checkpointing.
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class VisionLanguageBackbone:
         trust_remote_code: bool = False,
         revision: str | None = None,
         logprob_chunk_size: int = 1024,
+        shared_prefix: bool = True,
     ) -> None:
         self.model_name_or_path = model_name_or_path
         self.lora = lora
@@ -102,6 +109,8 @@ class VisionLanguageBackbone:
         self.trust_remote_code = trust_remote_code
         self.revision = revision
         self.logprob_chunk_size = logprob_chunk_size
+        self.shared_prefix = shared_prefix
+        self._fallback_noted: set[str] = set()
 
     @property
     def uses_lora(self) -> bool:
@@ -153,6 +162,13 @@ class VisionLanguageBackbone:
         projection (logit soft-capping or scaling) take the full-logits path.
         """
         base = self.unwrap(model)
+        if self.shared_prefix:
+            reason = self._naive_reason(base, batch)
+            if reason is None:
+                return shared_prefix_token_logps(base, batch, pad_id=0, chunk_size=self.logprob_chunk_size)
+            if reason not in self._fallback_noted:
+                self._fallback_noted.add(reason)
+                rank_zero_info(f"[mmpo] shared-prefix forward off: {reason}; running prompts once per response")
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.media}
         inner = getattr(base, "model", None)
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
@@ -165,6 +181,16 @@ class VisionLanguageBackbone:
             )
         logits = base(**inputs, use_cache=False).logits  # (2B, T, V)
         return response_logprobs(logits, batch.input_ids, batch.response_mask, self.logprob_chunk_size)
+
+    @staticmethod
+    def _naive_reason(base: nn.Module, batch: Any) -> str | None:
+        if not getattr(batch, "shared_prompt", False):
+            return "chosen and rejected have different media"
+        if not shared_prefix_supported(base):
+            return f"{type(base).__name__} is not supported (multimodal rotary positions or a scaled LM head)"
+        if base.training and getattr(base, "is_gradient_checkpointing", False):
+            return "gradient checkpointing disables the key/value cache"
+        return None
 
     def save(self, model: nn.Module, out_dir: str | os.PathLike) -> None:
         """Save the adapter (LoRA) or the full model, plus the processor, in standard HF format."""

@@ -1,0 +1,114 @@
+"""Shared-prefix forward: the prompt and its images once per pair, both responses on top.
+
+A naive preference step runs every pair's prompt (image tokens included) and its images twice per
+model, once with the chosen and once with the rejected response. Here the prompt runs once, its
+key/value cache is repeated for the two responses, and the responses run on it. Gradients reach the
+prompt and the vision tower through the cache, so the losses and gradients equal the naive path's.
+
+Layout: prompts are left-padded so every prompt ends in the last column; response rows are
+interleaved (chosen 0, rejected 0, chosen 1, ...) to match ``batch_repeat_interleave(2)``. The result
+is returned in the naive layout (chosen rows first) so everything downstream is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmpo.logprobs import gather_logprobs
+
+__all__ = ["shared_prefix_supported", "shared_prefix_token_logps"]
+
+
+def shared_prefix_supported(base: nn.Module) -> bool:
+    """Whether ``base`` can take the shared-prefix path.
+
+    Needs an inner model returning hidden states and a cache, a plain LM head, and ordinary 1-D
+    positions: models with multimodal rotary positions (Qwen2-VL's ``get_rope_index``) keep position
+    state between calls and take the naive path.
+    """
+    inner = getattr(base, "model", None)
+    if inner is None or not hasattr(base, "get_output_embeddings"):
+        return False
+    if hasattr(inner, "get_rope_index") or hasattr(inner, "rope_deltas"):
+        return False
+    text_cfg = getattr(base.config, "text_config", base.config)
+    return not any(getattr(text_cfg, a, None) for a in ("final_logit_softcapping", "logit_scale"))
+
+
+def _left_padded_prompts(batch: Any, pad_id: int) -> tuple[Tensor, Tensor]:
+    b = batch.num_pairs
+    lengths = batch.prompt_lengths[:b]  # (B,)
+    width = int(lengths.max())
+    cols = torch.arange(width, device=lengths.device)
+    src = cols[None, :] - (width - lengths[:, None])  # (B, Tp): source column, negative = padding
+    valid = src >= 0
+    ids = batch.input_ids[:b].gather(1, src.clamp(min=0))
+    ids = torch.where(valid, ids, torch.full_like(ids, pad_id))
+    return ids, valid.long()
+
+
+def shared_prefix_token_logps(base: nn.Module, batch: Any, pad_id: int, chunk_size: int = 1024) -> Tensor:
+    """Response-token log-probs (2B, T), in the batch's layout, from one prompt pass per pair.
+
+    Args:
+        base: the transformers model (LoRA layers may be injected; adapters may be disabled).
+        batch: a ``PreferenceBatch`` whose chosen and rejected rows share prompt and media.
+        pad_id: token id used for padding.
+        chunk_size: positions projected through the LM head at once.
+    """
+    inner, head = base.model, base.get_output_embeddings()
+    b = batch.num_pairs
+    mask = batch.response_mask.bool()  # (2B, T)
+
+    # 1. Prompts (and each pair's images) once. The media were stacked chosen block then rejected
+    # block by the collator, so the first half is one copy per pair.
+    prompt_ids, prompt_mask = _left_padded_prompts(batch, pad_id)
+    media = {k: v[: v.shape[0] // 2] for k, v in batch.media.items()}
+    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    out = inner(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions,
+        use_cache=True,
+        **media,
+    )
+    cache = out.past_key_values
+    if cache is None:
+        raise RuntimeError("the model returned no cache (gradient checkpointing on?); use the naive path")
+    last = out.last_hidden_state[:, -1]  # (B, H): predicts each response's first token
+    cache.batch_repeat_interleave(2)
+
+    # 2. Responses, interleaved rows: (chosen 0, rejected 0, chosen 1, rejected 1, ...).
+    order = torch.stack([torch.arange(b), torch.arange(b, 2 * b)], dim=1).reshape(-1).to(mask.device)  # (2B,)
+    counts = mask.sum(-1)[order]  # (2B,)
+    width = int(counts.max())
+    resp_valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]  # (2B, Tr)
+    resp_ids = torch.full((2 * b, width), pad_id, dtype=batch.input_ids.dtype, device=mask.device)
+    resp_ids[resp_valid] = batch.input_ids[order][mask[order]]
+    full_mask = torch.cat([prompt_mask.repeat_interleave(2, dim=0), resp_valid.long()], dim=1)
+    resp_pos = batch.prompt_lengths[:b].repeat_interleave(2)[:, None] + torch.arange(width, device=mask.device)
+    hidden = inner(
+        input_ids=resp_ids,
+        attention_mask=full_mask,
+        position_ids=resp_pos,
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # (2B, Tr, H)
+
+    # 3. Token k of a response is predicted by the prompt's last state (k = 0) or response state k-1.
+    predictors = torch.cat([last.repeat_interleave(2, dim=0)[:, None], hidden[:, :-1]], dim=1)  # (2B, Tr, H)
+    h = predictors[resp_valid]  # (M, H)
+    targets = resp_ids[resp_valid]  # (M,)
+    flat = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    for s in range(0, h.shape[0], chunk_size):
+        flat[s : s + chunk_size] = gather_logprobs(head(h[s : s + chunk_size]), targets[s : s + chunk_size])
+
+    # 4. Back to the naive layout: row-major order over (order, mask[order]) is the order of `flat`.
+    interleaved = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    interleaved[mask[order]] = flat
+    result = torch.empty_like(interleaved)
+    result[order] = interleaved
+    return result

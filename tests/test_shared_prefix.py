@@ -1,0 +1,89 @@
+"""The shared-prefix forward gives the naive path's log-probs, losses and gradients."""
+
+import json
+
+import pytest
+import torch
+
+from datamodules import PreferenceDataset, VisionPreferenceCollator, load_preference_records
+from mmpo.backbones import LoraSettings, VisionLanguageBackbone
+from mmpo.losses import DPOLoss
+from mmpo.module import PreferenceModule
+
+
+@pytest.fixture(scope="module")
+def mixed_batch(world, processor, tmp_path_factory):
+    # single-image, two-image and text-only prompts of different lengths in one batch
+    rows = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()[:4]]
+    rows[1]["images"] = rows[1]["images"] + rows[2]["images"]
+    rows[1]["prompt"] = "<image> <image> " + rows[1]["prompt"]
+    rows[3]["images"] = []
+    path = tmp_path_factory.mktemp("mixed") / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    records, _ = load_preference_records(path, data_root=world)
+    ds = PreferenceDataset(records)
+    return VisionPreferenceCollator(processor)([ds[i] for i in range(len(ds))])
+
+
+def _pair(tiny_llava, lora):
+    def make(shared):
+        torch.manual_seed(0)
+        bb = VisionLanguageBackbone(
+            str(tiny_llava),
+            lora=LoraSettings(r=4, alpha=8, dropout=0.0) if lora else None,
+            freeze_vision_tower=False,
+            shared_prefix=shared,
+        )
+        m = PreferenceModule(bb, DPOLoss(beta=0.1))
+        m.configure_model()
+        if lora:
+            with torch.no_grad():
+                for n, p in m.policy.named_parameters():
+                    if "lora_B" in n:
+                        p.normal_(0, 0.05)  # a non-trivial adapter, identical in both copies
+        m.policy.eval()
+        return m
+
+    return make(True), make(False)
+
+
+def test_batch_mixes_prompt_lengths_and_image_counts(mixed_batch, processor):
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    counts = (mixed_batch.input_ids[:4] == image_id).sum(-1).tolist()
+    assert counts == [36, 72, 36, 0]
+    assert len(set(mixed_batch.prompt_lengths[:4].tolist())) >= 3
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prefix_equals_naive_logps_losses_and_gradients(tiny_llava, mixed_batch, lora):
+    shared, naive = _pair(tiny_llava, lora)
+    out_s, pol_s, ref_s = shared.compute(mixed_batch)
+    out_n, pol_n, ref_n = naive.compute(mixed_batch)
+    torch.testing.assert_close(pol_s.chosen_token_logps, pol_n.chosen_token_logps, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(pol_s.rejected_token_logps, pol_n.rejected_token_logps, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_s.chosen, ref_n.chosen, atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(out_s.losses, out_n.losses, atol=1e-6, rtol=1e-5)
+
+    out_s.losses.mean().backward()
+    out_n.losses.mean().backward()
+    grads_n = dict(naive.named_parameters())
+    checked = 0
+    for name, p in shared.named_parameters():
+        if p.grad is None:
+            assert grads_n[name].grad is None
+            continue
+        torch.testing.assert_close(p.grad, grads_n[name].grad, atol=1e-6, rtol=1e-4)
+        checked += 1
+    assert checked > 0
+    if not lora:  # gradients flow through the cache into the prompt's vision tower
+        tower = [p.grad for n, p in shared.named_parameters() if "vision_tower" in n and p.grad is not None]
+        assert tower and any(g.abs().sum() > 0 for g in tower)
+
+
+def test_pairs_with_different_media_take_the_naive_path(tiny_llava, mixed_batch):
+    shared, naive = _pair(tiny_llava, lora=False)
+    different = type(mixed_batch)(**{**mixed_batch.__dict__, "shared_prompt": False})
+    assert shared.backbone._naive_reason(shared.backbone.unwrap(shared.policy), different) is not None
+    a = shared.backbone.token_logps(shared.policy, different)
+    b = naive.backbone.token_logps(naive.policy, mixed_batch)
+    torch.testing.assert_close(a, b)
