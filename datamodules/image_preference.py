@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from datamodules.collator import PreferenceDataset, VisionPreferenceCollator
 from datamodules.records import load_preference_records
@@ -94,19 +94,24 @@ class ImagePreferenceDataModule(L.LightningDataModule):
             if path is None or split in self.datasets:
                 continue
             root = self.data_root if self.data_root is not None else str(Path(path).parent)
-            records, problems = load_preference_records(path, root, self.on_bad_sample, self.image_placeholder)
-            if not records:
+            dataset, problems = self.build_dataset(split, path, root)
+            if len(dataset) == 0:
                 raise ValueError(f"{path}: no usable records ({len(problems)} skipped)")
             if problems:
                 log.warning(
                     "%s: skipped %d bad record(s) of %d; first: %s",
                     path,
                     len(problems),
-                    len(problems) + len(records),
+                    len(problems) + len(dataset),
                     problems[0],
                 )
             self.problems[split] = problems
-            self.datasets[split] = PreferenceDataset(records, self.on_bad_sample)
+            self.datasets[split] = dataset
+
+    def build_dataset(self, split: str, path: str, root: str) -> tuple[Dataset, list[str]]:
+        """Read one split's file into a dataset; subclasses override this for other record kinds."""
+        records, problems = load_preference_records(path, root, self.on_bad_sample, self.image_placeholder)
+        return PreferenceDataset(records, self.on_bad_sample), problems
 
     def collator(self) -> VisionPreferenceCollator:
         return VisionPreferenceCollator(self.processor, max_length=self.max_length, on_bad_sample=self.on_bad_sample)

@@ -20,6 +20,7 @@ __all__ = [
     "PreferenceRecord",
     "iter_raw_records",
     "load_preference_records",
+    "parse_prompt_and_images",
     "parse_record",
     "resolve_media_path",
 ]
@@ -145,6 +146,42 @@ def _count_images(messages: list[dict[str, Any]]) -> int:
     return n
 
 
+def parse_prompt_and_images(
+    raw: dict[str, Any], where: str, data_root: Path, image_token: str
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Prompt messages and resolved image paths of a raw record.
+
+    Plain-text prompts become one user turn with ``image_token`` placeholders turned into image items;
+    a prompt without placeholders gets its images first in its first user turn (TRL's convention);
+    otherwise the number of placeholders must equal the number of images. The raw record is not
+    modified.
+
+    Raises:
+        BadSampleError: naming ``where`` and the problem.
+    """
+    images = raw.get("images") or []
+    if isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list):
+        raise BadSampleError(f"{where}: 'images' must be a list of paths")
+    prompt = _prompt_messages(raw["prompt"], image_token, where)
+    n_slots = _count_images(prompt)
+    if n_slots == 0 and images:
+        # No placeholder given: images go first in the first user turn, as TRL's format does.
+        # The turn is copied, so the caller's raw record is left as it was.
+        k = next((i for i, m in enumerate(prompt) if m.get("role") == "user"), None)
+        if k is None:
+            raise BadSampleError(f"{where}: the prompt has no user turn to attach images to")
+        content = prompt[k]["content"]
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        prompt = list(prompt)
+        prompt[k] = {**prompt[k], "content": [{"type": "image"} for _ in images] + list(content)}
+    elif n_slots != len(images):
+        raise BadSampleError(f"{where}: the prompt has {n_slots} image placeholder(s) but {len(images)} image(s)")
+    return prompt, [resolve_media_path(p, data_root, where) for p in images]
+
+
 def parse_record(raw: dict[str, Any], where: str, data_root: Path, image_token: str = "<image>") -> PreferenceRecord:
     """Validate one raw record and resolve its media paths.
 
@@ -154,31 +191,14 @@ def parse_record(raw: dict[str, Any], where: str, data_root: Path, image_token: 
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in raw or raw[k] is None]
     if missing:
         raise BadSampleError(f"{where}: missing field(s) {', '.join(missing)}")
-    images = raw.get("images") or []
-    if isinstance(images, str):
-        images = [images]
-    if not isinstance(images, list):
-        raise BadSampleError(f"{where}: 'images' must be a list of paths")
-    prompt = _prompt_messages(raw["prompt"], image_token, where)
-    n_slots = _count_images(prompt)
-    if n_slots == 0 and images:
-        # No placeholder given: images go first in the (first) user turn, as TRL's format does.
-        first_user = next((m for m in prompt if m.get("role") == "user"), None)
-        if first_user is None:
-            raise BadSampleError(f"{where}: the prompt has no user turn to attach images to")
-        content = first_user["content"]
-        if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
-        first_user["content"] = [{"type": "image"} for _ in images] + list(content)
-    elif n_slots != len(images):
-        raise BadSampleError(f"{where}: the prompt has {n_slots} image placeholder(s) but {len(images)} image(s)")
+    prompt, images = parse_prompt_and_images(raw, where, data_root, image_token)
     return PreferenceRecord(
         id=str(raw.get("id", where)),
         where=where,
         prompt=prompt,
         chosen=_response_text(raw["chosen"], "chosen", where),
         rejected=_response_text(raw["rejected"], "rejected", where),
-        images=[resolve_media_path(p, data_root, where) for p in images],
+        images=images,
     )
 
 
