@@ -66,6 +66,7 @@ def _fit_args(world, tiny_llava, root, epochs, extra=()):
         "--trainer.limit_val_batches=1",
         "--trainer.enable_checkpointing=true",
         "--trainer.enable_progress_bar=false",
+        "--trainer.logger=false",
         *extra,
     ]
 
