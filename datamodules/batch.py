@@ -23,15 +23,15 @@ class PreferenceBatch:
         response_mask: (2B, T) bool, True where the token at that position belongs to the response,
             i.e. where its log-probability (predicted from position t-1) counts.
         prompt_lengths: (2B,) number of prompt tokens at the start of each row.
-        media: processor outputs for the images, ordered to match the rows (for LLaVA
-            ``pixel_values`` (N_img, 3, H, W); for Qwen2-VL ``pixel_values`` (N_patch, D) and
-            ``image_grid_thw`` (N_img, 3)). Empty for text-only batches.
+        media: processor outputs for the images and videos. When ``shared_prompt`` is True they are
+            stored once per pair (for LLaVA ``pixel_values`` (N_img, 3, H, W) over the B prompts); a
+            model that runs 2B rows repeats them (:meth:`row_media`). When False, the chosen rows'
+            media come first, then the rejected rows'. Empty for text-only batches.
         ids: the B record ids, for error messages and logs.
         skipped: records dropped while building this batch (``on_bad_sample: skip``).
         truncated: responses shortened to fit ``max_length`` in this batch.
-        shared_prompt: chosen and rejected rows of a pair hold the same prompt and media (the
-            ``media`` tensors are then the chosen block followed by an identical rejected block), so a
-            model may run each prompt once. False when the media differ (VDPO-style pairs).
+        shared_prompt: chosen and rejected rows of a pair hold the same prompt and media, so a model
+            may run each prompt once. False when the media differ (VDPO-style pairs).
     """
 
     input_ids: Tensor
@@ -47,6 +47,12 @@ class PreferenceBatch:
     @property
     def num_pairs(self) -> int:
         return self.input_ids.shape[0] // 2
+
+    def row_media(self) -> dict[str, Tensor]:
+        """Media for all 2B rows (chosen block, then rejected block), as a naive forward needs them."""
+        if not self.shared_prompt:
+            return self.media
+        return {k: torch.cat([v, v], dim=0) for k, v in self.media.items()}
 
     def to(self, device: torch.device | str) -> PreferenceBatch:
         return PreferenceBatch(

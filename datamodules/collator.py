@@ -1,8 +1,9 @@
-"""Dataset and processor-based collator for image preference pairs."""
+"""Dataset and processor-based collator for image and video preference pairs."""
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,27 +30,84 @@ def load_image(path: str, where: str) -> Image.Image:
 
 
 class PreferenceDataset(Dataset):
-    """Validated records whose images are decoded on access (inside DataLoader workers).
+    """Validated records whose images and videos are decoded on access (inside DataLoader workers).
 
     With ``on_bad_sample="skip"`` an undecodable record yields ``None``, which the collator counts.
+
+    Args:
+        records: validated records.
+        on_bad_sample: ``"error"`` raises on an undecodable file; ``"skip"`` yields None for it.
+        num_frames: frames sampled from each video.
+        frame_sampling: ``uniform`` over the whole video, ``fps`` (one frame per 1/target_fps
+            seconds, at most ``num_frames``) or ``random_segment`` (a random window; training).
+        target_fps: frame rate kept by the ``fps`` strategy.
+        seed: seed of ``random_segment`` (per record: the same record gets the same window in an epoch;
+            call ``set_epoch`` to draw new windows).
     """
 
-    def __init__(self, records: list[PreferenceRecord], on_bad_sample: str = "error") -> None:
+    def __init__(
+        self,
+        records: list[PreferenceRecord],
+        on_bad_sample: str = "error",
+        num_frames: int = 8,
+        frame_sampling: str = "uniform",
+        target_fps: float | None = None,
+        seed: int = 0,
+    ) -> None:
         self.records = records
         self.on_bad_sample = on_bad_sample
+        self.num_frames = num_frames
+        self.frame_sampling = frame_sampling
+        self.target_fps = target_fps
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def _videos(self, paths: list[str], where: str, i: int) -> list[torch.Tensor]:
+        from datamodules.video import read_video
+
+        out = []
+        for j, path in enumerate(paths):
+            g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i, j)) & 0x7FFFFFFF)
+            frames, _ = read_video(path, self.num_frames, self.frame_sampling, self.target_fps, g, where)
+            out.append(frames)
+        return out
+
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         rec = self.records[i]
         try:
-            images = [load_image(p, rec.where) for p in rec.images]
+            item: dict[str, Any] = {
+                "record": rec,
+                "images": [load_image(p, rec.where) for p in rec.images],
+                "videos": self._videos(rec.videos, rec.where, i),
+            }
+            if not rec.shared_media:
+                images = rec.rejected_images if rec.rejected_images is not None else rec.images
+                videos = rec.rejected_videos if rec.rejected_videos is not None else rec.videos
+                item["rejected_images"] = [load_image(p, rec.where) for p in images]
+                item["rejected_videos"] = self._videos(videos, rec.where, i)
         except BadSampleError:
             if self.on_bad_sample == "skip":
                 return None
             raise
-        return {"record": rec, "images": images}
+        return item
+
+
+@dataclass
+class _Encoded:
+    prompt_c: list[int]
+    prompt_r: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    media_c: dict[str, torch.Tensor]
+    media_r: dict[str, torch.Tensor]
+    truncated: int
+    different_media: bool
 
 
 class VisionPreferenceCollator:
@@ -86,9 +144,15 @@ class VisionPreferenceCollator:
         self.on_bad_sample = on_bad_sample
         self._warned_truncation = False
 
-    def _encode_prompt(self, rec: PreferenceRecord, images: list[Image.Image]) -> tuple[list[int], dict]:
+    def _encode_prompt(
+        self, rec: PreferenceRecord, images: list[Image.Image], videos: list[torch.Tensor]
+    ) -> tuple[list[int], dict]:
         text = self.processor.apply_chat_template(rec.prompt, add_generation_prompt=True, tokenize=False)
-        kwargs = {"images": images} if images else {}
+        kwargs: dict[str, Any] = {}
+        if images:
+            kwargs["images"] = images
+        if videos:
+            kwargs["videos"] = [v.numpy() for v in videos]  # (N, H, W, 3) uint8 each
         enc = self.processor(text=[text], return_tensors="pt", **kwargs)
         ids = enc["input_ids"][0].tolist()
         media = {k: v for k, v in enc.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
@@ -100,23 +164,28 @@ class VisionPreferenceCollator:
             ids = ids + [self.tokenizer.eos_token_id]
         return ids
 
-    def _encode(self, sample: dict[str, Any]) -> tuple[list[int], list[int], list[int], dict, int]:
+    def _fit(self, rec: PreferenceRecord, prompt: list[int], response: list[int]) -> tuple[list[int], int]:
+        if self.max_length is None:
+            return response, 0
+        room = self.max_length - len(prompt)
+        if room < self.min_response_tokens:
+            raise BadSampleError(
+                f"{rec.where}: the prompt is {len(prompt)} tokens (image/video tokens included) and leaves "
+                f"{max(room, 0)} of max_length={self.max_length} for the response; raise max_length "
+                "(prompts are never truncated, as that would cut image tokens)"
+            )
+        return response[:room], int(len(response) > room)
+
+    def _encode(self, sample: dict[str, Any]) -> _Encoded:
         rec: PreferenceRecord = sample["record"]
-        prompt, media = self._encode_prompt(rec, sample["images"])
-        chosen, rejected = self._encode_response(rec.chosen), self._encode_response(rec.rejected)
-        truncated = 0
-        if self.max_length is not None:
-            room = self.max_length - len(prompt)
-            if room < self.min_response_tokens:
-                raise BadSampleError(
-                    f"{rec.where}: the prompt is {len(prompt)} tokens (image tokens included) and leaves "
-                    f"{max(room, 0)} of max_length={self.max_length} for the response; raise max_length "
-                    "(prompts are never truncated, as that would cut image tokens)"
-                )
-            if len(chosen) > room or len(rejected) > room:
-                truncated = int(len(chosen) > room) + int(len(rejected) > room)
-                chosen, rejected = chosen[:room], rejected[:room]
-        return prompt, chosen, rejected, media, truncated
+        prompt_c, media_c = self._encode_prompt(rec, sample["images"], sample.get("videos", []))
+        if "rejected_images" in sample:  # VDPO-style: the rejected response sees other media
+            prompt_r, media_r = self._encode_prompt(rec, sample["rejected_images"], sample["rejected_videos"])
+        else:
+            prompt_r, media_r = prompt_c, media_c
+        chosen, t_c = self._fit(rec, prompt_c, self._encode_response(rec.chosen))
+        rejected, t_r = self._fit(rec, prompt_r, self._encode_response(rec.rejected))
+        return _Encoded(prompt_c, prompt_r, chosen, rejected, media_c, media_r, t_c + t_r, "rejected_images" in sample)
 
     def __call__(self, samples: list[dict[str, Any] | None]) -> PreferenceBatch:
         skipped = sum(1 for s in samples if s is None)
@@ -135,7 +204,7 @@ class VisionPreferenceCollator:
             return PreferenceBatch.empty(skipped=skipped)
 
         # Rows: all prompt+chosen first, then all prompt+rejected, same order.
-        rows = [(p, c) for p, c, _, _, _ in encoded] + [(p, r) for p, _, r, _, _ in encoded]
+        rows = [(e.prompt_c, e.chosen) for e in encoded] + [(e.prompt_r, e.rejected) for e in encoded]
         width = max(len(p) + len(r) for p, r in rows)
         n = len(rows)
         pad = self.tokenizer.pad_token_id
@@ -150,13 +219,16 @@ class VisionPreferenceCollator:
             response_mask[i, len(p) : len(seq)] = True
             prompt_lengths[i] = len(p)
 
+        # Shared media are stored once per pair; pairs with their own rejected media store the chosen
+        # block then the rejected block (see PreferenceBatch.media).
+        shared = not any(e.different_media for e in encoded)
         media: dict[str, torch.Tensor] = {}
-        keys = sorted({k for *_, m, _ in encoded for k in m})
-        for k in keys:
-            parts = [m[k] for *_, m, _ in encoded if k in m]
-            media[k] = torch.cat(parts + parts, dim=0)  # chosen block, then rejected block
+        for k in sorted({k for e in encoded for k in (*e.media_c, *e.media_r)}):
+            chosen_block = [e.media_c[k] for e in encoded if k in e.media_c]
+            rejected_block = [] if shared else [e.media_r[k] for e in encoded if k in e.media_r]
+            media[k] = torch.cat(chosen_block + rejected_block, dim=0)
 
-        truncated = sum(t for *_, t in encoded)
+        truncated = sum(e.truncated for e in encoded)
         if truncated and not self._warned_truncation:
             self._warned_truncation = True
             warnings.warn(
@@ -173,4 +245,5 @@ class VisionPreferenceCollator:
             ids=ids,
             skipped=skipped,
             truncated=truncated,
+            shared_prompt=shared,
         )

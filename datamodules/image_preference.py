@@ -33,7 +33,8 @@ class ImagePreferenceDataModule(L.LightningDataModule):
         batch_size: pairs per training batch.
         eval_batch_size: pairs per validation/test batch (default: ``batch_size``).
         num_workers: DataLoader worker processes.
-        max_length: maximum prompt + response tokens; prompts are never cut.
+        max_length: maximum prompt + response tokens (None: no limit); prompts are never cut. With
+            576 tokens per LLaVA-1.5 image, three images alone take 1,728.
         on_bad_sample: ``error`` stops with a message naming file and record; ``skip`` drops and counts.
         shuffle: shuffle the training set each epoch (seeded).
         seed: seed of the shuffling.
@@ -52,7 +53,7 @@ class ImagePreferenceDataModule(L.LightningDataModule):
         batch_size: int = 4,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        max_length: int | None = 1024,
+        max_length: int | None = None,
         on_bad_sample: Literal["error", "skip"] = "error",
         shuffle: bool = True,
         seed: int = 0,
@@ -73,6 +74,7 @@ class ImagePreferenceDataModule(L.LightningDataModule):
         self.seed = seed
         self.trust_remote_code = trust_remote_code
         self.image_placeholder = image_placeholder
+        self.persistent_workers = True
         self.datasets: dict[str, PreferenceDataset] = {}
         self.problems: dict[str, list[str]] = {}
         self._processor = None
@@ -126,7 +128,7 @@ class ImagePreferenceDataModule(L.LightningDataModule):
             sampler=EpochShuffleSampler(dataset, seed=self.seed, shuffle=shuffle),
             num_workers=self.num_workers,
             collate_fn=self.collator(),
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=self.num_workers > 0 and self.persistent_workers,
         )
 
     def train_dataloader(self) -> DataLoader:

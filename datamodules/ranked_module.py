@@ -33,7 +33,7 @@ class RankedPreferenceDataModule(ImagePreferenceDataModule):
         batch_size: int = 4,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        max_length: int | None = 1024,
+        max_length: int | None = None,
         on_bad_sample: Literal["error", "skip"] = "error",
         shuffle: bool = True,
         seed: int = 0,

@@ -1,7 +1,8 @@
 """Reading and validating preference records (TRL's vision preference format).
 
-A record holds ``prompt``, ``chosen``, ``rejected`` and optionally ``images`` (paths relative to a
-data root) and ``id``. Prompts and responses are plain strings or conversational messages
+A record holds ``prompt``, ``chosen``, ``rejected`` and optionally ``images`` / ``videos`` (paths
+relative to a data root), ``rejected_images`` / ``rejected_videos`` and ``id``. Prompts and responses
+are plain strings or conversational messages
 (``[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}]``).
 Every problem is reported with the file and line (or row) it came from.
 """
@@ -10,8 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ __all__ = [
     "iter_raw_records",
     "load_preference_records",
     "parse_prompt_and_images",
+    "parse_prompt_and_media",
     "parse_record",
     "resolve_media_path",
 ]
@@ -41,6 +44,10 @@ class PreferenceRecord:
         chosen: the preferred response text.
         rejected: the dispreferred response text.
         images: absolute image paths, in placeholder order.
+        videos: absolute video paths, in placeholder order.
+        rejected_images: images the rejected response is paired with, when they differ from ``images``
+            (VDPO-style pairs: same response, different media); None when shared.
+        rejected_videos: likewise for videos.
     """
 
     id: str
@@ -49,6 +56,14 @@ class PreferenceRecord:
     chosen: str
     rejected: str
     images: list[str]
+    videos: list[str] = field(default_factory=list)
+    rejected_images: list[str] | None = None
+    rejected_videos: list[str] | None = None
+
+    @property
+    def shared_media(self) -> bool:
+        """Whether chosen and rejected see the same media."""
+        return self.rejected_images is None and self.rejected_videos is None
 
 
 def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
@@ -120,16 +135,21 @@ def _response_text(value: Any, field: str, where: str) -> str:
     return value
 
 
-def _prompt_messages(value: Any, image_token: str, where: str) -> list[dict[str, Any]]:
+_KINDS = ("image", "video")
+
+
+def _prompt_messages(value: Any, placeholders: dict[str, str], where: str) -> list[dict[str, Any]]:
     if isinstance(value, str):
         if not value.strip():
             raise BadSampleError(f"{where}: 'prompt' is empty")
-        # "<image>" placeholders written in plain text become image items at those positions.
+        # "<image>" / "<video>" written in plain text become media items at those positions.
+        pattern = "(" + "|".join(re.escape(t) for t in placeholders.values()) + ")"
+        kind_of = {t: k for k, t in placeholders.items()}
         content: list[dict[str, Any]] = []
-        for i, piece in enumerate(value.split(image_token)):
-            if i > 0:
-                content.append({"type": "image"})
-            if piece.strip():
+        for piece in re.split(pattern, value):
+            if piece in kind_of:
+                content.append({"type": kind_of[piece]})
+            elif piece.strip():
                 content.append({"type": "text", "text": piece.strip()})
         return [{"role": "user", "content": content}]
     if isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value):
@@ -137,49 +157,94 @@ def _prompt_messages(value: Any, image_token: str, where: str) -> list[dict[str,
     raise BadSampleError(f"{where}: 'prompt' must be a string or a list of messages with 'role'")
 
 
-def _count_images(messages: list[dict[str, Any]]) -> int:
+def _count_media(messages: list[dict[str, Any]], kind: str) -> int:
     n = 0
     for m in messages:
         content = m.get("content")
         if isinstance(content, list):
-            n += sum(1 for c in content if isinstance(c, dict) and c.get("type") == "image")
+            n += sum(1 for c in content if isinstance(c, dict) and c.get("type") == kind)
     return n
 
 
-def parse_prompt_and_images(
-    raw: dict[str, Any], where: str, data_root: Path, image_token: str
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """Prompt messages and resolved image paths of a raw record.
+def _count_images(messages: list[dict[str, Any]]) -> int:
+    return _count_media(messages, "image")
 
-    Plain-text prompts become one user turn with ``image_token`` placeholders turned into image items;
-    a prompt without placeholders gets its images first in its first user turn (TRL's convention);
-    otherwise the number of placeholders must equal the number of images. The raw record is not
-    modified.
+
+def _path_list(raw: dict[str, Any], field: str, where: str) -> list[str] | None:
+    value = raw.get(field)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise BadSampleError(f"{where}: {field!r} must be a list of paths")
+    return value
+
+
+def parse_prompt_and_media(
+    raw: dict[str, Any], where: str, data_root: Path, image_token: str = "<image>", video_token: str = "<video>"
+) -> tuple[list[dict[str, Any]], dict[str, list[str] | None]]:
+    """Prompt messages and resolved media paths of a raw record.
+
+    Plain-text prompts become one user turn whose ``<image>`` / ``<video>`` placeholders turn into media
+    items; a prompt without any placeholder gets its images, then its videos, first in its first user
+    turn (TRL's convention); otherwise each kind's placeholder count must equal its number of files.
+    ``rejected_images`` / ``rejected_videos`` (VDPO-style pairs whose rejected side sees other media)
+    must match the prompt's placeholders as the chosen side's media do. The raw record is not modified.
+
+    Returns:
+        The prompt and ``{"images", "videos", "rejected_images", "rejected_videos"}`` (the rejected
+        entries None when the record has none).
 
     Raises:
         BadSampleError: naming ``where`` and the problem.
     """
-    images = raw.get("images") or []
-    if isinstance(images, str):
-        images = [images]
-    if not isinstance(images, list):
-        raise BadSampleError(f"{where}: 'images' must be a list of paths")
-    prompt = _prompt_messages(raw["prompt"], image_token, where)
-    n_slots = _count_images(prompt)
-    if n_slots == 0 and images:
-        # No placeholder given: images go first in the first user turn, as TRL's format does.
+    files = {f: _path_list(raw, f, where) for f in ("images", "videos", "rejected_images", "rejected_videos")}
+    images, videos = files["images"] or [], files["videos"] or []
+    prompt = _prompt_messages(raw["prompt"], {"image": image_token, "video": video_token}, where)
+    slots = {k: _count_media(prompt, k) for k in _KINDS}
+    if not any(slots.values()) and (images or videos):
+        # No placeholder given: media go first in the first user turn, as TRL's format does.
         # The turn is copied, so the caller's raw record is left as it was.
         k = next((i for i, m in enumerate(prompt) if m.get("role") == "user"), None)
         if k is None:
-            raise BadSampleError(f"{where}: the prompt has no user turn to attach images to")
+            raise BadSampleError(f"{where}: the prompt has no user turn to attach media to")
         content = prompt[k]["content"]
         if isinstance(content, str):
             content = [{"type": "text", "text": content}]
+        items = [{"type": "image"} for _ in images] + [{"type": "video"} for _ in videos]
         prompt = list(prompt)
-        prompt[k] = {**prompt[k], "content": [{"type": "image"} for _ in images] + list(content)}
-    elif n_slots != len(images):
-        raise BadSampleError(f"{where}: the prompt has {n_slots} image placeholder(s) but {len(images)} image(s)")
-    return prompt, [resolve_media_path(p, data_root, where) for p in images]
+        prompt[k] = {**prompt[k], "content": items + list(content)}
+        slots = {"image": len(images), "video": len(videos)}
+    for name, kind in (
+        ("images", "image"),
+        ("videos", "video"),
+        ("rejected_images", "image"),
+        ("rejected_videos", "video"),
+    ):
+        given = files[name]
+        if given is None and name.startswith("rejected"):
+            continue
+        if len(given or []) != slots[kind]:
+            raise BadSampleError(
+                f"{where}: the prompt has {slots[kind]} {kind} placeholder(s) but {len(given or [])} {name}"
+            )
+    resolved = {
+        f: None if v is None else [resolve_media_path(p, data_root, where) for p in v] for f, v in files.items()
+    }
+    resolved["images"] = resolved["images"] or []
+    resolved["videos"] = resolved["videos"] or []
+    return prompt, resolved
+
+
+def parse_prompt_and_images(
+    raw: dict[str, Any], where: str, data_root: Path, image_token: str = "<image>"
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """:func:`parse_prompt_and_media` for records with images only; returns the prompt and image paths."""
+    prompt, media = parse_prompt_and_media(raw, where, data_root, image_token)
+    if media["videos"]:
+        raise BadSampleError(f"{where}: videos are not supported for this kind of record")
+    return prompt, media["images"]
 
 
 def parse_record(raw: dict[str, Any], where: str, data_root: Path, image_token: str = "<image>") -> PreferenceRecord:
@@ -191,14 +256,14 @@ def parse_record(raw: dict[str, Any], where: str, data_root: Path, image_token: 
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in raw or raw[k] is None]
     if missing:
         raise BadSampleError(f"{where}: missing field(s) {', '.join(missing)}")
-    prompt, images = parse_prompt_and_images(raw, where, data_root, image_token)
+    prompt, media = parse_prompt_and_media(raw, where, data_root, image_token)
     return PreferenceRecord(
         id=str(raw.get("id", where)),
         where=where,
         prompt=prompt,
         chosen=_response_text(raw["chosen"], "chosen", where),
         rejected=_response_text(raw["rejected"], "rejected", where),
-        images=images,
+        **media,
     )
 
 

@@ -18,6 +18,7 @@ class EpochShuffleSampler(Sampler[int]):
     """
 
     def __init__(self, data: Sized, seed: int = 0, shuffle: bool = True) -> None:
+        self.data = data
         self.n = len(data)
         self.seed = seed
         self.shuffle = shuffle
@@ -25,6 +26,8 @@ class EpochShuffleSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if hasattr(self.data, "set_epoch"):  # per-epoch augmentation (e.g. random video segments)
+            self.data.set_epoch(epoch)
 
     def __len__(self) -> int:
         return self.n

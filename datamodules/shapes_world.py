@@ -29,6 +29,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from datamodules.world_writer import write_world
+
 __all__ = [
     "BACKGROUND",
     "COLORS",
@@ -332,32 +334,6 @@ class ShapesWorld:
         return render_scene(scene_from_objects(record["objects"]), self.image_size)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _summary(root: Path, world: Mapping, generated: bool) -> dict:
-    return {
-        "root": str(root),
-        "train": str(root / "train.jsonl"),
-        "val": str(root / "val.jsonl"),
-        "n_train": world["settings"]["n_train"],
-        "n_val": world["settings"]["n_val"],
-        "kinds": world["kinds"],
-        "vocab_size": len(world["vocabulary"]),
-        "generated": generated,
-    }
-
-
-def _complete(root: Path, settings: Mapping) -> bool:
-    if not (root / "train.jsonl").is_file() or not (root / "val.jsonl").is_file():
-        return False
-    names = [f"{s}-{i:06d}.png" for s in ("train", "val") for i in range(settings[f"n_{s}"])]
-    return all((root / "images" / name).is_file() for name in names)
-
-
 def write_shapes_world(
     root: str | os.PathLike,
     n_train: int = 400,
@@ -401,50 +377,31 @@ def write_shapes_world(
         "max_objects": max_objects,
         "task_weights": _normalise_weights(task_weights),
     }
-    world_path = root / "world.json"
-    if world_path.is_file():
-        existing = json.loads(world_path.read_text(encoding="utf-8"))
-        if existing.get("settings") == settings and _complete(root, settings):
-            return _summary(root, existing, generated=False)
-        if existing.get("settings") != settings and not overwrite:
-            raise FileExistsError(
-                f"{root} holds a shapes world with settings {existing.get('settings')}, not {settings}; "
-                "pass overwrite=True to replace it"
-            )
-        world_path.unlink()
-
-    images = root / "images"
-    images.mkdir(parents=True, exist_ok=True)
     world = ShapesWorld(seed, image_size, max_objects, settings["task_weights"])
-    kinds: dict[str, dict[str, int]] = {}
-    keep: set[str] = set()
-    for split, n in (("train", n_train), ("val", n_val)):
-        lines, counts = [], Counter()
-        for index in range(n):
-            record = world.record(split, index)
-            counts[record["kind"]] += 1
-            image_path = root / record["images"][0]
-            tmp = image_path.with_name(image_path.name + ".tmp")
-            world.image(record).save(tmp, format="PNG")
-            os.replace(tmp, image_path)
-            keep.add(image_path.name)
-            lines.append(json.dumps(record) + "\n")
-        _atomic_write_text(root / f"{split}.jsonl", "".join(lines))
-        kinds[split] = {k: counts[k] for k in KINDS}
-    for stale in images.iterdir():  # images of an earlier, larger world
-        if re.fullmatch(r"(train|val)-\d{6}\.png", stale.name) and stale.name not in keep:
-            stale.unlink()
+
+    def write_image(record: dict, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        world.image(record).save(tmp, format="PNG")
+        os.replace(tmp, path)
 
     info = {
-        "settings": settings,
-        "kinds": kinds,
         "shapes": list(SHAPES),
         "colors": {name: list(rgb) for name, rgb in COLORS.items()},
         "background": list(BACKGROUND),
         "vocabulary": vocabulary(),
     }
-    _atomic_write_text(world_path, json.dumps(info, indent=2) + "\n")
-    return _summary(root, info, generated=True)
+    return write_world(
+        root,
+        settings,
+        name="shapes world",
+        media_dir="images",
+        suffix=".png",
+        make_record=world.record,
+        write_media=write_image,
+        kinds=KINDS,
+        info=info,
+        overwrite=overwrite,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

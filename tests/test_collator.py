@@ -50,7 +50,8 @@ def test_batch_layout_image_tokens_and_masks(processor, tmp_path):
     assert batch.input_ids.shape[0] == 4
     # rows 0 and 2 carry the image: every one of its tokens intact, in both chosen and rejected
     assert [(row == image_id).sum().item() for row in batch.input_ids] == [N_IMAGE_TOKENS, 0, N_IMAGE_TOKENS, 0]
-    assert batch.media["pixel_values"].shape == (2, 3, 48, 48)  # one image for chosen, one for rejected
+    assert batch.media["pixel_values"].shape == (1, 3, 48, 48)  # stored once for the pair
+    assert batch.row_media()["pixel_values"].shape == (2, 3, 48, 48)  # one per row for a naive forward
     for i, response in enumerate(["a red circle .", "yes .", "a blue square and a red circle .", "no ."]):
         want = tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         assert batch.input_ids[i][batch.response_mask[i]].tolist() == want

@@ -49,7 +49,7 @@ def test_lean_logps_equal_full_logits_path(tiny_llava, batch):
     module = _module(tiny_llava, lora=False)
     model = module.policy.eval()
     fast = module.backbone.token_logps(model, batch)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.media).logits
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.row_media()).logits
     naive = response_logprobs(logits, batch.input_ids, batch.response_mask)
     torch.testing.assert_close(fast, naive, atol=1e-5, rtol=1e-5)
     assert fast[batch.response_mask].lt(0).all() and fast[~batch.response_mask].eq(0).all()

@@ -249,7 +249,7 @@ def test_dataset_items_collate_with_higher_scored_response_in_chosen_rows(tiny_p
     assert set(items[0]) == {"record", "images"} and items[0]["images"][0].size == (64, 64)
     batch = VisionPreferenceCollator(tiny_processor)(items)
     assert batch.ids == ["p#0>1", "p#0>3", "p#0>2", "q#1>0"]
-    assert batch.num_pairs == 4 and batch.media["pixel_values"].shape == (8, 3, 48, 48)
+    assert batch.num_pairs == 4 and batch.media["pixel_values"].shape == (4, 3, 48, 48)  # once per pair
     tok = tiny_processor.tokenizer
 
     def tokens(text):

@@ -63,10 +63,9 @@ def shared_prefix_token_logps(base: nn.Module, batch: Any, pad_id: int, chunk_si
     b = batch.num_pairs
     mask = batch.response_mask.bool()  # (2B, T)
 
-    # 1. Prompts (and each pair's images) once. The media were stacked chosen block then rejected
-    # block by the collator, so the first half is one copy per pair.
+    # 1. Prompts (and each pair's images, stored once per pair by the collator) once.
     prompt_ids, prompt_mask = _left_padded_prompts(batch, pad_id)
-    media = {k: v[: v.shape[0] // 2] for k, v in batch.media.items()}
+    media = batch.media
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     out = inner(
         input_ids=prompt_ids,

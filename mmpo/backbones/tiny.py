@@ -30,7 +30,8 @@ TINY_CHAT_TEMPLATE = (
     "{% if m['role'] == 'user' %}USER : "
     "{% if m['content'] is string %}{{ m['content'] }} "
     "{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}"
+    "{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'video' %}<video> "
+    "{% elif c['type'] == 'text' %}{{ c['text'] }} {% endif %}"
     "{% endfor %}{% endif %}"
     "{% elif m['role'] == 'assistant' %}ASSISTANT : "
     "{% if m['content'] is string %}{{ m['content'] }}"
@@ -40,12 +41,15 @@ TINY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT : {% endif %}"
 )
 
-TINY_SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
+TINY_SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>")
 _TEMPLATE_WORDS = ("USER", "ASSISTANT", ":")
 
 
-def build_tiny_processor(words: Iterable[str], image_size: int = 48, patch_size: int = 8):
+def build_tiny_processor(words: Iterable[str], image_size: int = 48, patch_size: int = 8, video: bool = False):
     """Build a ``LlavaProcessor`` offline: a word-level tokenizer plus a CLIP image processor.
+
+    With ``video=True`` it is a ``LlavaNextVideoProcessor`` instead (images and videos; a video of N
+    frames expands to ``N * (image_size / patch_size / 2)**2`` ``<video>`` tokens after 2x2 pooling).
 
     Args:
         words: every word the data can contain; anything else becomes ``<unk>``.
@@ -68,9 +72,28 @@ def build_tiny_processor(words: Iterable[str], image_size: int = 48, patch_size:
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
     )
     tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    if video:
+        from transformers import LlavaNextImageProcessor, LlavaNextVideoProcessor, LlavaNextVideoVideoProcessor
+
+        square = {"height": image_size, "width": image_size}
+        return LlavaNextVideoProcessor(
+            video_processor=LlavaNextVideoVideoProcessor(
+                size={"shortest_edge": image_size}, crop_size=square, do_center_crop=True
+            ),
+            image_processor=LlavaNextImageProcessor(
+                size={"shortest_edge": image_size}, crop_size=square, image_grid_pinpoints=[[image_size, image_size]]
+            ),
+            tokenizer=tokenizer,
+            chat_template=TINY_CHAT_TEMPLATE,
+            patch_size=patch_size,
+            vision_feature_select_strategy="default",
+            video_token="<video>",
+            image_token="<image>",
+            num_additional_image_tokens=1,
+        )
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -99,8 +122,9 @@ def build_tiny_llava(
     heads: int = 4,
     seed: int = 0,
     overwrite: bool = False,
+    video: bool = False,
 ) -> Path:
-    """Write a random-init LLaVA checkpoint and its processor to ``out_dir``.
+    """Write a random-init LLaVA (or LLaVA-NeXT-Video) checkpoint and its processor to ``out_dir``.
 
     The directory is complete (model, config, tokenizer, processor, chat template) and loads with
     ``AutoModelForImageTextToText.from_pretrained`` and ``AutoProcessor.from_pretrained``. It is written
@@ -119,16 +143,26 @@ def build_tiny_llava(
         heads: attention heads in both towers.
         seed: seed of the random initialisation.
         overwrite: rebuild even if a matching build exists.
+        video: build a ``LlavaNextVideoForConditionalGeneration`` (video-LLM: frames encoded by the
+            same tower, 2x2-pooled) with a ``LlavaNextVideoProcessor``.
 
     Returns:
         The checkpoint directory.
     """
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+    )
 
     out = Path(out_dir)
     words = sorted(set(words))
     settings = {
-        "version": 1,
+        "version": 2,
+        "video": video,
         "image_size": image_size,
         "patch_size": patch_size,
         "vision_width": vision_width,
@@ -143,10 +177,17 @@ def build_tiny_llava(
     if not overwrite and stamp.exists() and json.loads(stamp.read_text()) == settings:
         return out
 
-    processor = build_tiny_processor(words, image_size=image_size, patch_size=patch_size)
+    processor = build_tiny_processor(words, image_size=image_size, patch_size=patch_size, video=video)
     tokenizer = processor.tokenizer
     vocab_size = len(tokenizer)
-    config = LlavaConfig(
+    config_class, model_class = (
+        (LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration)
+        if video
+        else (LlavaConfig, LlavaForConditionalGeneration)
+    )
+    extra = {"video_token_index": tokenizer.convert_tokens_to_ids("<video>"), "spatial_pool_stride": 2}
+    extra = {**extra, "image_grid_pinpoints": [[image_size, image_size]]} if video else {}
+    config = config_class(
         vision_config=CLIPVisionConfig(
             hidden_size=vision_width,
             intermediate_size=2 * vision_width,
@@ -172,10 +213,11 @@ def build_tiny_llava(
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlavaForConditionalGeneration(config)
+        model = model_class(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
 

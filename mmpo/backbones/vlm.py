@@ -169,7 +169,7 @@ class VisionLanguageBackbone:
             if reason not in self._fallback_noted:
                 self._fallback_noted.add(reason)
                 rank_zero_info(f"[mmpo] shared-prefix forward off: {reason}; running prompts once per response")
-        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.media}
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.row_media()}
         inner = getattr(base, "model", None)
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         text_cfg = getattr(base.config, "text_config", base.config)
