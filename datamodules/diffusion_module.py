@@ -1,0 +1,262 @@
+"""LightningDataModule for diffusion preference pairs, and a tiny synthetic pair generator."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from datamodules.diffusion import (
+    DiffusionPreferenceCollator,
+    DiffusionPreferenceDataset,
+    EpochTaggedSampler,
+    load_diffusion_records,
+)
+from datamodules.diffusion_cache import CacheStats, build_latent_cache
+from datamodules.samplers import EpochShuffleSampler
+from datamodules.shapes_world import COLORS, ShapeObject, caption_for, render_scene, sample_scene
+
+__all__ = ["DiffusionPreferenceDataModule", "write_diffusion_pairs"]
+
+log = logging.getLogger(__name__)
+
+
+class DiffusionPreferenceDataModule(L.LightningDataModule):
+    """Pick-a-Pic-style pairs (caption, two images, a label or two scores) for Diffusion-DPO.
+
+    Records are read from JSONL / JSON / Parquet (see :mod:`datamodules.diffusion`); batches are
+    :class:`~datamodules.diffusion.DiffusionPreferenceBatch`, winners first. Training pairs get a
+    random crop (unless ``center_crop``) and flip shared by both images of a pair and drawn from
+    (seed, epoch, index); validation and test pairs are centre-cropped and not flipped.
+
+    With ``cache_dir`` the datasets return cached VAE latents and text embeddings instead of pixels.
+    Fill the cache once with :meth:`build_cache` (or :func:`~datamodules.diffusion_cache.build_latent_cache`);
+    the cache holds the centre crop, so random crop and flip are off while it is used.
+
+    Args:
+        train_file: training records.
+        val_file: validation records (optional).
+        test_file: test records (optional).
+        data_root: directory image paths are relative to (default: each file's directory).
+        resolution: side of the square training images in pixels (shorter side resized to it, then cropped).
+        center_crop: centre-crop training images instead of cropping at random.
+        random_flip: flip training pairs horizontally with probability 0.5 (both images alike).
+        batch_size: pairs per training batch.
+        eval_batch_size: pairs per validation/test batch (default: ``batch_size``).
+        num_workers: DataLoader worker processes.
+        on_bad_sample: ``error`` stops with a message naming file and record; ``skip`` drops and counts.
+        drop_ties: drop pairs labelled 0.5 (or with equal scores), as Diffusion-DPO does; kept, they
+            carry label 0.5 for soft-label losses.
+        shuffle: shuffle the training set each epoch (seeded).
+        seed: seed of the shuffling and the augmentation.
+        cache_dir: directory of cached latents and text embeddings (None decodes images every epoch).
+        cache_encoder_id: the encoder id the cache was built with (default: the only one in ``cache_dir``).
+    """
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        test_file: str | None = None,
+        data_root: str | None = None,
+        resolution: int = 512,
+        center_crop: bool = False,
+        random_flip: bool = True,
+        batch_size: int = 4,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        on_bad_sample: Literal["error", "skip"] = "error",
+        drop_ties: bool = True,
+        shuffle: bool = True,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        cache_encoder_id: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if resolution < 1:
+            raise ValueError(f"resolution must be positive, got {resolution}")
+        self.files = {"train": train_file, "val": val_file, "test": test_file}
+        self.data_root = data_root
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.on_bad_sample = on_bad_sample
+        self.drop_ties = drop_ties
+        self.shuffle = shuffle
+        self.seed = seed
+        self.cache_dir = cache_dir
+        self.cache_encoder_id = cache_encoder_id
+        self.datasets: dict[str, DiffusionPreferenceDataset] = {}
+        self.problems: dict[str, list[str]] = {}
+        if cache_dir is not None and (random_flip or not center_crop):
+            log.warning("cache_dir is set: training uses the cached centre crop, without random crop or flip")
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage, ("train", "val", "test")) if stage else ("train", "val", "test"):
+            path = self.files[split]
+            if path is None or split in self.datasets:
+                continue
+            root = self.data_root if self.data_root is not None else str(Path(path).parent)
+            records, problems = load_diffusion_records(path, root, self.on_bad_sample, self.drop_ties)
+            if not records:
+                raise ValueError(f"{path}: no usable pairs ({len(problems)} skipped, ties dropped: {self.drop_ties})")
+            if problems:
+                n = len(problems) + len(records)
+                log.warning("%s: skipped %d bad record(s) of %d; first: %s", path, len(problems), n, problems[0])
+            augment = split == "train" and self.cache_dir is None
+            self.problems[split] = problems
+            self.datasets[split] = DiffusionPreferenceDataset(
+                records,
+                resolution=self.resolution,
+                random_crop=augment and not self.center_crop,
+                random_flip=augment and self.random_flip,
+                seed=self.seed,
+                on_bad_sample=self.on_bad_sample,
+                cache_dir=self.cache_dir,
+                cache_encoder_id=self.cache_encoder_id,
+            )
+
+    def build_cache(
+        self,
+        encode_images: Callable[[Tensor], Tensor],
+        encode_text: Callable[[list[str]], Tensor | Mapping[str, Tensor]] | None = None,
+        *,
+        encoder_id: str,
+        batch_size: int = 16,
+        show_progress: bool = True,
+    ) -> dict[str, CacheStats]:
+        """Encode every configured split into ``cache_dir`` (entries already there are kept).
+
+        Run it from one process (rank 0) before training; see
+        :func:`~datamodules.diffusion_cache.build_latent_cache` for the callables.
+
+        Returns:
+            What was written, reused and skipped, per split.
+        """
+        if self.cache_dir is None:
+            raise ValueError("build_cache needs cache_dir")
+        if self.cache_encoder_id is not None and self.cache_encoder_id != encoder_id:
+            raise ValueError(f"cache_encoder_id is {self.cache_encoder_id!r} but the cache is built for {encoder_id!r}")
+        self.setup()
+        stats = {}
+        for split, dataset in self.datasets.items():
+            stats[split] = build_latent_cache(
+                dataset,
+                encode_images,
+                encode_text,
+                self.cache_dir,
+                batch_size,
+                encoder_id=encoder_id,
+                show_progress=show_progress,
+            )
+            dataset.cache.encoder_id = encoder_id  # read what was just built, whatever else the directory holds
+        return stats
+
+    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise ValueError(f"no {split} data: set {split}_file")
+        dataset = self.datasets[split]
+        # Training indices carry the epoch so that augmentation in workers is a function of (seed, epoch, index).
+        sampler_cls = EpochTaggedSampler if train else EpochShuffleSampler
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler_cls(dataset, seed=self.seed, shuffle=train and self.shuffle),
+            num_workers=self.num_workers,
+            collate_fn=DiffusionPreferenceCollator(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.batch_size, True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.files["val"] is None:
+            return []  # no validation set: Lightning skips validation
+        return self._loader("val", self.eval_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", self.eval_batch_size, False)
+
+
+def write_diffusion_pairs(
+    root: str | os.PathLike,
+    n: int = 64,
+    seed: int = 0,
+    image_size: int = 64,
+    split: str = "train",
+    tie_fraction: float = 0.0,
+    score_fraction: float = 0.0,
+) -> Path:
+    """Write ``n`` synthetic pairs from the shapes world: ``root/<split>.jsonl`` and ``root/images/``.
+
+    Each caption describes a scene; the preferred image renders it, the other renders the same shapes
+    in colours the caption does not name. The preferred image is image_0 or image_1 at random. Records are a
+    pure function of (seed, split, index); files are written to temporary names and moved into place.
+
+    Args:
+        root: output directory (created if missing).
+        n: number of pairs.
+        seed: generator seed.
+        image_size: side of the square images in pixels.
+        split: file name stem and image name prefix.
+        tie_fraction: share of pairs labelled 0.5 (ties).
+        score_fraction: share of (non-tie) pairs given ``scores`` instead of ``label_0``.
+
+    Returns:
+        The JSONL file.
+    """
+    root = Path(root)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    colors = list(COLORS)
+    lines = []
+    for i in range(n):
+        rng = random.Random(f"diffusion-pairs:{seed}:{split}:{i}")
+        scene = sample_scene(rng, image_size=image_size)
+        unused = [
+            c for c in colors if c not in {o.color for o in scene}
+        ]  # the loser shows none of the caption's colours
+        wrong = [ShapeObject(o.shape, rng.choice(unused), o.bbox) for o in scene]
+        winner = rng.randrange(2)
+        names = []
+        for k, objects in enumerate((scene, wrong) if winner == 0 else (wrong, scene)):
+            name = f"images/{split}-{i:06d}-{k}.png"
+            tmp = root / f"{name}.tmp"
+            render_scene(objects, image_size).save(tmp, format="PNG")
+            os.replace(tmp, root / name)
+            names.append(name)
+        record: dict = {
+            "id": f"{split}-{i:06d}",
+            "caption": caption_for(scene),
+            "image_0": names[0],
+            "image_1": names[1],
+        }
+        if rng.random() < tie_fraction:
+            record["label_0"] = 0.5
+        elif rng.random() < score_fraction:
+            good, bad = rng.uniform(0.6, 1.0), rng.uniform(0.0, 0.4)
+            record["scores"] = [good, bad] if winner == 0 else [bad, good]
+        else:
+            record["label_0"] = 1.0 - winner
+        lines.append(json.dumps(record) + "\n")
+    out = root / f"{split}.jsonl"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
