@@ -79,10 +79,24 @@ def _trainable(model) -> int:
 
 
 def run_mmpo(
-    preset: Preset, model_dir: Path, data: Path, images: int, steps: int, warmup: int, shared_prefix: bool
+    preset: Preset,
+    model_dir: Path,
+    data: Path,
+    images: int,
+    steps: int,
+    warmup: int,
+    shared_prefix: bool,
+    cached_reference: bool = False,
 ) -> dict[str, Any]:
-    """Train with mmpo through a Lightning Trainer, as users do."""
+    """Train with mmpo through a Lightning Trainer, as users do.
+
+    With ``cached_reference`` the reference log-probs of the whole data set are computed before the
+    first step (timed on its own as ``cache_seconds``, outside the timed window) and read back during
+    training instead of running the reference.
+    """
     import functools
+    import shutil
+    import tempfile
 
     import lightning as L
     import torch
@@ -110,9 +124,23 @@ def run_mmpo(
 
     lora = LoraSettings(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules=LORA_TARGETS)
     backbone = VisionLanguageBackbone(str(model_dir), lora=lora, dtype=preset.dtype, shared_prefix=shared_prefix)
+    cache_dir = tempfile.mkdtemp(prefix="mmpo-bench-cache-")
     module = PreferenceModule(
-        backbone, DPOLoss(beta=BETA), optimizer=functools.partial(torch.optim.AdamW, lr=LEARNING_RATE, weight_decay=0.0)
+        backbone,
+        DPOLoss(beta=BETA),
+        optimizer=functools.partial(torch.optim.AdamW, lr=LEARNING_RATE, weight_decay=0.0),
+        reference="cached" if cached_reference else "auto",
+        reference_cache_dir=cache_dir,
     )
+    cache_time: dict[str, float] = {}
+    prepare = module._prepare_caches
+
+    def timed_prepare(splits):
+        t0 = clock._now()
+        prepare(splits)
+        cache_time["cache_seconds"] = cache_time.get("cache_seconds", 0.0) + clock._now() - t0
+
+    module._prepare_caches = timed_prepare
     dm = ImagePreferenceDataModule(
         processor=str(model_dir), train_file=str(data), batch_size=batch, max_length=None, num_workers=0, seed=0
     )
@@ -128,8 +156,12 @@ def run_mmpo(
         callbacks=[Timer()],
     )
     L.seed_everything(0, verbose=False)
-    trainer.fit(module, datamodule=dm)
+    try:
+        trainer.fit(module, datamodule=dm)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
     return {
+        **({"cache_seconds": cache_time.get("cache_seconds", 0.0)} if cached_reference else {}),
         **clock.summary(warmup, batch),
         **_peak(cuda),
         **seen,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
@@ -14,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from datamodules.batch import PreferenceBatch
+from mmpo.backbones.media_reuse import media_features_shareable, reuse_media_features
 from mmpo.backbones.vlm import VisionLanguageBackbone
 from mmpo.io import atomic_directory
 from mmpo.logprobs import sequence_stats
@@ -82,6 +84,7 @@ class PreferenceModule(L.LightningModule):
         self.reference_cache_dir = reference_cache_dir
         self._caches: dict[str, ReferenceCache] = {}
         self.policy: nn.Module | None = None
+        self._share_media = False
         self._reference: tuple[nn.Module, ...] = ()  # a tuple keeps the frozen copy out of state_dict
         self.strict_loading = not checkpoint_trainable_only
 
@@ -103,6 +106,8 @@ class PreferenceModule(L.LightningModule):
         if self.policy is not None:
             return
         self.policy = self.backbone.build().train()  # from_pretrained returns eval mode
+        # frozen, adapter-free media encoders give the policy and the reference the same features
+        self._share_media = media_features_shareable(self.policy)
         if self.reference_mode == "copy":
             ref = copy.deepcopy(self.backbone.unwrap(self.policy)).eval()
             ref.requires_grad_(False)
@@ -139,8 +144,11 @@ class PreferenceModule(L.LightningModule):
     def compute(self, batch: PreferenceBatch, split: str = "train") -> tuple[LossOutput, PairLogps, PairLogps | None]:
         """Policy and reference statistics for a batch, and the loss on them."""
         mask = batch.response_mask
-        policy = _split_pair(self.backbone.token_logps(self.policy, batch), mask)
-        ref_tokens = self._reference_logps(batch, split)
+        share = self.reference_mode == "adapter" and self._share_media
+        inner = getattr(self.backbone.unwrap(self.policy), "model", None)
+        with reuse_media_features(inner) if share and inner is not None else contextlib.nullcontext():
+            policy = _split_pair(self.backbone.token_logps(self.policy, batch), mask)
+            ref_tokens = self._reference_logps(batch, split)
         reference = _split_pair(ref_tokens, mask) if ref_tokens is not None else None
         return self.loss(policy, reference), policy, reference
 

@@ -158,3 +158,21 @@ def test_json_and_parquet_files_read_like_jsonl(processor, tmp_path, suffix):
     other, _ = _batch(processor, path)
     assert other.ids == ["a", "b"]
     assert torch.equal(other.input_ids, jsonl.input_ids) and torch.equal(other.response_mask, jsonl.response_mask)
+
+
+def test_datamodules_work_without_importing_mmpo(tiny_llava):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "MMPO_EXAMPLE_PROCESSOR": str(tiny_llava)}
+    out = subprocess.run(
+        [sys.executable, str(repo / "examples/datamodule_standalone.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "pairs: 4" in out.stdout and "mmpo imported: no" in out.stdout

@@ -88,3 +88,33 @@ def test_pairs_with_different_media_take_the_naive_path(tiny_llava, mixed_batch)
     a = shared.backbone.token_logps(shared.policy, different)
     b = naive.backbone.token_logps(naive.policy, mixed_batch)
     torch.testing.assert_close(a, b)
+
+
+def test_policy_and_reference_share_one_vision_pass_with_identical_results(tiny_llava, mixed_batch):
+    module, _ = _pair(tiny_llava, lora=True)
+    # freeze the tower again (the helper unfroze it) so the media encoders are adapter-free and frozen
+    for n, p in module.policy.named_parameters():
+        if "vision_tower" in n or "multi_modal_projector" in n:
+            p.requires_grad_(False)
+    from mmpo.backbones.media_reuse import media_features_shareable
+
+    assert media_features_shareable(module.policy)
+    calls = []
+    tower = module.backbone.unwrap(module.policy).model.vision_tower
+    handle = tower.register_forward_hook(lambda *a: calls.append(1))
+    module._share_media = True
+    shared_out, _, shared_ref = module.compute(mixed_batch)
+    assert len(calls) == 1  # one vision pass for policy and reference together
+    module._share_media = False
+    out, _, ref = module.compute(mixed_batch)
+    assert len(calls) == 3
+    handle.remove()
+    torch.testing.assert_close(shared_ref.chosen, ref.chosen)
+    torch.testing.assert_close(shared_out.losses, out.losses)
+
+
+def test_media_features_are_not_shared_when_the_tower_trains(tiny_llava):
+    from mmpo.backbones.media_reuse import media_features_shareable
+
+    module, _ = _pair(tiny_llava, lora=False)  # full fine-tuning with the tower unfrozen
+    assert not media_features_shareable(module.policy)
