@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -19,10 +20,20 @@ __all__ = ["PreferenceDataset", "VisionPreferenceCollator", "load_image"]
 _TEXT_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
 
 
-def load_image(path: str, where: str) -> Image.Image:
-    """Decode an image fully (not lazily) as RGB; any failure names the file and the record."""
+def load_image(path: Any, where: str) -> Image.Image:
+    """Decode an image fully (not lazily) as RGB; any failure names the file and the record.
+
+    ``path`` is a file path, or an in-memory image from a ``datasets.Dataset`` (a PIL image, or a
+    ``{"bytes": ...}`` dict).
+    """
+    if isinstance(path, Image.Image):
+        return path.convert("RGB")
+    if isinstance(path, dict):
+        source, path = io.BytesIO(path["bytes"]), path.get("path") or "<in-memory image>"
+    else:
+        source = path
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             return im.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

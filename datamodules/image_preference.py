@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.collator import PreferenceDataset, VisionPreferenceCollator
-from datamodules.records import load_preference_records
+from datamodules.records import default_root, load_preference_records
 from datamodules.samplers import EpochShuffleSampler
 
 __all__ = ["ImagePreferenceDataModule"]
@@ -41,6 +40,10 @@ class ImagePreferenceDataModule(L.LightningDataModule):
         trust_remote_code: allow custom processor code from the hub (off by default).
         image_placeholder: marks an image's position in plain-text prompts, whatever the model's own
             image token is (the processor's chat template inserts that).
+        train_dataset: in-memory training data instead of ``train_file`` (a ``datasets.Dataset`` in
+            TRL's vision format, images as PIL images or paths, or a list of dicts).
+        val_dataset: in-memory validation data.
+        test_dataset: in-memory test data.
     """
 
     def __init__(
@@ -59,11 +62,15 @@ class ImagePreferenceDataModule(L.LightningDataModule):
         seed: int = 0,
         trust_remote_code: bool = False,
         image_placeholder: str = "<image>",
+        train_dataset: Any = None,
+        val_dataset: Any = None,
+        test_dataset: Any = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["train_dataset", "val_dataset", "test_dataset"])
         self.processor_name = processor
         self.files = {"train": train_file, "val": val_file, "test": test_file}
+        self.in_memory = {"train": train_dataset, "val": val_dataset, "test": test_dataset}
         self.data_root = data_root
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -92,10 +99,10 @@ class ImagePreferenceDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, ("train", "val", "test")) if stage else ("train", "val", "test"):
-            path = self.files[split]
+            path = self.files[split] if self.files[split] is not None else self.in_memory[split]
             if path is None or split in self.datasets:
                 continue
-            root = self.data_root if self.data_root is not None else str(Path(path).parent)
+            root = str(default_root(path, self.data_root))
             dataset, problems = self.build_dataset(split, path, root)
             if len(dataset) == 0:
                 raise ValueError(f"{path}: no usable records ({len(problems)} skipped)")
@@ -110,7 +117,7 @@ class ImagePreferenceDataModule(L.LightningDataModule):
             self.problems[split] = problems
             self.datasets[split] = dataset
 
-    def build_dataset(self, split: str, path: str, root: str) -> tuple[Dataset, list[str]]:
+    def build_dataset(self, split: str, path: Any, root: str) -> tuple[Dataset, list[str]]:
         """Read one split's file into a dataset; subclasses override this for other record kinds."""
         records, problems = load_preference_records(path, root, self.on_bad_sample, self.image_placeholder)
         return PreferenceDataset(records, self.on_bad_sample), problems
@@ -135,7 +142,7 @@ class ImagePreferenceDataModule(L.LightningDataModule):
         return self._loader("train", self.batch_size, self.shuffle)
 
     def val_dataloader(self) -> DataLoader | list:
-        if self.files["val"] is None:
+        if self.files["val"] is None and self.in_memory["val"] is None:
             return []  # no validation set: Lightning skips validation
         return self._loader("val", self.eval_batch_size, False)
 

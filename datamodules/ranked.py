@@ -30,6 +30,7 @@ from datamodules.records import (
     BadSampleError,
     PreferenceRecord,
     _response_text,
+    default_root,
     iter_raw_records,
     parse_prompt_and_images,
 )
@@ -195,7 +196,7 @@ def load_ranked_records(
     """
     if on_bad_sample not in ("error", "skip"):
         raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
-    root = Path(data_root) if data_root is not None else Path(path).parent
+    root = default_root(path, data_root)
     records, problems = [], []
     for where, raw in iter_raw_records(path):
         try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,8 @@ from typing import Any
 __all__ = [
     "BadSampleError",
     "PreferenceRecord",
+    "default_root",
+    "is_file_source",
     "iter_raw_records",
     "load_preference_records",
     "parse_prompt_and_images",
@@ -43,7 +45,8 @@ class PreferenceRecord:
         prompt: conversational messages; images appear as ``{"type": "image"}`` items in order.
         chosen: the preferred response text.
         rejected: the dispreferred response text.
-        images: absolute image paths, in placeholder order.
+        images: absolute image paths (or in-memory images from a ``datasets.Dataset``), in
+            placeholder order.
         videos: absolute video paths, in placeholder order.
         rejected_images: images the rejected response is paired with, when they differ from ``images``
             (VDPO-style pairs: same response, different media); None when shared.
@@ -66,13 +69,25 @@ class PreferenceRecord:
         return self.rejected_images is None and self.rejected_videos is None
 
 
-def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
-    """Yield ``(where, raw_record)`` from a JSONL, JSON or Parquet file.
+def is_file_source(source: Any) -> bool:
+    """Whether a data source is a file path (else an in-memory ``datasets.Dataset`` or list of dicts)."""
+    return isinstance(source, str | os.PathLike)
+
+
+def iter_raw_records(path: Any) -> Iterator[tuple[str, dict[str, Any] | Exception]]:
+    """Yield ``(where, raw_record)`` from a JSONL, JSON or Parquet file, or from memory.
 
     JSONL is read line by line so that errors name the line; a malformed line yields the exception
     in place of the record (the caller decides to raise or skip). JSON and Parquet go through
-    HF ``datasets``.
+    HF ``datasets``. An in-memory ``datasets.Dataset`` (or any sequence of dicts) yields its rows,
+    named ``<dataset>[i]``.
     """
+    if not is_file_source(path):
+        name = getattr(getattr(path, "info", None), "dataset_name", None) or "dataset"
+        for i, raw in enumerate(path):
+            where = f"<{name}>[{i}]"
+            yield where, dict(raw) if isinstance(raw, Mapping) else BadSampleError(f"{where}: expected a mapping")
+        return
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"preference data file not found: {path}")
@@ -103,8 +118,14 @@ def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, A
     raise ValueError(f"unsupported data file type {path.suffix!r} for {path}: use .jsonl, .json or .parquet")
 
 
-def resolve_media_path(rel: str, data_root: Path, where: str) -> str:
-    """Resolve a media path against the data root, refusing paths that escape it."""
+def resolve_media_path(rel: Any, data_root: Path, where: str) -> Any:
+    """Resolve a media path against the data root, refusing paths that escape it.
+
+    In-memory images, as HF ``datasets`` holds them in TRL-format datasets (a PIL image, or a
+    ``{"bytes": ..., "path": ...}`` dict when not decoded), are returned as they are.
+    """
+    if _in_memory_image(rel):
+        return rel
     if not isinstance(rel, str) or not rel:
         raise BadSampleError(f"{where}: media paths must be non-empty strings, got {rel!r}")
     root = data_root.resolve()
@@ -114,6 +135,12 @@ def resolve_media_path(rel: str, data_root: Path, where: str) -> str:
     if not full.is_file():
         raise BadSampleError(f"{where}: media file not found: {full}")
     return str(full)
+
+
+def _in_memory_image(value: Any) -> bool:
+    if isinstance(value, dict):
+        return isinstance(value.get("bytes"), bytes | bytearray)
+    return hasattr(value, "convert") and hasattr(value, "size") and hasattr(value, "mode")  # a PIL image
 
 
 def _response_text(value: Any, field: str, where: str) -> str:
@@ -267,8 +294,15 @@ def parse_record(raw: dict[str, Any], where: str, data_root: Path, image_token: 
     )
 
 
+def default_root(source: Any, data_root: str | os.PathLike | None) -> Path:
+    """The directory media paths are relative to: ``data_root``, else the data file's folder, else the cwd."""
+    if data_root is not None:
+        return Path(data_root)
+    return Path(source).parent if is_file_source(source) else Path.cwd()
+
+
 def load_preference_records(
-    path: str | os.PathLike,
+    path: Any,
     data_root: str | os.PathLike | None = None,
     on_bad_sample: str = "error",
     image_token: str = "<image>",
@@ -276,8 +310,9 @@ def load_preference_records(
     """Read and validate every record of a file.
 
     Args:
-        path: a .jsonl, .json or .parquet file.
-        data_root: directory media paths are relative to (default: the file's directory).
+        path: a .jsonl, .json or .parquet file, or an in-memory ``datasets.Dataset`` / list of dicts.
+        data_root: directory media paths are relative to (default: the file's directory, or the
+            working directory for in-memory data).
         on_bad_sample: ``"error"`` raises on the first bad record; ``"skip"`` drops it and reports it.
         image_token: the placeholder that marks an image in plain-text prompts.
 
@@ -286,13 +321,12 @@ def load_preference_records(
     """
     if on_bad_sample not in ("error", "skip"):
         raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
-    root = Path(data_root) if data_root is not None else Path(path).parent
     records, problems = [], []
     for where, raw in iter_raw_records(path):
         try:
             if isinstance(raw, Exception):
                 raise raw
-            records.append(parse_record(raw, where, root, image_token))
+            records.append(parse_record(raw, where, default_root(path, data_root), image_token))
         except BadSampleError as e:
             if on_bad_sample == "error":
                 raise

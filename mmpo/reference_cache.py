@@ -50,8 +50,14 @@ def data_fingerprint(records: Iterable[Any], settings: dict[str, Any]) -> str:
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for rec in records:
         h.update(json.dumps([rec.id, rec.prompt, rec.chosen, rec.rejected], sort_keys=True).encode())
-        for image in rec.images:
-            _file_digest(image, h)
+        for image in [*rec.images, *rec.videos]:
+            if isinstance(image, str | os.PathLike):
+                _file_digest(image, h)
+            elif isinstance(image, dict):  # an undecoded image of a datasets.Dataset
+                h.update(bytes(image["bytes"]))
+            else:  # a PIL image
+                h.update(f"{image.mode}{image.size}".encode())
+                h.update(image.tobytes())
     return h.hexdigest()[:16]
 
 

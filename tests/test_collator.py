@@ -176,3 +176,34 @@ def test_datamodules_work_without_importing_mmpo(tiny_llava):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "pairs: 4" in out.stdout and "mmpo imported: no" in out.stdout
+
+
+def test_in_memory_trl_format_dataset_with_pil_images_matches_the_file(processor, world, tiny_llava):
+    import datasets
+
+    from datamodules import ImagePreferenceDataModule
+
+    rows = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()[:6]]
+    # TRL's vision datasets hold decoded images (an Image feature), not paths
+    with_paths = [{**r, "images": [str(world / p) for p in r["images"]]} for r in rows]
+    ds = datasets.Dataset.from_list(with_paths).cast_column("images", datasets.Sequence(datasets.Image()))
+    assert isinstance(ds[0]["images"][0], Image.Image)
+
+    kw = {"batch_size": 6, "shuffle": False}
+    from_memory = ImagePreferenceDataModule(str(tiny_llava), train_dataset=ds, **kw)
+    from_file = ImagePreferenceDataModule(str(tiny_llava), train_file=str(world / "train.jsonl"), **kw)
+    from_memory.setup("fit")
+    from_file.setup("fit")
+    a = next(iter(from_memory.train_dataloader()))
+    b = next(iter(from_file.train_dataloader()))
+    assert a.ids == b.ids
+    assert torch.equal(a.input_ids, b.input_ids[:, : a.input_ids.shape[1]])
+    torch.testing.assert_close(a.media["pixel_values"], b.media["pixel_values"])
+
+
+def test_in_memory_rows_name_their_index_in_errors():
+    from datamodules import BadSampleError, load_preference_records
+
+    rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a"}]
+    with pytest.raises(BadSampleError, match=r"<dataset>\[1\]: missing field"):
+        load_preference_records(rows)

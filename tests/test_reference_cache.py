@@ -98,3 +98,16 @@ def test_round_trip_on_disk(tmp_path):
     mask = torch.tensor([[True, True], [True, False], [True, False], [True, False]])
     got = back.token_logps(["x", "y"], mask)
     assert got.tolist() == [[-1.0, -2.0], [-3.0, 0.0], [-4.0, 0.0], [-4.0, 0.0]]
+
+
+def test_fingerprint_covers_in_memory_images():
+    from PIL import Image
+
+    from datamodules import PreferenceRecord
+    from mmpo.reference_cache import data_fingerprint
+
+    def rec(color):
+        return PreferenceRecord("a", "x", [], "c", "r", images=[Image.new("RGB", (4, 4), color)])
+
+    same = data_fingerprint([rec((1, 2, 3))], {}) == data_fingerprint([rec((1, 2, 3))], {})
+    assert same and data_fingerprint([rec((1, 2, 3))], {}) != data_fingerprint([rec((1, 2, 4))], {})
