@@ -11,7 +11,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from datamodules.batch import PreferenceBatch
@@ -85,6 +85,7 @@ class PreferenceModule(L.LightningModule):
         self._caches: dict[str, ReferenceCache] = {}
         self.policy: nn.Module | None = None
         self._share_media = False
+        self._skipped: dict[str, int] = {}  # bad records dropped this epoch, per stage
         self._reference: tuple[nn.Module, ...] = ()  # a tuple keeps the frozen copy out of state_dict
         self.strict_loading = not checkpoint_trainable_only
 
@@ -153,6 +154,8 @@ class PreferenceModule(L.LightningModule):
         return self.loss(policy, reference), policy, reference
 
     def _step(self, batch: PreferenceBatch, stage: str) -> Tensor | None:
+        if batch.skipped:
+            self._skipped[stage] = self._skipped.get(stage, 0) + batch.skipped
         if batch.skipped or batch.truncated:
             self.log(f"{stage}/data/skipped", float(batch.skipped), reduce_fx="sum", on_step=False, on_epoch=True)
             self.log(f"{stage}/data/truncated_responses", float(batch.truncated), reduce_fx="sum", on_epoch=True)
@@ -241,6 +244,23 @@ class PreferenceModule(L.LightningModule):
             return compute_reference_cache(forward, dataset, dm.collator(), bs, self.device, f"reference ({split})")
         finally:
             self.policy.train(was_training)
+
+    def _report_skipped(self, stage: str) -> None:
+        n = self._skipped.pop(stage, 0)
+        if n:
+            rank_zero_warn(
+                f"[mmpo] {n} bad record(s) skipped in this {stage} epoch (on_bad_sample='skip'); "
+                f"logged as {stage}/data/skipped"
+            )
+
+    def on_train_epoch_end(self) -> None:
+        self._report_skipped("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._report_skipped("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._report_skipped("test")
 
     def on_fit_start(self) -> None:
         self._prepare_caches(("train", "val"))

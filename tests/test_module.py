@@ -102,3 +102,34 @@ def test_checkpoint_keeps_trainable_weights_only(tiny_llava):
     ckpt = {"state_dict": module.state_dict()}
     module.on_save_checkpoint(ckpt)
     assert ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+
+
+def test_undecodable_images_in_workers_are_counted_and_reported_not_fatal(world, tiny_llava, tmp_path):
+    import json
+    import shutil
+
+    import lightning as L
+
+    data = tmp_path / "data"
+    shutil.copytree(world, data)
+    (data / "images" / "train-000001.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()[:8]]
+    (data / "small.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    dm = ImagePreferenceDataModule(
+        str(tiny_llava), train_file=str(data / "small.jsonl"), batch_size=4, num_workers=2, on_bad_sample="skip"
+    )
+    module = PreferenceModule(VisionLanguageBackbone(str(tiny_llava), lora=LoraSettings(r=4)), DPOLoss())
+    seen = []
+
+    class Count(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((batch.skipped, batch.num_pairs))
+
+    trainer = L.Trainer(
+        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[Count()], default_root_dir=str(tmp_path),
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="1 bad record"):
+        trainer.fit(module, datamodule=dm)
+    assert sum(s for s, _ in seen) == 1 and sum(n for _, n in seen) == 7
+    assert trainer.callback_metrics["train/data/skipped"] == 1
