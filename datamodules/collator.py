@@ -33,10 +33,13 @@ def load_image(path: Any, where: str) -> Image.Image:
     else:
         source = path
     try:
-        with Image.open(source) as im:
-            im.load()
-            return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse such images outright
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(source) as im:
+                im.load()
+                return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise BadSampleError(f"{where}: cannot decode image {path}: {e}") from e
 
 

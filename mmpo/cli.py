@@ -18,6 +18,8 @@ class MMPOCLI(LightningCLI):
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
+        # atomic checkpoint writes unless the config sets trainer.plugins itself
+        kwargs.setdefault("trainer_defaults", {"plugins": [{"class_path": "mmpo.checkpoint_io.AtomicCheckpointIO"}]})
         with warnings.catch_warnings():
             # mmpo passes its own argument list (``mmpo quickstart`` and tests call this in-process)
             warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")

@@ -60,6 +60,9 @@ class PreferenceModule(L.LightningModule):
             PEFT/transformers format, when training ends. None to skip.
         checkpoint_trainable_only: keep only trainable weights in Lightning checkpoints (the frozen
             base is reloaded from ``model_name_or_path`` on resume).
+        on_nonfinite: what a NaN/inf training loss or gradient does: ``stop`` raises with the batch's
+            record ids; ``skip`` drops that optimizer step (no update), warns with the ids and counts
+            it in ``train/nonfinite_steps``. Validation losses are always checked and stop the run.
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class PreferenceModule(L.LightningModule):
         reference_cache_dir: str | None = None,
         save_dir: str | None = None,
         checkpoint_trainable_only: bool = True,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -80,6 +84,8 @@ class PreferenceModule(L.LightningModule):
         self.scheduler_factory = scheduler
         self.save_dir = save_dir
         self.checkpoint_trainable_only = checkpoint_trainable_only
+        self.on_nonfinite = on_nonfinite
+        self._last_ids: list[str] = []
         self.reference_mode = self._resolve_reference(reference)
         self.reference_cache_dir = reference_cache_dir
         self._caches: dict[str, ReferenceCache] = {}
@@ -164,7 +170,12 @@ class PreferenceModule(L.LightningModule):
         out, policy, _ = self.compute(batch, stage)
         loss = out.losses.mean()
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite {stage} loss {loss.item()} on records {batch.ids}")
+            message = f"non-finite {stage} loss {loss.item()} on records {batch.ids}"
+            if stage != "train" or self.on_nonfinite == "stop":
+                raise FloatingPointError(message + " (on_nonfinite='skip' skips such training steps)")
+            self._skip_nonfinite(message)
+            return None  # Lightning runs no backward and no optimizer step for this batch
+        self._last_ids = batch.ids
         n = batch.num_pairs
         on_step = stage == "train"
         margins = out.chosen_rewards - out.rejected_rewards
@@ -181,6 +192,21 @@ class PreferenceModule(L.LightningModule):
         for k, v in metrics.items():
             self.log(f"{stage}/{k}", v, on_step=on_step, on_epoch=True, batch_size=n, prog_bar=k == "loss")
         return loss
+
+    def _skip_nonfinite(self, message: str) -> None:
+        rank_zero_warn(f"[mmpo] skipping an optimizer step: {message}")
+        self.log("train/nonfinite_steps", 1.0, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads or all(torch.isfinite(g).all() for g in grads):
+            return
+        message = f"non-finite gradient on records {self._last_ids}"
+        if self.on_nonfinite == "stop":
+            raise FloatingPointError(message + " (on_nonfinite='skip' skips such training steps)")
+        self._skip_nonfinite(message)
+        for p in self.parameters():
+            p.grad = None  # parameters without a gradient are left untouched by the optimizer step
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor | None:
         return self._step(batch, "train")

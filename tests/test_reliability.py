@@ -1,0 +1,178 @@
+"""Atomic checkpoints, non-finite losses and gradients, decompression bombs, and a fuzz of bad records."""
+
+import json
+import random
+
+import lightning as L
+import pytest
+import torch
+from PIL import Image
+
+from datamodules import BadSampleError, ImagePreferenceDataModule, load_image
+from mmpo.backbones import LoraSettings, VisionLanguageBackbone
+from mmpo.checkpoint_io import AtomicCheckpointIO
+from mmpo.losses import DPOLoss
+from mmpo.module import PreferenceModule
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, target)
+    before = target.read_bytes()
+
+    import lightning.fabric.plugins.io.torch_io as torch_io
+
+    def crash(obj, path):  # writes half a file, then dies
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(torch_io, "_atomic_save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+    assert torch.load(target, weights_only=True)["step"] == 1
+
+
+def _trainer(tmp_path, steps=3, callbacks=()):
+    return L.Trainer(
+        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, callbacks=list(callbacks), default_root_dir=str(tmp_path),
+    )  # fmt: skip
+
+
+def _setup(world, tiny_llava, on_nonfinite):
+    backbone = VisionLanguageBackbone(str(tiny_llava), lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    module = PreferenceModule(backbone, DPOLoss(), on_nonfinite=on_nonfinite)
+    dm = ImagePreferenceDataModule(str(tiny_llava), train_file=str(world / "train.jsonl"), batch_size=4)
+    return module, dm
+
+
+def _nan_on_second_call(module):
+    compute, calls = module.compute, []
+
+    def poisoned(batch, split="train"):
+        out, policy, ref = compute(batch, split)
+        calls.append(batch.ids)
+        if len(calls) == 2:
+            out.losses = out.losses * float("nan")
+        return out, policy, ref
+
+    module.compute = poisoned
+    return calls
+
+
+def test_nonfinite_loss_stops_with_the_record_ids(world, tiny_llava, tmp_path):
+    module, dm = _setup(world, tiny_llava, "stop")
+    calls = _nan_on_second_call(module)
+    with pytest.raises(FloatingPointError, match="non-finite train loss") as err:
+        _trainer(tmp_path).fit(module, datamodule=dm)
+    assert str(calls[1]) in str(err.value)
+
+
+def test_nonfinite_loss_skips_the_step_when_asked(world, tiny_llava, tmp_path):
+    module, dm = _setup(world, tiny_llava, "skip")
+    _nan_on_second_call(module)
+    snapshots = []
+
+    class Snap(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            snapshots.append({n: p.detach().clone() for n, p in pl_module.named_parameters() if p.requires_grad})
+
+    trainer = _trainer(tmp_path, steps=3, callbacks=[Snap()])
+    with pytest.warns(UserWarning, match="skipping an optimizer step"):
+        trainer.fit(module, datamodule=dm)
+    assert trainer.callback_metrics["train/nonfinite_steps"] == 1
+    assert all(torch.equal(snapshots[1][n], snapshots[0][n]) for n in snapshots[0])  # the NaN step changed nothing
+    assert any(not torch.equal(snapshots[2][n], snapshots[1][n]) for n in snapshots[0])  # training went on
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_nonfinite_gradient_is_skipped_or_stops(world, tiny_llava, tmp_path):
+    for mode in ("skip", "stop"):
+        module, dm = _setup(world, tiny_llava, mode)
+
+        class Poison(L.Callback):
+            def on_after_backward(self, trainer, pl_module):
+                if trainer.global_step == 0:
+                    next(p for n, p in pl_module.named_parameters() if "lora_A" in n).grad[0, 0] = float("inf")
+
+        trainer = _trainer(tmp_path / mode, steps=2, callbacks=[Poison()])
+        if mode == "stop":
+            with pytest.raises(FloatingPointError, match="non-finite gradient on records"):
+                trainer.fit(module, datamodule=dm)
+        else:
+            with pytest.warns(UserWarning, match="non-finite gradient"):
+                trainer.fit(module, datamodule=dm)
+            assert trainer.callback_metrics["train/nonfinite_steps"] == 1
+            assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
+    Image.new("RGB", (12, 12), (1, 2, 3)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 144 px: PIL alone would only warn
+    with pytest.raises(BadSampleError, match="rec:3: cannot decode image .*big.png"):
+        load_image(str(tmp_path / "big.png"), "rec:3")
+
+
+def _garbage_records(rng: random.Random, root, n: int) -> tuple[list[str], int]:
+    """n lines, each broken in one of many ways or good; returns the lines and the number of good ones."""
+    good_img = "good.png"
+    noise = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    Image.fromarray(noise.numpy()).save(root / good_img)  # noise: the compressed pixels fill the file
+    lines, good = [], 0
+    for i in range(n):
+        kind = rng.randrange(12)
+        rec = {"id": f"r{i}", "images": [good_img], "prompt": "describe the image .", "chosen": "a red square .",
+               "rejected": "a blue circle ."}  # fmt: skip
+        if kind == 0:  # random bytes as the image
+            (root / f"rand{i}.png").write_bytes(rng.randbytes(rng.randrange(1, 2000)))
+            rec["images"] = [f"rand{i}.png"]
+        elif kind == 1:  # a truncated PNG
+            data = (root / good_img).read_bytes()
+            (root / f"cut{i}.png").write_bytes(data[: rng.randrange(8, len(data) // 2)])  # cut inside the pixel data
+            rec["images"] = [f"cut{i}.png"]
+        elif kind == 2:
+            rec["chosen"] = rng.choice([None, 3, [], {"x": 1}, ""])
+        elif kind == 3:
+            rec["prompt"] = "describe " * 20_000  # a huge prompt: longer than max_length
+        elif kind == 4:
+            rec["images"] = ["../../outside.png"]
+        elif kind == 5:
+            rec["images"] = [good_img, good_img]  # two images, no placeholders: both go first, fine
+            good += 1
+        elif kind == 6:
+            lines.append(rng.randbytes(rng.randrange(1, 80)).decode("latin-1").replace("\n", " "))
+            continue
+        elif kind == 7:
+            rec["prompt"] = "<image> <image> <image> too many"
+        elif kind == 8:
+            rec["images"] = 42
+        elif kind == 9:
+            rec["rejected"] = "   "
+        else:
+            good += 1
+        lines.append(json.dumps(rec))
+    return lines, good
+
+
+def test_fuzzed_records_never_crash_skip_mode_and_every_bad_one_is_counted(tiny_llava, tmp_path):
+    rng = random.Random(0)
+    lines, good = _garbage_records(rng, tmp_path, 240)
+    (tmp_path / "fuzz.jsonl").write_text("\n".join(lines) + "\n")
+    dm = ImagePreferenceDataModule(
+        str(tiny_llava), train_file=str(tmp_path / "fuzz.jsonl"), batch_size=16, max_length=256,
+        on_bad_sample="skip", shuffle=False,
+    )  # fmt: skip
+    dm.setup("fit")
+    rejected_at_load = len(dm.problems["train"])
+    served, skipped = 0, 0
+    for batch in dm.train_dataloader():
+        served += batch.num_pairs
+        skipped += batch.skipped
+        assert torch.isfinite(batch.media["pixel_values"]).all() if batch.media else True
+    assert served == good
+    assert rejected_at_load + skipped == len(lines) - good
+    assert rejected_at_load > 0 and skipped > 0  # both stages saw bad records
