@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.collator import PreferenceDataset, VisionPreferenceCollator
 from datamodules.records import default_root, load_preference_records
-from datamodules.samplers import EpochShuffleSampler
+from datamodules.samplers import EpochShuffleSampler, ShardedEpochShuffleSampler
 
 __all__ = ["ImagePreferenceDataModule"]
 
@@ -129,10 +129,16 @@ class ImagePreferenceDataModule(L.LightningDataModule):
         if split not in self.datasets:
             raise ValueError(f"no {split} data: set {split}_file")
         dataset = self.datasets[split]
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            # each rank takes its share of the single-process order (see ShardedEpochShuffleSampler)
+            sampler = ShardedEpochShuffleSampler(dataset, trainer.world_size, trainer.global_rank, self.seed, shuffle)
+        else:
+            sampler = EpochShuffleSampler(dataset, seed=self.seed, shuffle=shuffle)
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=EpochShuffleSampler(dataset, seed=self.seed, shuffle=shuffle),
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=self.collator(),
             persistent_workers=self.num_workers > 0 and self.persistent_workers,

@@ -190,7 +190,11 @@ class PreferenceModule(L.LightningModule):
             "logps/accuracies": (policy.chosen > policy.rejected).float().mean(),
         }
         for k, v in metrics.items():
-            self.log(f"{stage}/{k}", v, on_step=on_step, on_epoch=True, batch_size=n, prog_bar=k == "loss")
+            # evaluation figures are reduced across ranks; training ones stay per rank (no sync per step)
+            self.log(
+                f"{stage}/{k}", v, on_step=on_step, on_epoch=True, batch_size=n, prog_bar=k == "loss",
+                sync_dist=not on_step,
+            )  # fmt: skip
         return loss
 
     def _skip_nonfinite(self, message: str) -> None:
