@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from datamodules.collator import PreferenceDataset, VisionPreferenceCollator
 from datamodules.records import default_root, load_preference_records
@@ -130,12 +131,18 @@ class ImagePreferenceDataModule(L.LightningDataModule):
             raise ValueError(f"no {split} data: set {split}_file")
         dataset = self.datasets[split]
         trainer = getattr(self, "trainer", None)
+        epoch = (lambda: trainer.current_epoch) if trainer is not None else None
         if trainer is not None and trainer.world_size > 1:
             # each rank takes its share of the single-process order (see ShardedEpochShuffleSampler)
-            sampler = ShardedEpochShuffleSampler(dataset, trainer.world_size, trainer.global_rank, self.seed, shuffle)
+            sampler = ShardedEpochShuffleSampler(
+                dataset, trainer.world_size, trainer.global_rank, self.seed, shuffle, epoch_source=epoch
+            )
         else:
-            sampler = EpochShuffleSampler(dataset, seed=self.seed, shuffle=shuffle)
-        return DataLoader(
+            sampler = EpochShuffleSampler(dataset, seed=self.seed, shuffle=shuffle, epoch_source=epoch)
+        # the training loader is stateful: a checkpoint taken mid-epoch records its position, and a
+        # resumed run continues from the next batch instead of restarting the epoch
+        loader_class = StatefulDataLoader if split == "train" else DataLoader
+        return loader_class(
             dataset,
             batch_size=batch_size,
             sampler=sampler,

@@ -303,10 +303,21 @@ class PreferenceModule(L.LightningModule):
 
     # -- checkpoints and export ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._forget_finished_loader_position(checkpoint)
         if not self.checkpoint_trainable_only:
             return
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def _forget_finished_loader_position(self, checkpoint: dict[str, Any]) -> None:
+        # A checkpoint taken after an epoch's last batch must resume at the start of the next epoch.
+        # The stateful loader only knows how many batches it served (fewer than its length under
+        # limit_train_batches), so its position is dropped here rather than replayed.
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        fit_state = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        fit_state.pop("combined_loader", None)
 
     def on_train_end(self) -> None:
         if self.save_dir and self.trainer.is_global_zero:

@@ -1,0 +1,31 @@
+"""Callbacks that tests name by class_path in `mmpo fit` subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import lightning as L
+
+
+class RecordLosses(L.Callback):
+    """Append ``{"step": global step, "loss": ..., "ids": [...]}`` per training batch to a JSONL file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": trainer.global_step, "loss": float(outputs["loss"]), "ids": batch.ids}) + "\n")
+
+
+class KillAtStep(L.Callback):
+    """SIGKILL this process (no clean-up, as a preemption or OOM killer does) after a given global step."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
