@@ -26,8 +26,18 @@ def test_every_config_parses_and_instantiates(config, tiny_llava, monkeypatch):
     monkeypatch.setattr(
         VisionLanguageBackbone, "load_pretrained", lambda self: AutoModelForImageTextToText.from_pretrained(tiny_llava)
     )
-    cli = MMPOCLI(args=["--config", str(config), "--trainer.accelerator=cpu", "--trainer.devices=1"], run=False)
     spec = yaml.safe_load(config.read_text())
+    overrides = ["--trainer.accelerator=cpu", "--trainer.devices=1"]
+    if "strategy" in spec["trainer"]:  # multi-GPU strategies refuse a CPU: check the strategy on its own
+        from jsonargparse import ArgumentParser
+        from lightning.pytorch.strategies import Strategy
+
+        parser = ArgumentParser()
+        parser.add_argument("--strategy", type=Strategy)
+        strategy = parser.instantiate_classes(parser.parse_object({"strategy": spec["trainer"]["strategy"]})).strategy
+        assert type(strategy).__name__ == spec["trainer"]["strategy"]["class_path"].rsplit(".", 1)[1]
+        overrides.append("--trainer.strategy=auto")
+    cli = MMPOCLI(args=["--config", str(config), *overrides], run=False)
     want_loss = spec["model"]["init_args"]["loss"]["class_path"].rsplit(".", 1)[1]
     assert type(cli.model.loss).__name__ == want_loss
     assert type(cli.datamodule).__name__ == spec["data"]["class_path"].rsplit(".", 1)[1]
