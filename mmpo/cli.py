@@ -44,7 +44,24 @@ def main(argv: list[str] | None = None) -> None:
         for name, (_, doc) in _EXTRA.items():
             print(f"  mmpo {name:<12} {doc}")
         print()
+    _check_config_files(argv)
     MMPOCLI(args=argv)
+
+
+def _check_config_files(argv: list[str]) -> None:
+    """Fail early, naming the file, on a config that is missing or not valid YAML."""
+    import yaml
+
+    paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                yaml.safe_load(f)
+        except FileNotFoundError:
+            sys.exit(f"mmpo: config file not found: {path}")
+        except yaml.YAMLError as e:
+            sys.exit(f"mmpo: {path} is not valid YAML: {e}")
 
 
 if __name__ == "__main__":

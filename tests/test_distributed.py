@@ -14,11 +14,16 @@ from mmpo.losses import DPOLoss
 from mmpo.module import PreferenceModule
 
 
-def _fit(world, tiny_llava, out, devices, batch_size, steps=4):
+def _fit(world, tiny_llava, out, devices, batch_size, steps=4, reference="auto"):
     L.seed_everything(0, verbose=False)
     backbone = VisionLanguageBackbone(str(tiny_llava), lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     module = PreferenceModule(
-        backbone, DPOLoss(beta=0.1), optimizer=functools.partial(torch.optim.SGD, lr=0.5), save_dir=str(out / "adapter")
+        backbone,
+        DPOLoss(beta=0.1),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.5),
+        save_dir=str(out / "adapter"),
+        reference=reference,
+        reference_cache_dir=str(out / "cache"),
     )
     dm = ImagePreferenceDataModule(
         str(tiny_llava), train_file=str(world / "train.jsonl"), val_file=str(world / "val.jsonl"),
@@ -35,9 +40,12 @@ def _fit(world, tiny_llava, out, devices, batch_size, steps=4):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process_with_the_same_global_batch(world, tiny_llava, tmp_path):
-    single, single_metrics = _fit(world, tiny_llava, tmp_path / "one", devices=1, batch_size=4)
-    ddp, ddp_metrics = _fit(world, tiny_llava, tmp_path / "two", devices=2, batch_size=2)
+@pytest.mark.parametrize("reference", ["adapter", "cached"])
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(world, tiny_llava, tmp_path, reference):
+    single, single_metrics = _fit(world, tiny_llava, tmp_path / "one", 1, 4, reference=reference)
+    ddp, ddp_metrics = _fit(world, tiny_llava, tmp_path / "two", 2, 2, reference=reference)
+    if reference == "cached":  # rank 0 computed the cache once; both ranks read it
+        assert len(list((tmp_path / "two" / "cache").glob("train-*.safetensors"))) == 1
     assert single.keys() == ddp.keys() and single
     for k in single:
         torch.testing.assert_close(ddp[k], single[k], atol=2e-6, rtol=1e-4)

@@ -176,3 +176,58 @@ def test_fuzzed_records_never_crash_skip_mode_and_every_bad_one_is_counted(tiny_
     assert served == good
     assert rejected_at_load + skipped == len(lines) - good
     assert rejected_at_load > 0 and skipped > 0  # both stages saw bad records
+
+
+def test_malformed_yaml_config_is_a_clear_error(tmp_path):
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_epochs: 2\n  devices: [1\nmodel: {\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "mmpo.cli", "fit", "--config", str(bad)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode != 0
+    assert "bad.yaml" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_fuzzed_videos_are_counted_not_fatal(tmp_path):
+    import numpy as np
+
+    from datamodules import PreferenceDataset, VisionPreferenceCollator, load_preference_records, write_video
+    from datamodules.shapes_world import vocabulary
+    from mmpo.backbones.tiny import build_tiny_llava
+
+    rng = random.Random(1)
+    frames = np.zeros((8, 32, 32, 3), dtype=np.uint8)
+    frames[:, 8:24, 8:24] = (200, 30, 30)
+    write_video(tmp_path / "good.mp4", frames)
+    data = (tmp_path / "good.mp4").read_bytes()
+    rows, good = [], 0
+    for i in range(40):
+        kind = i % 4
+        name = "good.mp4"
+        if kind == 1:
+            name = f"rand{i}.mp4"
+            (tmp_path / name).write_bytes(rng.randbytes(rng.randrange(1, 4000)))
+        elif kind == 2:
+            name = f"cut{i}.mp4"
+            (tmp_path / name).write_bytes(data[: rng.randrange(16, len(data) // 2)])
+        else:
+            good += 1
+        rows.append(
+            {"id": f"v{i}", "videos": [name], "prompt": "describe the image .", "chosen": "a .", "rejected": "b ."}
+        )
+    (tmp_path / "v.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    model = build_tiny_llava(tmp_path / "m", vocabulary(), image_size=32, video=True)
+    from transformers import AutoProcessor
+
+    records, problems = load_preference_records(tmp_path / "v.jsonl", on_bad_sample="skip")
+    ds = PreferenceDataset(records, "skip", num_frames=4)
+    collate = VisionPreferenceCollator(AutoProcessor.from_pretrained(model), on_bad_sample="skip")
+    served = skipped = 0
+    for start in range(0, len(ds), 8):
+        batch = collate([ds[i] for i in range(start, min(start + 8, len(ds)))])
+        served += batch.num_pairs
+        skipped += batch.skipped
+    assert not problems and served == good and skipped == len(rows) - good
