@@ -17,8 +17,6 @@ others were generated, and the same seed gives byte-identical files.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 import re
@@ -29,7 +27,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from datamodules.world_writer import write_world
+from datamodules.world_writer import world_cli, write_world
 
 __all__ = [
     "BACKGROUND",
@@ -406,19 +404,9 @@ def write_shapes_world(
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Command line: write a shapes world and print its summary as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m datamodules.shapes_world", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="dataset directory")
-    parser.add_argument("--n-train", type=int, default=400)
-    parser.add_argument("--n-val", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--max-objects", type=int, default=3)
-    parser.add_argument("--overwrite", action="store_true", help="replace a world with other settings")
-    args = parser.parse_args(argv)
-    # The option names are the keyword names of `write_shapes_world`.
-    summary = write_shapes_world(args.out, **{k: v for k, v in vars(args).items() if k != "out"})
-    print(json.dumps(summary, indent=2))
-    return summary
+    return world_cli(
+        argv, "python -m datamodules.shapes_world", __doc__.split("\n")[0], write_shapes_world, {"image-size": 64}
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ tokens, every token listed by `vocabulary()`. Each record has its own generator 
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
 from collections import Counter
@@ -34,7 +32,7 @@ import numpy as np
 
 from datamodules.shapes_world import BACKGROUND, COLORS, SHAPES, ShapeObject, render_scene, tokenize
 from datamodules.video import write_video
-from datamodules.world_writer import write_world
+from datamodules.world_writer import world_cli, write_world
 
 __all__ = [
     "DEFAULT_TASK_WEIGHTS",
@@ -435,21 +433,13 @@ def write_video_world(
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Command line: write a video world and print its summary as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m datamodules.video_world", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="dataset directory")
-    parser.add_argument("--n-train", type=int, default=400)
-    parser.add_argument("--n-val", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-frames", type=int, default=16)
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--fps", type=int, default=8)
-    parser.add_argument("--max-objects", type=int, default=3)
-    parser.add_argument("--overwrite", action="store_true", help="replace a world with other settings")
-    args = parser.parse_args(argv)
-    # The option names are the keyword names of `write_video_world`.
-    summary = write_video_world(args.out, **{k: v for k, v in vars(args).items() if k != "out"})
-    print(json.dumps(summary, indent=2))
-    return summary
+    return world_cli(
+        argv,
+        "python -m datamodules.video_world",
+        __doc__.split("\n")[0],
+        write_video_world,
+        {"num-frames": 16, "size": 64, "fps": 8},
+    )
 
 
 if __name__ == "__main__":

@@ -8,15 +8,16 @@ never looks complete.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_text", "write_world"]
+__all__ = ["atomic_write_text", "world_cli", "write_world"]
 
 SPLITS = ("train", "val")
 
@@ -110,3 +111,22 @@ def write_world(
     world = {"settings": settings, "kinds": counted, **info}
     atomic_write_text(world_path, json.dumps(world, indent=2) + "\n")
     return _summary(root, world, generated=True)
+
+
+def world_cli(
+    argv: Sequence[str] | None, prog: str, description: str, write: Callable[..., dict], sizes: dict[str, int]
+) -> dict:
+    """Command line of a world writer: ``--out DIR`` plus counts, seed, ``sizes`` and ``--overwrite``.
+
+    The option names are the keyword names of ``write`` (``--n-train`` → ``n_train``). Prints the summary
+    as JSON and returns it.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--out", required=True, help="dataset directory")
+    for name, default in {"n-train": 400, "n-val": 100, "seed": 0, **sizes, "max-objects": 3}.items():
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--overwrite", action="store_true", help="replace a world with other settings")
+    args = parser.parse_args(argv)
+    summary = write(args.out, **{k: v for k, v in vars(args).items() if k != "out"})
+    print(json.dumps(summary, indent=2))
+    return summary
