@@ -118,3 +118,11 @@ def test_media_features_are_not_shared_when_the_tower_trains(tiny_llava):
 
     module, _ = _pair(tiny_llava, lora=False)  # full fine-tuning with the tower unfrozen
     assert not media_features_shareable(module.policy)
+
+
+def test_gradient_checkpointing_takes_the_naive_path(tiny_llava, mixed_batch):
+    bb = VisionLanguageBackbone(str(tiny_llava), gradient_checkpointing=True)
+    model = bb.build().train()
+    assert "checkpointing" in bb._naive_reason(bb.unwrap(model), mixed_batch)
+    logps = bb.token_logps(model, mixed_batch)
+    assert torch.isfinite(logps).all() and logps[mixed_batch.response_mask].lt(0).all()

@@ -24,6 +24,13 @@ _PROJECTOR_PATTERNS = ("multi_modal_projector", "visual.merger", "mm_projector")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    # transformers 5 renamed the flag; reading the old name warns on every call
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
 class LoraSettings:
     """LoRA adapter settings (passed to ``peft.LoraConfig``).
 
@@ -137,7 +144,10 @@ class VisionLanguageBackbone:
             if self.freeze_projector and any(s in name for s in _PROJECTOR_PATTERNS):
                 p.requires_grad_(False)
         if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         if self.lora is not None:
             from peft import get_peft_model
@@ -188,7 +198,7 @@ class VisionLanguageBackbone:
             return "chosen and rejected have different media"
         if not shared_prefix_supported(base):
             return f"{type(base).__name__} is not supported (multimodal rotary positions or a scaled LM head)"
-        if base.training and getattr(base, "is_gradient_checkpointing", False):
+        if base.training and _checkpointing(base):
             return "gradient checkpointing disables the key/value cache"
         return None
 
