@@ -25,6 +25,14 @@ class MMPOCLI(LightningCLI):
             warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
             super().__init__(args=args, run=run, **kwargs)
 
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        # Checkpoints are read with torch.load(weights_only=True) unless the user sets weights_only:
+        # mmpo's own checkpoints hold only tensors and plain containers, nothing to unpickle.
+        if "weights_only" in kwargs and kwargs["weights_only"] is None:
+            kwargs["weights_only"] = True
+        return kwargs
+
 
 _EXTRA = {
     "quickstart": ("mmpo.quickstart", "SFT then DPO of a tiny LLaVA on the shapes world (CPU, no downloads)"),

@@ -231,3 +231,30 @@ def test_fuzzed_videos_are_counted_not_fatal(tmp_path):
         served += batch.num_pairs
         skipped += batch.skipped
     assert not problems and served == good and skipped == len(rows) - good
+
+
+class _Payload:
+    """Unpickling this runs code: it would create the file named in `marker`."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_resuming_never_unpickles_code_from_a_checkpoint(world, tiny_llava, tmp_path):
+    from mmpo.cli import main
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _Payload(str(marker))}, evil)
+    args = [
+        "fit", "--config", "configs/quickstart.yaml", "--trainer.logger=false", "--model.init_args.save_dir=null",
+        f"--model.init_args.backbone.init_args.model_name_or_path={tiny_llava}",
+        f"--data.init_args.processor={tiny_llava}", f"--data.init_args.train_file={world}/train.jsonl",
+        "--data.init_args.val_file=null", f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={evil}",
+    ]  # fmt: skip
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported global"):
+        main(args)
+    assert not marker.exists()
