@@ -2,7 +2,7 @@
 
 Liu et al., "MIA-DPO: Multi-Image Augmented Direct Preference Optimization for Large
 Vision-Language Models" (2024). The base model answers each augmented sample (sequence, grid
-collage or pic-in-pic, :mod:`augment.mia_formats`) greedily with ``output_attentions=True``. For
+collage or pic-in-pic, :mod:`augment.mia_formats`) greedily, keeping one layer's attention. For
 each answer this module returns the text, its perplexity and the target-attention ratio: the
 attention of one middle decoder layer, averaged over heads and generated tokens
 (:mod:`augment.mia_select`), summarised over the token groups of the sample's images, tiles or
@@ -41,7 +41,6 @@ from augment.mia_select import (
     attention_to_tokens,
     perplexity,
     resolve_layer,
-    stack_generation_attentions,
     target_attention_ratio,
 )
 from augment.mia_tokens import augmented_token_groups
@@ -142,6 +141,30 @@ def _answer_mask(generated: Tensor, eos_ids: Sequence[int]) -> Tensor:
     return eos_before == 0
 
 
+def _attention_module(model: Any, layer: int) -> Any:
+    """The self-attention module of decoder layer ``layer`` of the language model."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model.language_model
+    return decoder.layers[layer].self_attn
+
+
+def _keep_last_row(rows: list[Tensor | None]) -> Any:
+    def hook(module: Any, args: Any, output: Any) -> None:
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None  # (B, heads, q, K)
+        rows.append(None if weights is None else weights[:, :, -1].detach())  # the row that makes the next token
+
+    return hook
+
+
+def _stack_rows(rows: Sequence[Tensor]) -> Tensor:
+    """Per-step (B, heads, K_s) rows → (B, heads, S, K), zero-padded on the right (the prompt keys stay put)."""
+    keys = max(row.shape[-1] for row in rows)
+    batch, heads = rows[0].shape[:2]
+    out = rows[0].new_zeros(batch, heads, len(rows), keys)
+    for s, row in enumerate(rows):
+        out[:, :, s, : row.shape[-1]] = row
+    return out
+
+
 @torch.no_grad()
 def _generate_batch(
     model: Any,
@@ -161,17 +184,22 @@ def _generate_batch(
     enc = enc.to(model.device)
     if "pixel_values" in enc:
         enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
-    out = model.generate(
-        **enc,
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        output_attentions=True,
-        output_scores=True,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    first_step = out.attentions[0] if out.attentions else None  # SDPA: None, or an empty tuple per step
-    if not first_step or len(first_step) <= layer or first_step[layer] is None:
+    # Only the chosen layer's last query row is kept, step by step, through a hook: asking generate for
+    # output_attentions would hold every layer's full (heads, P, P) maps, far too much for a 7B model.
+    rows: list[Tensor | None] = []
+    handle = _attention_module(model, layer).register_forward_hook(_keep_last_row(rows))
+    try:
+        out = model.generate(
+            **enc,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            output_scores=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    finally:
+        handle.remove()
+    if not rows or rows[0] is None:
         raise RuntimeError(
             "generate returned no attention weights: load the model with "
             'from_pretrained(..., attn_implementation="eager") (SDPA and flash attention return none)'
@@ -183,7 +211,7 @@ def _generate_batch(
     logits = torch.stack(out.logits if out.logits is not None else out.scores, dim=1).float()  # (B, S, V)
     token_logps = logits.log_softmax(-1).gather(-1, generated[..., None]).squeeze(-1)  # (B, S)
     ppl = perplexity(token_logps, mask)  # (B,)
-    attn = attention_to_tokens(stack_generation_attentions(out.attentions, layer), mask)  # (B, P + S − 1)
+    attn = attention_to_tokens(_stack_rows(rows), mask)  # (B, P + S − 1)
     pads = (enc["attention_mask"] == 0).sum(dim=1).tolist()  # left padding per row
 
     results = []
