@@ -41,6 +41,7 @@ from augment.mia_select import (
     attention_to_tokens,
     perplexity,
     resolve_layer,
+    stack_attention_rows,
     target_attention_ratio,
 )
 from augment.mia_tokens import augmented_token_groups
@@ -155,16 +156,6 @@ def _keep_last_row(rows: list[Tensor | None]) -> Any:
     return hook
 
 
-def _stack_rows(rows: Sequence[Tensor]) -> Tensor:
-    """Per-step (B, heads, K_s) rows → (B, heads, S, K), zero-padded on the right (the prompt keys stay put)."""
-    keys = max(row.shape[-1] for row in rows)
-    batch, heads = rows[0].shape[:2]
-    out = rows[0].new_zeros(batch, heads, len(rows), keys)
-    for s, row in enumerate(rows):
-        out[:, :, s, : row.shape[-1]] = row
-    return out
-
-
 @torch.no_grad()
 def _generate_batch(
     model: Any,
@@ -211,7 +202,7 @@ def _generate_batch(
     logits = torch.stack(out.logits if out.logits is not None else out.scores, dim=1).float()  # (B, S, V)
     token_logps = logits.log_softmax(-1).gather(-1, generated[..., None]).squeeze(-1)  # (B, S)
     ppl = perplexity(token_logps, mask)  # (B,)
-    attn = attention_to_tokens(_stack_rows(rows), mask)  # (B, P + S − 1)
+    attn = attention_to_tokens(stack_attention_rows(rows), mask)  # (B, P + S − 1)
     pads = (enc["attention_mask"] == 0).sum(dim=1).tolist()  # left padding per row
 
     results = []

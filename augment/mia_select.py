@@ -44,6 +44,7 @@ __all__ = [
     "perplexity",
     "resolve_layer",
     "select_rejected",
+    "stack_attention_rows",
     "stack_generation_attentions",
     "target_attention_ratio",
     "target_attention_ratios",
@@ -163,7 +164,14 @@ def stack_generation_attentions(step_attentions: Sequence[Sequence[Tensor]], lay
     Returns:
         (B, heads, S, K) with S generated tokens and K = P + S − 1 key positions.
     """
-    rows = [step[layer][:, :, -1] for step in step_attentions]  # each (B, heads, K_s)
+    return stack_attention_rows([step[layer][:, :, -1] for step in step_attentions])
+
+
+def stack_attention_rows(rows: Sequence[Tensor]) -> Tensor:
+    """Per-step (B, heads, K_s) attention rows → (B, heads, S, K), zero-padded on the right.
+
+    The padding leaves the prompt's (visual) key positions untouched.
+    """
     if not rows:
         raise ValueError("no generation steps")
     keys = max(row.shape[-1] for row in rows)
