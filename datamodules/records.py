@@ -193,10 +193,6 @@ def _count_media(messages: list[dict[str, Any]], kind: str) -> int:
     return n
 
 
-def _count_images(messages: list[dict[str, Any]]) -> int:
-    return _count_media(messages, "image")
-
-
 def _path_list(raw: dict[str, Any], field: str, where: str) -> list[str] | None:
     value = raw.get(field)
     if value is None:
