@@ -7,9 +7,9 @@ from typing import Any, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
-from torchdata.stateful_dataloader import StatefulDataLoader
 
 from datamodules.collator import PreferenceDataset, VisionPreferenceCollator
+from datamodules.loaders import FirstBatchStatefulDataLoader
 from datamodules.records import default_root, load_preference_records
 from datamodules.samplers import EpochShuffleSampler, ShardedEpochShuffleSampler
 
@@ -126,10 +126,14 @@ class ImagePreferenceDataModule(L.LightningDataModule):
     def collator(self) -> VisionPreferenceCollator:
         return VisionPreferenceCollator(self.processor, max_length=self.max_length, on_bad_sample=self.on_bad_sample)
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def served_dataset(self, split: str) -> Dataset:
+        """The dataset a split's loader serves (subclasses may serve a view, e.g. a curriculum stage)."""
         if split not in self.datasets:
             raise ValueError(f"no {split} data: set {split}_file")
-        dataset = self.datasets[split]
+        return self.datasets[split]
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+        dataset = self.served_dataset(split)
         trainer = getattr(self, "trainer", None)
         epoch = (lambda: trainer.current_epoch) if trainer is not None else None
         if trainer is not None and trainer.world_size > 1:
@@ -140,8 +144,9 @@ class ImagePreferenceDataModule(L.LightningDataModule):
         else:
             sampler = EpochShuffleSampler(dataset, seed=self.seed, shuffle=shuffle, epoch_source=epoch)
         # the training loader is stateful: a checkpoint taken mid-epoch records its position, and a
-        # resumed run continues from the next batch instead of restarting the epoch
-        loader_class = StatefulDataLoader if split == "train" else DataLoader
+        # resumed run continues from the next batch instead of restarting the epoch; it starts its
+        # workers at the first batch, after Lightning has set the epoch (see FirstBatchStatefulDataLoader)
+        loader_class = FirstBatchStatefulDataLoader if split == "train" else DataLoader
         return loader_class(
             dataset,
             batch_size=batch_size,

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset
+
 from datamodules.image_preference import ImagePreferenceDataModule
 from datamodules.ranked import PairStrategy, RankedPreferenceDataset, load_ranked_records
 
@@ -21,6 +24,11 @@ class RankedPreferenceDataModule(ImagePreferenceDataModule):
         curriculum_stages: split training pairs into this many easy-to-hard stages (largest score gap
             first, Curry-DPO); None trains on every pair.
         curriculum_stage: which stage the training split serves (0 = easiest); None for all pairs.
+        curriculum_epochs_per_stage: walk the stages in one run instead, this many epochs each: epoch e
+            serves stage ``min(e // curriculum_epochs_per_stage, curriculum_stages - 1)``. The stage is
+            a function of the trainer's epoch, which checkpoints restore, so a resumed run serves the
+            stage (and the order) an uninterrupted one does. Needs
+            ``trainer.reload_dataloaders_every_n_epochs: 1`` (a stage change is a new loader).
     """
 
     def __init__(
@@ -42,6 +50,7 @@ class RankedPreferenceDataModule(ImagePreferenceDataModule):
         pair_strategy: PairStrategy = "best_vs_rest",
         curriculum_stages: int | None = None,
         curriculum_stage: int | None = None,
+        curriculum_epochs_per_stage: int | None = None,
     ) -> None:
         super().__init__(
             processor,
@@ -59,9 +68,17 @@ class RankedPreferenceDataModule(ImagePreferenceDataModule):
             trust_remote_code,
             image_placeholder,
         )
+        if curriculum_epochs_per_stage is not None:
+            if curriculum_epochs_per_stage < 1:
+                raise ValueError(f"curriculum_epochs_per_stage must be >= 1, got {curriculum_epochs_per_stage}")
+            if curriculum_stages is None:
+                raise ValueError("curriculum_epochs_per_stage needs curriculum_stages")
+            if curriculum_stage is not None:
+                raise ValueError("give curriculum_stage (one fixed stage) or curriculum_epochs_per_stage, not both")
         self.pair_strategy = pair_strategy
         self.curriculum_stages = curriculum_stages
         self.curriculum_stage = curriculum_stage
+        self.curriculum_epochs_per_stage = curriculum_epochs_per_stage
 
     def build_dataset(self, split: str, path: str, root: str) -> tuple[RankedPreferenceDataset, list[str]]:
         records, problems = load_ranked_records(path, root, self.on_bad_sample, self.image_placeholder)
@@ -69,3 +86,31 @@ class RankedPreferenceDataModule(ImagePreferenceDataModule):
         if split == "train" and self.curriculum_stage is not None:
             dataset.set_stage(self.curriculum_stage)
         return dataset, problems
+
+    def scheduled_stage(self) -> int | None:
+        """The curriculum stage of the trainer's current epoch (None without ``curriculum_epochs_per_stage``)."""
+        if self.curriculum_epochs_per_stage is None:
+            return None
+        trainer = getattr(self, "trainer", None)
+        epoch = trainer.current_epoch if trainer is not None else 0
+        return min(epoch // self.curriculum_epochs_per_stage, self.curriculum_stages - 1)
+
+    def served_dataset(self, split: str) -> Dataset:
+        # Scheduled stages are views: datasets["train"] keeps every pair (what a reference cache covers).
+        dataset = super().served_dataset(split)
+        stage = self.scheduled_stage()
+        return dataset.stage(stage) if split == "train" and stage is not None else dataset
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        if self.curriculum_epochs_per_stage is not None and trainer is not None:
+            if trainer.reload_dataloaders_every_n_epochs != 1:
+                raise ValueError(
+                    "curriculum_epochs_per_stage needs trainer.reload_dataloaders_every_n_epochs=1: each stage "
+                    f"is a new training loader (it is {trainer.reload_dataloaders_every_n_epochs})"
+                )
+        loader = super().train_dataloader()
+        if self.curriculum_epochs_per_stage is not None:
+            stage, n = self.scheduled_stage(), self.curriculum_stages
+            rank_zero_info(f"curriculum stage {stage} of {n} (0 = easiest): {len(loader.dataset)} training pairs")
+        return loader

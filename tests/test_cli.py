@@ -1,3 +1,4 @@
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,17 @@ from mmpo.cli import MMPOCLI, main
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+_HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+
+
+def _strategy(spec: dict):
+    """Instantiate a ``trainer.strategy`` entry of a config (class_path + init_args) as LightningCLI does."""
+    from jsonargparse import ArgumentParser
+    from lightning.pytorch.strategies import Strategy
+
+    parser = ArgumentParser()
+    parser.add_argument("--strategy", type=Strategy)
+    return parser.instantiate_classes(parser.parse_object({"strategy": spec})).strategy
 
 
 def test_configs_exist():
@@ -29,13 +41,10 @@ def test_every_config_parses_and_instantiates(config, tiny_llava, monkeypatch):
     spec = yaml.safe_load(config.read_text())
     overrides = ["--trainer.accelerator=cpu", "--trainer.devices=1"]
     if "strategy" in spec["trainer"]:  # multi-GPU strategies refuse a CPU: check the strategy on its own
-        from jsonargparse import ArgumentParser
-        from lightning.pytorch.strategies import Strategy
-
-        parser = ArgumentParser()
-        parser.add_argument("--strategy", type=Strategy)
-        strategy = parser.instantiate_classes(parser.parse_object({"strategy": spec["trainer"]["strategy"]})).strategy
-        assert type(strategy).__name__ == spec["trainer"]["strategy"]["class_path"].rsplit(".", 1)[1]
+        # DeepSpeed's needs the optional `deepspeed` package (checked where installed, test below)
+        if "DeepSpeed" not in spec["trainer"]["strategy"]["class_path"] or _HAS_DEEPSPEED:
+            strategy = _strategy(spec["trainer"]["strategy"])
+            assert type(strategy).__name__ == spec["trainer"]["strategy"]["class_path"].rsplit(".", 1)[1]
         overrides.append("--trainer.strategy=auto")
     cli = MMPOCLI(args=["--config", str(config), *overrides], run=False)
     want_loss = spec["model"]["init_args"]["loss"]["class_path"].rsplit(".", 1)[1]
@@ -43,6 +52,28 @@ def test_every_config_parses_and_instantiates(config, tiny_llava, monkeypatch):
     assert type(cli.datamodule).__name__ == spec["data"]["class_path"].rsplit(".", 1)[1]
     cli.model.configure_model()  # LoRA targets must match the model's module names
     assert any(p.requires_grad for p in cli.model.parameters())
+
+
+def test_deepspeed_config_builds_a_zero2_bf16_trainer():
+    pytest.importorskip("deepspeed", reason="the DeepSpeed config needs the optional `deepspeed` extra")
+    from lightning.pytorch.plugins.precision import DeepSpeedPrecision
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from mmpo.checkpoint_io import AtomicCheckpointIO
+
+    config = REPO / "configs/llava15_7b_dpo_lora_deepspeed.yaml"
+    spec = yaml.safe_load(config.read_text())
+    strategy = _strategy(spec["trainer"]["strategy"])
+    assert isinstance(strategy, DeepSpeedStrategy)
+    assert strategy.config["zero_optimization"]["stage"] == 2 and strategy.exclude_frozen_parameters
+    # The whole trainer, strategy included, on a CPU: Lightning refuses to *run* DeepSpeed without CUDA,
+    # but building it checks that strategy, precision and mmpo's checkpoint plugin go together.
+    cli = MMPOCLI(args=["--config", str(config), "--trainer.accelerator=cpu", "--trainer.devices=1"], run=False)
+    assert isinstance(cli.trainer.strategy, DeepSpeedStrategy)
+    assert isinstance(cli.trainer.precision_plugin, DeepSpeedPrecision)
+    assert cli.trainer.precision_plugin.precision == "bf16-mixed"
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)  # unused: DeepSpeed writes its own
+    assert cli.model.on_nonfinite == "stop"  # DeepSpeed cannot skip a step
 
 
 def test_print_config_through_the_console_script():

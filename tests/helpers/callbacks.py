@@ -10,14 +10,19 @@ import lightning as L
 
 
 class RecordLosses(L.Callback):
-    """Append ``{"step": global step, "loss": ..., "ids": [...]}`` per training batch to a JSONL file."""
+    """Append ``{"step": global step, "loss": ..., "ids": [...], "stage": ...}`` per training batch to a JSONL file.
+
+    ``stage`` is the curriculum stage of the training dataset (``current_stage``), None without one.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stage = getattr(trainer.train_dataloader.dataset, "current_stage", None)
+        row = {"step": trainer.global_step, "loss": float(outputs["loss"]), "ids": batch.ids, "stage": stage}
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": trainer.global_step, "loss": float(outputs["loss"]), "ids": batch.ids}) + "\n")
+            f.write(json.dumps(row) + "\n")
 
 
 class KillAtStep(L.Callback):
