@@ -7,7 +7,9 @@ question pointed at the target. The model answers greedily and is scored against
 ground truth:
 
 - captions (CHAIR, Rohrbach et al. 2018): ``chair_s`` = share of captions naming at least one
-  object that is not in the target, ``chair_i`` = share of named objects that are not in it;
+  object that is not in the target, ``chair_i`` = share of named objects that are not in it; an
+  object is named as "<colour> <shape>" (in the target when that pair is) or as a bare "<shape>"
+  (in the target when any object has that shape);
   ``object_recall`` = share of the target's objects named, ``caption_exact`` = exact captions
   (a model that says nothing has no hallucinations, so read both sides);
 - presence (POPE, Li et al. 2023): "is there a <colour> <shape> in the image ?", half present in the
@@ -32,9 +34,18 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image
 
-from datamodules.shapes_world import COLORS, SHAPES, caption_for, objects_in_text, render_scene, sample_scene, tokenize
+from datamodules.shapes_world import COLORS, SHAPES, caption_for, render_scene, sample_scene, tokenize
 
-__all__ = ["COUNT_FIELDS", "HallucinationEval", "Probe", "make_probes", "metrics_from_counts", "parse_setting", "score"]
+__all__ = [
+    "COUNT_FIELDS",
+    "HallucinationEval",
+    "Probe",
+    "make_probes",
+    "mentioned_objects",
+    "metrics_from_counts",
+    "parse_setting",
+    "score",
+]
 
 CAPTION_QUESTION = "describe the image ."
 PRESENCE_QUESTION = "is there a {color} {shape} in the image ?"
@@ -149,6 +160,21 @@ def make_probes(
     return probes
 
 
+def mentioned_objects(text: str) -> set[tuple[str | None, str]]:
+    """Objects a text names: ``(colour, shape)`` for "red circle", ``(None, shape)`` for a bare "circle"."""
+    tokens = tokenize(text.lower())
+    return {
+        (tokens[i - 1] if i > 0 and tokens[i - 1] in COLORS else None, token)
+        for i, token in enumerate(tokens)
+        if token in SHAPES
+    }
+
+
+def _present(mention: tuple[str | None, str], truth: frozenset[tuple[str, str]]) -> bool:
+    color, shape = mention
+    return (color, shape) in truth if color is not None else any(s == shape for _, s in truth)
+
+
 def _yes_no(answer: str) -> bool | None:
     tokens = tokenize(answer.lower())
     first = tokens[0] if tokens else ""
@@ -161,8 +187,8 @@ def score(probes: Sequence[Probe], answers: Sequence[str]) -> dict[str, list[flo
     for probe, answer in zip(probes, answers, strict=True):
         c = counts.setdefault(probe.setting, [0.0] * len(COUNT_FIELDS))
         if probe.kind == "caption":
-            named = objects_in_text(answer)
-            wrong = named - probe.truth
+            named = mentioned_objects(answer)
+            wrong = {m for m in named if not _present(m, probe.truth)}
             exact = " ".join(tokenize(answer.lower())) == " ".join(tokenize(probe.caption))
             for field, value in (
                 ("captions", 1),
@@ -170,7 +196,7 @@ def score(probes: Sequence[Probe], answers: Sequence[str]) -> dict[str, list[flo
                 ("mentions", len(named)),
                 ("hallucinated_mentions", len(wrong)),
                 ("truth_objects", len(probe.truth)),
-                ("recalled_objects", len(named & probe.truth)),
+                ("recalled_objects", len(named & probe.truth)),  # a bare shape names no particular object
                 ("exact_captions", exact),
             ):
                 c[COUNT_FIELDS.index(field)] += float(value)

@@ -10,6 +10,7 @@ from mmpo.hallucination import (
     HallucinationEval,
     Probe,
     make_probes,
+    mentioned_objects,
     metrics_from_counts,
     score,
 )
@@ -70,7 +71,7 @@ def test_scores_by_hand():
     answers = [
         "a red circle and a blue square .",  # exact, nothing invented
         "a red circle , a green diamond and a blue circle .",  # 2 of 3 named objects invented
-        "",  # says nothing
+        "a square and a diamond .",  # bare shapes: the square is there, no diamond is
         "yes .",
         "yes .",  # false yes
         "no .",
@@ -80,9 +81,9 @@ def test_scores_by_hand():
     c = dict(zip(COUNT_FIELDS, counts, strict=True))
     assert c == {
         "captions": 3,
-        "hallucinated_captions": 1,
-        "mentions": 5,
-        "hallucinated_mentions": 2,
+        "hallucinated_captions": 2,
+        "mentions": 7,
+        "hallucinated_mentions": 3,
         "truth_objects": 6,
         "recalled_objects": 3,
         "exact_captions": 1,
@@ -93,13 +94,22 @@ def test_scores_by_hand():
         "label_yes": 2,
     }
     m = metrics_from_counts(counts)
-    assert m["chair_s"] == pytest.approx(1 / 3)
-    assert m["chair_i"] == pytest.approx(2 / 5)
+    assert m["chair_s"] == pytest.approx(2 / 3)
+    assert m["chair_i"] == pytest.approx(3 / 7)
     assert m["object_recall"] == pytest.approx(3 / 6)
     assert m["caption_exact"] == pytest.approx(1 / 3)
     assert m["pope_accuracy"] == pytest.approx(2 / 4)
     assert m["pope_yes_ratio"] == pytest.approx(2 / 4)
     assert m["pope_f1"] == pytest.approx(2 * 1 / (2 + 2))  # precision 1/2, recall 1/2
+
+
+def test_mentions_with_and_without_colour():
+    assert mentioned_objects("a red circle , a square and a Blue diamond .") == {
+        ("red", "circle"),
+        (None, "square"),
+        ("blue", "diamond"),
+    }
+    assert mentioned_objects("yes .") == set()
 
 
 def test_metrics_without_a_denominator_are_left_out():
