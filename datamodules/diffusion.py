@@ -241,8 +241,11 @@ class EpochTaggedSampler(EpochShuffleSampler):
     """
 
     def __iter__(self):
-        epoch = self.epoch
-        return ((i, epoch) for i in super().__iter__())
+        # lazily, like the parent: the epoch is read when the first index is asked for
+        epoch = None
+        for i in super().__iter__():
+            epoch = self.current_epoch() if epoch is None else epoch
+            yield i, epoch
 
 
 class DiffusionPreferenceDataset(Dataset):

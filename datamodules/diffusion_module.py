@@ -21,6 +21,7 @@ from datamodules.diffusion import (
     load_diffusion_records,
 )
 from datamodules.diffusion_cache import CacheStats, build_latent_cache
+from datamodules.loaders import FirstBatchStatefulDataLoader
 from datamodules.samplers import EpochShuffleSampler
 from datamodules.shapes_world import COLORS, ShapeObject, caption_for, render_scene, sample_scene
 
@@ -170,11 +171,16 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
             raise ValueError(f"no {split} data: set {split}_file")
         dataset = self.datasets[split]
         # Training indices carry the epoch so that augmentation in workers is a function of (seed, epoch, index).
+        # The training loader is stateful (a mid-epoch checkpoint records its position) and its sampler reads
+        # the trainer's epoch when the epoch starts, which a resumed run has restored.
+        trainer = getattr(self, "trainer", None)
+        epoch = (lambda: trainer.current_epoch) if trainer is not None and train else None
         sampler_cls = EpochTaggedSampler if train else EpochShuffleSampler
-        return DataLoader(
+        loader_cls = FirstBatchStatefulDataLoader if train else DataLoader
+        return loader_cls(
             dataset,
             batch_size=batch_size,
-            sampler=sampler_cls(dataset, seed=self.seed, shuffle=train and self.shuffle),
+            sampler=sampler_cls(dataset, seed=self.seed, shuffle=train and self.shuffle, epoch_source=epoch),
             num_workers=self.num_workers,
             collate_fn=DiffusionPreferenceCollator(),
             persistent_workers=self.num_workers > 0,

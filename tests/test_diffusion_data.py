@@ -401,6 +401,25 @@ def test_cache_marks_undecodable_pairs_and_keeps_text_extras(pairs_copy):
 # --- DataModule ------------------------------------------------------------------------------------------------
 
 
+def test_training_loader_resumes_mid_epoch(world_pairs):
+    def make():
+        dm = DiffusionPreferenceDataModule(
+            train_file=str(world_pairs / "train.jsonl"), resolution=32, batch_size=2, seed=3, num_workers=0
+        )
+        dm.setup("fit")
+        return dm.train_dataloader()
+
+    straight = [b.ids for b in make()]
+    loader = make()
+    it = iter(loader)
+    seen = [next(it).ids for _ in range(2)]
+    state = loader.state_dict()
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = [b.ids for b in resumed]
+    assert seen + rest == straight and len(straight) > 3
+
+
 def test_datamodule_setup_and_batches(world_pairs, tmp_path):
     dm = DiffusionPreferenceDataModule(
         train_file=str(world_pairs / "train.jsonl"),
