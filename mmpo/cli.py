@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         print("mmpo: preference optimisation for vision-language models\n")
         print("  mmpo fit|validate|test|predict --config CONFIG.yaml [--dotted.key value ...]")
         for name, (_, doc) in _EXTRA.items():
-            print(f"  mmpo {name:<12} {doc}")
+            print(f"  mmpo {name:<16} {doc}")
         print()
     _check_config_files(argv)
     MMPOCLI(args=argv)
