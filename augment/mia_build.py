@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from augment.mia_build_config import BuildConfig, config_fingerprint
 from augment.mia_formats import AugmentedSample, ImagePool, SourceSample, build_augmented
-from augment.mia_generate import GenerationResult, generate_with_attention
+from augment.mia_generate import GenerationResult, _num_layers, generate_with_attention
 from augment.mia_select import SelectionConfig, SelectionSummary, select_rejected
 
 __all__ = ["BuildResult", "SourceRecord", "build_negatives", "main", "read_source"]
@@ -436,11 +436,6 @@ def build_negatives(
     _atomic_json(out / _SUMMARY, summary)
     state.save()
     return BuildResult(out, summary, already_complete=False)
-
-
-def _num_layers(model: Any) -> int:
-    config = getattr(model.config, "text_config", None) or model.config
-    return int(config.num_hidden_layers)
 
 
 def _parser() -> Any:

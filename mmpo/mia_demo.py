@@ -62,9 +62,9 @@ def resolve_config(config: Path, workdir: Path) -> Path:
 
 
 def _cli(config: Path, workdir: Path, extra: list[str]):
-    from mmpo.cli import MMPOCLI
+    from mmpo.quickstart import _cli as quickstart_cli
 
-    return MMPOCLI(args=["--config", str(resolve_config(config, workdir)), *extra], run=False)
+    return quickstart_cli(config, workdir, extra, placeholder=PLACEHOLDER)
 
 
 def _probe_figures(results: list[dict]) -> dict[str, float]:

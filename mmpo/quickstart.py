@@ -39,10 +39,11 @@ def prepare(workdir: Path, n_train: int, n_val: int, seed: int) -> None:
     print(f"[mmpo] tiny LLaVA checkpoint at {path}")
 
 
-def _cli(config: Path, workdir: Path, extra: list[str]):
+def _cli(config: Path, workdir: Path, extra: list[str], placeholder: str = "runs/quickstart"):
+    """The CLI on a copy of ``config`` whose ``placeholder`` paths point at ``workdir`` (not run)."""
     from mmpo.cli import MMPOCLI
 
-    text = config.read_text().replace("runs/quickstart", str(workdir))
+    text = config.read_text().replace(placeholder, str(workdir))
     resolved = workdir / f"{config.stem}.resolved.yaml"
     resolved.write_text(text)
     return MMPOCLI(args=["--config", str(resolved), *extra], run=False)
