@@ -17,6 +17,7 @@ from augment.mia_formats import (
 from augment.mia_prompts import (
     PIC_IN_PIC_PHRASINGS,
     grid_prompt,
+    labelled_image_prompt,
     pic_in_pic_prompt,
     refer_to_image,
     sequence_prompt,
@@ -49,6 +50,7 @@ __all__: list[str] = [
     "pic_in_pic_token_indices",
     "PIC_IN_PIC_PHRASINGS",
     "grid_prompt",
+    "labelled_image_prompt",
     "pic_in_pic_prompt",
     "refer_to_image",
     "sequence_prompt",

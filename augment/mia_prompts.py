@@ -32,6 +32,7 @@ __all__ = [
     "PIC_IN_PIC_PHRASINGS",
     "clean_question",
     "grid_prompt",
+    "labelled_image_prompt",
     "lower_first",
     "pic_in_pic_prompt",
     "refer_to_image",
@@ -98,6 +99,15 @@ def sequence_prompt(question: str, num_images: int, target_index: int, placehold
         raise ValueError(f"target_index {target_index} outside a sequence of {num_images} images")
     header = "".join(f"Image{i}: {placeholder}\n" for i in range(1, num_images + 1))
     return header + refer_to_image(question, target_index + 1, placeholder)
+
+
+def labelled_image_prompt(question: str, image_number: int, placeholder: str = IMAGE_PLACEHOLDER) -> str:
+    """One image under a sequence-style label: ``"Image3: <image>\nIn Image3, <question>"``.
+
+    Still single-image data: it teaches a model without language pretraining the words of the sequence
+    prompt (``Image{i}``, ``In``, ``,``) without ever showing it two images.
+    """
+    return f"Image{image_number}: {placeholder}\n" + refer_to_image(question, image_number, placeholder)
 
 
 def grid_prompt(question: str, target_index: int, placeholder: str = IMAGE_PLACEHOLDER) -> str:

@@ -1,7 +1,9 @@
 """``mmpo mia-demo``: MIA-DPO end to end on the shapes world, on the CPU, no downloads.
 
-1. Write the shapes world and a random-init tiny LLaVA whose vocabulary covers MIA-DPO's prompts.
-2. SFT on single images only (``configs/mia_dpo/sft.yaml``).
+1. Write the shapes world and a random-init tiny LLaVA whose vocabulary covers MIA-DPO's prompts, and
+   pretrain its vision tower on shapes-world scenes (a stand-in for CLIP: :mod:`mmpo.backbones.tiny_vision`).
+2. SFT on single images only (``configs/mia_dpo/sft.yaml``); half the prompts show their one image under a
+   sequence label (``Image3: <image>\nIn Image3, ...``) so that the prompt's words are known.
 3. Measure the SFT model: hallucination probes on single images and on three-image sequences
    (``mmpo validate`` with ``configs/mia_dpo/dpo.yaml``, whose LoRA starts at zero).
 4. Build MIA-DPO pairs from the single-image training set with the SFT model
@@ -17,15 +19,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from pathlib import Path
 
-__all__ = ["MIA_WORDS", "WORLD", "main", "prepare"]
+__all__ = ["MIA_WORDS", "WORLD", "main", "prepare", "write_sft_split"]
 
 PLACEHOLDER = "runs/mia_dpo"
 # The world the demonstration uses: one object per scene, captions weighted up.
 WORLD = {"max_objects": 1, "task_weights": {"caption": 0.5, "color": 0.2, "presence": 0.3}}
 MODEL = {"image_size": 64, "patch_size": 8, "vision_width": 128}
+# Stands in for CLIP's pretraining: the tower learns to see shapes before the language model meets it.
+VISION_PRETRAINING = {"steps": 2000, "batch_size": 32, "lr": 2e-3}
+# Share of SFT prompts that show their one image under a sequence label, and the largest label.
+SFT_LABELLED = {"fraction": 0.5, "max_label": 5}
 # Words of MIA-DPO's prompt rewriting ("Image2: <image>", "In Image2, ...", pic-in-pic phrasings).
 MIA_WORDS = ("In", ",", ":", *(f"Image{i}" for i in range(1, 10)))
 
@@ -39,19 +46,51 @@ _ROWS = [
 ]
 
 
-def prepare(workdir: Path, n_train: int, n_val: int, seed: int) -> None:
-    """Write the shapes world and the tiny LLaVA under ``workdir`` (reused when already there)."""
+def write_sft_split(data: Path, seed: int, fraction: float = SFT_LABELLED["fraction"]) -> Path:
+    """``data/sft_train.jsonl``: the training records with ``fraction`` of the prompts sequence-labelled.
+
+    A labelled prompt shows the record's single image as ``Image{k}: <image>\nIn Image{k}, <question>``
+    with k drawn from 1..``SFT_LABELLED["max_label"]``: the words of MIA-DPO's sequence prompt, which a
+    language model without pretraining would otherwise meet for the first time in the probes. Each record's
+    draw depends only on (seed, record id).
+    """
+    from augment.mia_prompts import labelled_image_prompt
+    from datamodules.world_writer import atomic_write_text
+
+    lines = []
+    for line in (data / "train.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        rng = random.Random(f"mmpo-mia-demo/sft/{seed}/{record['id']}")
+        if rng.random() < fraction:
+            record["prompt"] = labelled_image_prompt(record["prompt"], rng.randint(1, SFT_LABELLED["max_label"]))
+        lines.append(json.dumps(record))
+    out = data / "sft_train.jsonl"
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    return out
+
+
+def prepare(workdir: Path, n_train: int, n_val: int, seed: int, vision_steps: int | None = None) -> None:
+    """Write the shapes world, the SFT split and the tiny LLaVA (vision tower pretrained) under ``workdir``.
+
+    Each piece is reused when it is already there with the same settings.
+    """
     from augment.mia_prompts import PIC_IN_PIC_PHRASINGS
     from datamodules.shapes_world import tokenize, vocabulary, write_shapes_world
     from mmpo.backbones.tiny import build_tiny_llava
+    from mmpo.backbones.tiny_vision import pretrain_tiny_vision_tower
 
     write_shapes_world(workdir / "data", n_train=n_train, n_val=n_val, seed=seed, overwrite=True, **WORLD)
+    write_sft_split(workdir / "data", seed)
     print(f"[mmpo] shapes world: {n_train} train / {n_val} val records in {workdir / 'data'}")
     words = set(vocabulary()) | set(MIA_WORDS)
     for phrasing in PIC_IN_PIC_PHRASINGS:
         words |= set(tokenize(phrasing))
     path = build_tiny_llava(workdir / "tiny-llava", words=sorted(words), seed=seed, **MODEL)
     print(f"[mmpo] tiny LLaVA checkpoint at {path}")
+    vision = {**VISION_PRETRAINING, **({"steps": vision_steps} if vision_steps is not None else {})}
+    report = pretrain_tiny_vision_tower(path, max_objects=WORLD["max_objects"], seed=seed, **vision)
+    state = "reused" if report["reused"] else f"{report['seconds']} s"
+    print(f"[mmpo] vision tower pretrained ({state}): held-out scenes recognised {report['accuracy']:.3f}")
 
 
 def resolve_config(config: Path, workdir: Path) -> Path:
@@ -90,6 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-train", type=int, default=3000, help="single-image training records")
     parser.add_argument("--n-val", type=int, default=256, help="validation records")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--vision-steps", type=int, default=None, help=f"vision pretraining steps ({VISION_PRETRAINING['steps']})"
+    )
     parser.add_argument("--sft-epochs", type=int, default=None, help="override sft.yaml's max_epochs")
     parser.add_argument("--dpo-epochs", type=int, default=None, help="override dpo.yaml's max_epochs")
     parser.add_argument(
@@ -109,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not (configs / name).is_file():
             parser.error(f"{configs / name} not found: run from the repository root or pass --configs")
     workdir.mkdir(parents=True, exist_ok=True)
-    prepare(workdir, args.n_train, args.n_val, args.seed)
+    prepare(workdir, args.n_train, args.n_val, args.seed, args.vision_steps)
     if args.prepare_only:
         return {}
     seconds: dict[str, float] = {}

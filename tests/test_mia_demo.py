@@ -65,6 +65,7 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys, monkeypatch):
             "--configs", str(CONFIGS),
             "--n-train", "24",
             "--n-val", "8",
+            "--vision-steps", "3",
             "--sft-epochs", "1",
             "--dpo-epochs", "1",
             "--probes", "2",
@@ -81,3 +82,27 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys, monkeypatch):
     saved = json.loads((workdir / "results.json").read_text())
     assert saved["before"] == results["before"]
     assert (workdir / "mia-data" / "train.jsonl").is_file()
+
+
+def test_sft_split_labels_a_share_of_single_image_prompts(tmp_path):
+    import re
+
+    from datamodules.shapes_world import write_shapes_world
+    from mmpo.mia_demo import write_sft_split
+
+    write_shapes_world(tmp_path, n_train=200, n_val=4, seed=3, max_objects=1)
+    out = write_sft_split(tmp_path, seed=3, fraction=0.5)
+    plain = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    sft = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(sft) == len(plain)
+    labelled = 0
+    for a, b in zip(plain, sft, strict=True):
+        assert {k: v for k, v in a.items() if k != "prompt"} == {k: v for k, v in b.items() if k != "prompt"}
+        if b["prompt"] == a["prompt"]:
+            continue
+        labelled += 1
+        m = re.fullmatch(r"Image(\d): <image>\nIn Image(\d), (.*)", b["prompt"])
+        assert m and m.group(1) == m.group(2) and 1 <= int(m.group(1)) <= 5 and m.group(3) == a["prompt"]
+        assert len(b["images"]) == 1
+    assert 60 <= labelled <= 140
+    assert write_sft_split(tmp_path, seed=3, fraction=0.5).read_bytes() == out.read_bytes()  # deterministic

@@ -1,0 +1,79 @@
+"""Vision pretraining of the tiny LLaVA: the tower learns, nothing else changes, reruns are free."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+
+def _weights(path):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_pretraining_changes_only_the_tower_and_is_reused(tmp_path):
+    from datamodules.shapes_world import vocabulary
+    from mmpo.backbones.tiny import build_tiny_llava
+    from mmpo.backbones.tiny_vision import pretrain_tiny_vision_tower
+
+    path = build_tiny_llava(tmp_path / "tiny", words=vocabulary(), image_size=32, patch_size=8, seed=0)
+    before = _weights(path)
+    report = pretrain_tiny_vision_tower(path, steps=12, batch_size=8, warmup_steps=2, eval_scenes=16, progress=False)
+    assert not report["reused"] and 0.0 <= report["accuracy"] <= 1.0 and report["steps"] == 12
+    after = _weights(path)
+    assert before.keys() == after.keys()
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    tower = {n for n in before if ".vision_tower." in n}
+    assert changed and changed <= tower  # the language model and the projector are untouched
+    assert any("encoder.layers.0" in n for n in changed) and any("patch_embedding" in n for n in changed)
+
+    stamp = json.loads((path / "mmpo_tiny.json").read_text())
+    assert stamp["vision_pretraining"]["steps"] == 12 and stamp["vision_pretraining"]["accuracy"] == report["accuracy"]
+    again = pretrain_tiny_vision_tower(path, steps=12, batch_size=8, warmup_steps=2, eval_scenes=16, progress=False)
+    assert again["reused"] and again["accuracy"] == report["accuracy"]
+
+    # rebuilding with the same settings keeps the pretrained tower; the processor still loads
+    build_tiny_llava(path, words=vocabulary(), image_size=32, patch_size=8, seed=0)
+    kept = _weights(path)
+    assert all(torch.equal(kept[n], after[n]) for n in after)
+    from transformers import AutoProcessor
+
+    assert AutoProcessor.from_pretrained(path).tokenizer.convert_tokens_to_ids("circle") > 0
+
+
+def test_pretraining_learns_to_recognise_scenes(tmp_path):
+    from datamodules.shapes_world import vocabulary
+    from mmpo.backbones.tiny import build_tiny_llava
+    from mmpo.backbones.tiny_vision import _features, _scene_batch, pretrain_tiny_vision_tower
+
+    path = build_tiny_llava(tmp_path / "tiny", words=vocabulary(), image_size=32, patch_size=8, seed=0)
+    report = pretrain_tiny_vision_tower(path, steps=400, batch_size=32, lr=3e-3, eval_scenes=128, progress=False)
+    # 24 (colour, shape) pairs: guessing is right 1 time in 24; colours come first, shapes later
+    assert report["accuracy"] > 0.3, report
+
+    # the features LLaVA reads separate colours after pretraining: same-colour scenes are closer
+    import random
+
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    pixels, targets = _scene_batch(random.Random(5), 64, 32, 1, AutoImageProcessor.from_pretrained(path))
+    with torch.no_grad():
+        f = torch.nn.functional.normalize(_features(model.model.vision_tower, pixels, -1), dim=-1)
+    colour = targets.argmax(1) % 6  # pairs are ordered shape-major, colour-minor
+    same = colour[:, None] == colour[None, :]
+    sim = f @ f.T
+    off = ~torch.eye(64, dtype=torch.bool)
+    assert sim[same & off].mean() > sim[~same].mean()
+
+
+def test_pretraining_refuses_a_directory_that_is_not_a_tiny_llava(tmp_path):
+    import pytest
+
+    from mmpo.backbones.tiny_vision import pretrain_tiny_vision_tower
+
+    with pytest.raises(FileNotFoundError, match="mmpo_tiny.json"):
+        pretrain_tiny_vision_tower(tmp_path)
