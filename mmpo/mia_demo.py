@@ -28,9 +28,9 @@ __all__ = ["MIA_WORDS", "WORLD", "main", "prepare", "write_sft_split"]
 PLACEHOLDER = "runs/mia_dpo"
 # The world the demonstration uses: one object per scene, captions weighted up.
 WORLD = {"max_objects": 1, "task_weights": {"caption": 0.5, "color": 0.2, "presence": 0.3}}
-MODEL = {"image_size": 64, "patch_size": 8, "vision_width": 128}
+MODEL = {"image_size": 64, "patch_size": 16, "vision_width": 128}
 # Stands in for CLIP's pretraining: the tower learns to see shapes before the language model meets it.
-VISION_PRETRAINING = {"steps": 2000, "batch_size": 32, "lr": 2e-3}
+VISION_PRETRAINING = {"steps": 2000, "batch_size": 64, "lr": 2e-3}
 # Share of SFT prompts that show their one image under a sequence label, and the largest label.
 SFT_LABELLED = {"fraction": 0.5, "max_label": 5}
 # Words of MIA-DPO's prompt rewriting ("Image2: <image>", "In Image2, ...", pic-in-pic phrasings).
