@@ -102,7 +102,7 @@ def sequence_prompt(question: str, num_images: int, target_index: int, placehold
 
 
 def labelled_image_prompt(question: str, image_number: int, placeholder: str = IMAGE_PLACEHOLDER) -> str:
-    """One image under a sequence-style label: ``"Image3: <image>\nIn Image3, <question>"``.
+    """One image under a sequence-style label: ``"Image3: <image>\\nIn Image3, <question>"``.
 
     Still single-image data: it teaches a model without language pretraining the words of the sequence
     prompt (``Image{i}``, ``In``, ``,``) without ever showing it two images.

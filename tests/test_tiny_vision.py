@@ -45,7 +45,7 @@ def test_pretraining_changes_only_the_tower_and_is_reused(tmp_path):
 
 
 def test_pretraining_learns_to_recognise_scenes(tmp_path):
-    from datamodules.shapes_world import vocabulary
+    from datamodules.shapes_world import COLORS, vocabulary
     from mmpo.backbones.tiny import build_tiny_llava
     from mmpo.backbones.tiny_vision import _features, _scene_batch, pretrain_tiny_vision_tower
 
@@ -63,7 +63,7 @@ def test_pretraining_learns_to_recognise_scenes(tmp_path):
     pixels, targets = _scene_batch(random.Random(5), 64, 32, 1, AutoImageProcessor.from_pretrained(path))
     with torch.no_grad():
         f = torch.nn.functional.normalize(_features(model.model.vision_tower, pixels, -1), dim=-1)
-    colour = targets.argmax(1) % 6  # pairs are ordered shape-major, colour-minor
+    colour = targets.argmax(1) % len(COLORS)  # pairs are ordered shape-major, colour-minor
     same = colour[:, None] == colour[None, :]
     sim = f @ f.T
     off = ~torch.eye(64, dtype=torch.bool)
