@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
 from typing import Any, Literal
 
 import lightning as L
@@ -26,8 +28,9 @@ class ImagePreferenceDataModule(L.LightningDataModule):
 
     Args:
         processor: hub id or local directory of the model's processor (``AutoProcessor``).
-        train_file: training records.
-        val_file: validation records (optional).
+        train_file: training records: a file, or a list of files read one after another (e.g. a built
+            dataset and a replay of the source data), each with media relative to its own folder.
+        val_file: validation records (optional; a file or a list, as ``train_file``).
         test_file: test records (optional).
         data_root: directory image paths are relative to (default: each file's directory).
         batch_size: pairs per training batch.
@@ -50,9 +53,9 @@ class ImagePreferenceDataModule(L.LightningDataModule):
     def __init__(
         self,
         processor: str,
-        train_file: str | None = None,
-        val_file: str | None = None,
-        test_file: str | None = None,
+        train_file: str | list[str] | None = None,
+        val_file: str | list[str] | None = None,
+        test_file: str | list[str] | None = None,
         data_root: str | None = None,
         batch_size: int = 4,
         eval_batch_size: int | None = None,
@@ -103,8 +106,7 @@ class ImagePreferenceDataModule(L.LightningDataModule):
             path = self.files[split] if self.files[split] is not None else self.in_memory[split]
             if path is None or split in self.datasets:
                 continue
-            root = str(default_root(path, self.data_root))
-            dataset, problems = self.build_dataset(split, path, root)
+            dataset, problems = self._read_split(split, path)
             if len(dataset) == 0:
                 raise ValueError(f"{path}: no usable records ({len(problems)} skipped)")
             if problems:
@@ -117,6 +119,18 @@ class ImagePreferenceDataModule(L.LightningDataModule):
                 )
             self.problems[split] = problems
             self.datasets[split] = dataset
+
+    def _read_split(self, split: str, path: Any) -> tuple[Dataset, list[str]]:
+        """One split from a file, in-memory data, or a list of files (each with its own media root)."""
+        if not (isinstance(path, (list, tuple)) and path and all(isinstance(p, (str, os.PathLike)) for p in path)):
+            return self.build_dataset(split, path, str(default_root(path, self.data_root)))
+        parts = [self.build_dataset(split, p, str(default_root(p, self.data_root))) for p in path]
+        first = parts[0][0]
+        if type(first) is not PreferenceDataset or any(type(d) is not PreferenceDataset for d, _ in parts):
+            raise ValueError(f"{type(self).__name__}: {split}_file takes one file here, got a list of {len(path)}")
+        merged = copy.copy(first)  # same decoding settings, the records of every file in the order given
+        merged.records = [r for d, _ in parts for r in d.records]
+        return merged, [problem for _, found in parts for problem in found]
 
     def build_dataset(self, split: str, path: Any, root: str) -> tuple[Dataset, list[str]]:
         """Read one split's file into a dataset; subclasses override this for other record kinds."""

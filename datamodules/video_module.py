@@ -30,9 +30,9 @@ class VideoPreferenceDataModule(ImagePreferenceDataModule):
     def __init__(
         self,
         processor: str,
-        train_file: str | None = None,
-        val_file: str | None = None,
-        test_file: str | None = None,
+        train_file: str | list[str] | None = None,
+        val_file: str | list[str] | None = None,
+        test_file: str | list[str] | None = None,
         data_root: str | None = None,
         batch_size: int = 2,
         eval_batch_size: int | None = None,

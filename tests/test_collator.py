@@ -207,3 +207,31 @@ def test_in_memory_rows_name_their_index_in_errors():
     rows = [{"prompt": "q", "chosen": "a", "rejected": "b"}, {"prompt": "q", "chosen": "a"}]
     with pytest.raises(BadSampleError, match=r"<dataset>\[1\]: missing field"):
         load_preference_records(rows)
+
+
+def test_a_list_of_train_files_reads_each_with_its_own_media_root(world, tiny_llava, tmp_path):
+    import shutil
+
+    from datamodules import ImagePreferenceDataModule
+
+    rows = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()[:5]]
+    files = []
+    for folder, part in (("a", rows[:3]), ("b", rows[3:])):  # two datasets, images relative to their folder
+        (tmp_path / folder / "pics").mkdir(parents=True)
+        for r in part:
+            shutil.copy(world / r["images"][0], tmp_path / folder / "pics" / Path(r["images"][0]).name)
+        moved = [{**r, "id": f"{folder}-{r['id']}", "images": [f"pics/{Path(r['images'][0]).name}"]} for r in part]
+        files.append(tmp_path / folder / "train.jsonl")
+        files[-1].write_text("".join(json.dumps(r) + "\n" for r in moved))
+
+    dm = ImagePreferenceDataModule(str(tiny_llava), train_file=[str(f) for f in files], batch_size=4, shuffle=False)
+    dm.setup("fit")
+    records = dm.datasets["train"].records
+    assert [r.id for r in records] == [f"a-{r['id']}" for r in rows[:3]] + [f"b-{r['id']}" for r in rows[3:]]
+    assert [Path(r.images[0]).parent.parent.name for r in records] == ["a"] * 3 + ["b"] * 2
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.ids == [r.id for r in records[:4]]
+    single = ImagePreferenceDataModule(str(tiny_llava), str(world / "train.jsonl"), batch_size=4, shuffle=False)
+    single.setup("fit")
+    same = next(iter(single.train_dataloader()))
+    torch.testing.assert_close(batch.media["pixel_values"], same.media["pixel_values"])  # the same images

@@ -21,7 +21,16 @@ import torch
 
 from mmpo.io import atomic_directory
 
-__all__ = ["TINY_CHAT_TEMPLATE", "TINY_SPECIAL_TOKENS", "build_tiny_llava", "build_tiny_processor"]
+__all__ = [
+    "TINY_CHAT_TEMPLATE",
+    "TINY_SPECIAL_TOKENS",
+    "build_tiny_llava",
+    "build_tiny_processor",
+    "pretraining_loop",
+    "read_tiny_stamp",
+    "save_tiny_weights",
+    "warmup_cosine",
+]
 
 # A LLaVA-1.5-like template ("USER: <image> question ASSISTANT: answer</s>") with a space
 # between every word, because the tokenizer is word-level and splits on whitespace.
@@ -174,7 +183,7 @@ def build_tiny_llava(
         "words": words,
     }
     stamp = out / "mmpo_tiny.json"
-    # the stamp may also record later work on the weights (mmpo.backbones.tiny_vision), kept when reused
+    # the stamp may also record later work on the weights (tiny_vision, tiny_language), kept when reused
     if not overwrite and stamp.exists() and {k: json.loads(stamp.read_text()).get(k) for k in settings} == settings:
         return out
 
@@ -227,3 +236,54 @@ def build_tiny_llava(
         processor.save_pretrained(tmp)
         (tmp / "mmpo_tiny.json").write_text(json.dumps(settings, indent=1))
     return out
+
+
+def read_tiny_stamp(checkpoint: str | os.PathLike) -> dict:
+    """The ``mmpo_tiny.json`` of a checkpoint written by :func:`build_tiny_llava`; a clear error otherwise."""
+    stamp = Path(checkpoint) / "mmpo_tiny.json"
+    if not stamp.is_file():
+        raise FileNotFoundError(f"{stamp} not found: {checkpoint} is not a tiny LLaVA written by build_tiny_llava")
+    return json.loads(stamp.read_text())
+
+
+def save_tiny_weights(model, checkpoint: str | os.PathLike, stamp: dict) -> None:
+    """Write ``model``'s weights and ``stamp`` into the tiny checkpoint, replacing it atomically.
+
+    The processor, tokenizer and chat template files are carried over unchanged.
+    """
+    out = Path(checkpoint)
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp)
+        for f in out.iterdir():
+            if f.is_file() and not (tmp / f.name).exists():
+                (tmp / f.name).write_bytes(f.read_bytes())
+        (tmp / "mmpo_tiny.json").write_text(json.dumps(stamp, indent=1))
+
+
+def warmup_cosine(steps: int, warmup_steps: int):
+    """Learning-rate factor per step: linear warm-up over ``warmup_steps``, then cosine decay to zero at ``steps``."""
+    import math
+
+    return lambda s: min(1.0, (s + 1) / max(1, warmup_steps)) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+
+
+def pretraining_loop(params, step_loss, steps: int, lr: float, warmup_steps: int, desc: str, progress: bool):
+    """AdamW (no weight decay) on ``params`` for ``steps`` steps of ``step_loss()``, warm-up then cosine.
+
+    Returns the last step's loss (a float; nan for zero steps).
+    """
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, warmup_steps))
+    loss = torch.tensor(float("nan"))
+    bar = tqdm(range(steps), desc=desc, disable=not progress, unit="step")
+    for step in bar:
+        loss = step_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return loss.item()

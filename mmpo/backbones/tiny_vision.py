@@ -17,8 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import random
 import time
@@ -28,7 +26,7 @@ import torch
 from einops import reduce
 from torch import Tensor, nn
 
-from mmpo.io import atomic_directory
+from mmpo.backbones.tiny import pretraining_loop, read_tiny_stamp, save_tiny_weights
 
 __all__ = ["pretrain_tiny_vision_tower"]
 
@@ -80,16 +78,12 @@ def pretrain_tiny_vision_tower(
         ``{"accuracy", "loss", "seconds", "steps", "reused"}``; ``accuracy`` is the share of held-out scenes
         of k objects whose k highest-scored (colour, shape) pairs are exactly those objects.
     """
-    from tqdm.auto import tqdm
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
     from datamodules.shapes_world import COLORS, SHAPES
 
     out = Path(checkpoint)
-    stamp_path = out / "mmpo_tiny.json"
-    if not stamp_path.is_file():
-        raise FileNotFoundError(f"{stamp_path} not found: {out} is not a tiny LLaVA written by build_tiny_llava")
-    stamp = json.loads(stamp_path.read_text())
+    stamp = read_tiny_stamp(out)
     settings = {
         "steps": steps,
         "batch_size": batch_size,
@@ -112,24 +106,15 @@ def pretrain_tiny_vision_tower(
     tower.train()
     torch.manual_seed(seed)
     head = nn.Linear(model.config.vision_config.hidden_size, len(COLORS) * len(SHAPES))
-    params = [*tower.parameters(), *head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)) * 0.5 * (1 + math.cos(math.pi * s / steps))
-    )
     rng = random.Random(f"mmpo-tiny-vision/{seed}/train")
-    start, loss = time.perf_counter(), torch.tensor(float("nan"))
-    bar = tqdm(range(steps), desc="vision pretraining", disable=not progress, unit="step")
-    for step in bar:
+
+    def step_loss() -> Tensor:
         pixels, targets = _scene_batch(rng, batch_size, image_size, max_objects, processor)
-        logits = head(_features(tower, pixels, layer))
-        loss = nn.functional.binary_cross_entropy_with_logits(logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        return nn.functional.binary_cross_entropy_with_logits(head(_features(tower, pixels, layer)), targets)
+
+    start = time.perf_counter()
+    params = [*tower.parameters(), *head.parameters()]
+    loss = pretraining_loop(params, step_loss, steps, lr, warmup_steps, "vision pretraining", progress)
 
     tower.eval()
     held_out = random.Random(f"mmpo-tiny-vision/{seed}/eval")
@@ -142,12 +127,7 @@ def pretrain_tiny_vision_tower(
     truth = [set(row.nonzero().flatten().tolist()) for row in targets]
     accuracy = sum(set(ranked[i, : counts[i]].tolist()) == t for i, t in enumerate(truth)) / len(targets)
     seconds = round(time.perf_counter() - start, 1)
-    stamp["vision_pretraining"] = {**settings, "accuracy": accuracy, "loss": loss.item(), "seconds": seconds}
+    stamp["vision_pretraining"] = {**settings, "accuracy": accuracy, "loss": loss, "seconds": seconds}
 
-    with atomic_directory(out) as tmp:
-        model.save_pretrained(tmp)
-        for f in out.iterdir():  # processor, tokenizer, chat template: unchanged
-            if f.is_file() and not (tmp / f.name).exists():
-                (tmp / f.name).write_bytes(f.read_bytes())
-        (tmp / "mmpo_tiny.json").write_text(json.dumps(stamp, indent=1))
-    return {"accuracy": accuracy, "loss": loss.item(), "seconds": seconds, "steps": steps, "reused": False}
+    save_tiny_weights(model, out, stamp)
+    return {"accuracy": accuracy, "loss": loss, "seconds": seconds, "steps": steps, "reused": False}

@@ -1,0 +1,182 @@
+"""Pretrain the tiny LLaVA's language model on text: a stand-in for the language pretraining of a real LLM.
+
+A real LLaVA's language model has read the web before it meets an image: it can already follow "In Image2,
+..." to the item labelled ``Image2`` in a list, and MIA-DPO's multi-image data relies on that. The tiny
+LLaVA of :mod:`mmpo.backbones.tiny` starts from random weights, and on ~2k multi-image preference pairs
+alone its language model never learns which image a question points at (``docs/negatives.md``). Here it
+learns the skill from text only: each example is a labelled list of shapes-world captions standing where
+the images would be, in the words of MIA-DPO's sequence prompt, and a question about one item::
+
+    USER : Image1: a red circle .
+    Image2: a blue square .
+    In Image2, describe the image . ASSISTANT : a blue square . </s>
+
+with the world's caption, colour and yes/no presence questions (the loss is on the answer only). The
+vision tower and the projector are untouched and no image is ever shown, so the model still learns to see
+and to answer about images only from single images in SFT. The weights are written back into the
+checkpoint and the run is recorded in ``mmpo_tiny.json``, so a second call with the same settings does
+nothing.
+
+Example:
+    >>> from mmpo.backbones.tiny_language import pretrain_tiny_language_model
+    >>> report = pretrain_tiny_language_model("runs/mia_dpo/tiny-llava", steps=800)
+    >>> report["accuracy"]  # held-out lists whose answer is reproduced exactly (teacher-forced argmax)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from mmpo.backbones.tiny import pretraining_loop, read_tiny_stamp, save_tiny_weights
+
+__all__ = ["labelled_list_example", "pretrain_tiny_language_model"]
+
+_IGNORE = -100
+
+
+def labelled_list_example(
+    rng: random.Random, max_items: int, max_objects: int = 1, task_weights: Mapping[str, float] | None = None
+) -> tuple[str, str, int]:
+    """One text example: ``(prompt, answer, items)``.
+
+    The prompt is MIA-DPO's sequence prompt (``augment.mia_prompts.sequence_prompt``) with each ``<image>``
+    replaced by the caption of a sampled shapes-world scene; the question and answer are those of the
+    target item's record (a caption, colour or presence task).
+    """
+    from augment.mia_prompts import IMAGE_PLACEHOLDER, sequence_prompt
+    from datamodules.shapes_world import make_record
+
+    items = rng.randint(1, max_items)
+    records = [make_record(rng, task_weights=task_weights, max_objects=max_objects) for _ in range(items)]
+    target = rng.randrange(items)
+    prompt = sequence_prompt(records[target]["prompt"], items, target)
+    for record in records:
+        prompt = prompt.replace(IMAGE_PLACEHOLDER, record["caption"], 1)
+    return prompt, records[target]["chosen"], items
+
+
+def _batch(examples: list[tuple[str, str, int]], processor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``input_ids``, ``attention_mask`` and ``labels`` (prompt masked), right-padded, and the item counts.
+
+    Prompts go through the checkpoint's chat template and answers end with EOS, as the datamodules do.
+    """
+    tokenizer = processor.tokenizer
+    rows, targets = [], []
+    for prompt, answer, _ in examples:
+        messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        p = tokenizer(text, add_special_tokens=False)["input_ids"]
+        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(p + a)
+        targets.append([_IGNORE] * len(p) + a)
+    length = max(map(len, rows))
+    ids = torch.full((len(rows), length), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), length), _IGNORE)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, (row, target) in enumerate(zip(rows, targets, strict=True)):
+        ids[i, : len(row)] = torch.tensor(row)
+        labels[i, : len(row)] = torch.tensor(target)
+        mask[i, : len(row)] = 1
+    return ids, mask, labels, torch.tensor([n for *_, n in examples])
+
+
+def _exact(model, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+    """Per row: every answer token (EOS included) is the argmax of the model's next-token distribution."""
+    with torch.no_grad():
+        predicted = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
+    target = labels[:, 1:]
+    return ((predicted == target) | (target == _IGNORE)).all(dim=1)
+
+
+def pretrain_tiny_language_model(
+    checkpoint: str | os.PathLike,
+    steps: int = 800,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    warmup_steps: int = 50,
+    max_items: int = 4,
+    max_objects: int = 1,
+    task_weights: Mapping[str, float] | None = None,
+    seed: int = 0,
+    eval_lists: int = 512,
+    progress: bool = True,
+) -> dict:
+    """Train the language model of a tiny LLaVA on labelled caption lists (text only); save it in place.
+
+    Args:
+        checkpoint: a directory written by :func:`mmpo.backbones.tiny.build_tiny_llava` (image model).
+        steps: optimiser steps; each samples ``batch_size`` new lists.
+        batch_size: lists per step.
+        lr: peak AdamW learning rate (linear warm-up, then cosine decay to zero).
+        warmup_steps: steps of linear warm-up.
+        max_items: most items per list (1..``max_items``, uniformly).
+        max_objects: most objects per scene, as the world the model will be fine-tuned on.
+        task_weights: relative weight of the world's question kinds (``caption``, ``color``, ``presence``);
+            the world's defaults when None.
+        seed: seed of the lists.
+        eval_lists: held-out lists (their own seed) scored after training.
+        progress: show a progress bar.
+
+    Returns:
+        ``{"accuracy", "accuracy_by_items", "loss", "seconds", "steps", "reused"}``: the share of held-out
+        lists whose answer the model reproduces token for token, overall and per list length.
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out = Path(checkpoint)
+    stamp = read_tiny_stamp(out)
+    settings = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup_steps": warmup_steps,
+        "max_items": max_items,
+        "max_objects": max_objects,
+        "task_weights": dict(task_weights) if task_weights is not None else None,
+        "seed": seed,
+    }
+    done = stamp.get("language_pretraining", {})
+    if {k: done.get(k) for k in settings} == settings:
+        kept = ("accuracy", "accuracy_by_items", "loss", "seconds")
+        return {**{k: done[k] for k in kept}, "steps": steps, "reused": True}
+
+    model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(out)
+    language = [p for n, p in model.named_parameters() if "vision_tower" not in n and "multi_modal_projector" not in n]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in language:
+        p.requires_grad_(True)
+    rng = random.Random(f"mmpo-tiny-language/{seed}/train")
+    sample = (max_items, max_objects, task_weights)
+
+    def step_loss() -> Tensor:
+        ids, mask, labels, _ = _batch([labelled_list_example(rng, *sample) for _ in range(batch_size)], processor)
+        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    model.train()
+    start = time.perf_counter()
+    loss = pretraining_loop(language, step_loss, steps, lr, warmup_steps, "language pretraining", progress)
+
+    model.eval()
+    held_out = random.Random(f"mmpo-tiny-language/{seed}/eval")
+    examples = [labelled_list_example(held_out, *sample) for _ in range(eval_lists)]
+    ids, mask, labels, items = _batch(examples, processor)
+    chunks = zip(ids.split(128), mask.split(128), labels.split(128), strict=True)
+    exact = torch.cat([_exact(model, *chunk) for chunk in chunks])
+    accuracy = exact.float().mean().item()
+    by_items = {str(k): round(exact[items == k].float().mean().item(), 4) for k in sorted(set(items.tolist()))}
+    seconds = round(time.perf_counter() - start, 1)
+    report = {"accuracy": accuracy, "accuracy_by_items": by_items, "loss": loss, "seconds": seconds}
+    stamp["language_pretraining"] = {**settings, **report}
+    for p in model.parameters():
+        p.requires_grad_(True)
+    save_tiny_weights(model, out, stamp)
+    return {**report, "steps": steps, "reused": False}
