@@ -1,14 +1,20 @@
 """``mmpo mia-demo``: MIA-DPO end to end on the shapes world, on the CPU, no downloads.
 
-1. Write the shapes world and a random-init tiny LLaVA whose vocabulary covers MIA-DPO's prompts, and
-   pretrain its vision tower on shapes-world scenes (a stand-in for CLIP: :mod:`mmpo.backbones.tiny_vision`).
+1. Write the shapes world and a random-init tiny LLaVA whose vocabulary covers MIA-DPO's prompts;
+   pretrain its vision tower on shapes-world scenes (a stand-in for CLIP: :mod:`mmpo.backbones.tiny_vision`)
+   and its language model on labelled caption lists, text only (a stand-in for an LLM's language
+   pretraining, which is where a real model learns to follow "In Image2, ...":
+   :mod:`mmpo.backbones.tiny_language`).
 2. SFT on single images only (``configs/mia_dpo/sft.yaml``); half the prompts show their one image under a
-   sequence label (``Image3: <image>\nIn Image3, ...``) so that the prompt's words are known.
-3. Measure the SFT model: hallucination probes on single images and on three-image sequences
+   sequence label (``Image3: <image>\nIn Image3, ...``) so that the prompt's words are known, and 1,000
+   text-only labelled caption lists are mixed in, as LLaVA mixes text conversations into its SFT data.
+3. Measure the SFT model: hallucination probes on single images and on two- and three-image sequences
    (``mmpo validate`` with ``configs/mia_dpo/dpo.yaml``, whose LoRA starts at zero).
 4. Build MIA-DPO pairs from the single-image training set with the SFT model
    (``mmpo build-negatives --config configs/mia_dpo/build.yaml``).
-5. DPO on the built pairs (``configs/mia_dpo/dpo.yaml``), then measure again.
+5. DPO on the built pairs plus a replay of a quarter of the SFT records (single images and text lists, with
+   the world's own rejected answers), so that single images are not forgotten (``configs/mia_dpo/dpo.yaml``),
+   then measure again.
 
 Everything lands under ``--workdir`` (default ``runs/mia_dpo``, where the configs point); the table is
 printed and written to ``results.json``. Each stage is the ordinary command on its config, so any of
@@ -23,7 +29,7 @@ import random
 import time
 from pathlib import Path
 
-__all__ = ["MIA_WORDS", "WORLD", "main", "prepare", "write_sft_split"]
+__all__ = ["MIA_WORDS", "WORLD", "main", "prepare", "write_replay_split", "write_sft_split"]
 
 PLACEHOLDER = "runs/mia_dpo"
 # The world the demonstration uses: one object per scene, captions weighted up.
@@ -31,8 +37,14 @@ WORLD = {"max_objects": 1, "task_weights": {"caption": 0.5, "color": 0.2, "prese
 MODEL = {"image_size": 64, "patch_size": 16, "vision_width": 128}
 # Stands in for CLIP's pretraining: the tower learns to see shapes before the language model meets it.
 VISION_PRETRAINING = {"steps": 2000, "batch_size": 64, "lr": 2e-3}
+# Stands in for an LLM's language pretraining: lists of up to 5 labelled captions, a question about one.
+LANGUAGE_PRETRAINING = {"steps": 1500, "batch_size": 32, "lr": 1e-3, "max_items": 5}
 # Share of SFT prompts that show their one image under a sequence label, and the largest label.
 SFT_LABELLED = {"fraction": 0.5, "max_label": 5}
+# Text-only labelled caption lists mixed into the SFT data (as LLaVA mixes text conversations into its SFT).
+SFT_TEXT_LISTS = 1000
+# Share of the SFT records replayed (single image, the world's own rejected answer) in the preference stage.
+REPLAY_FRACTION = 0.25
 # Words of MIA-DPO's prompt rewriting ("Image2: <image>", "In Image2, ...", pic-in-pic phrasings).
 MIA_WORDS = ("In", ",", ":", *(f"Image{i}" for i in range(1, 10)))
 
@@ -46,16 +58,21 @@ _ROWS = [
 ]
 
 
-def write_sft_split(data: Path, seed: int, fraction: float = SFT_LABELLED["fraction"]) -> Path:
-    """``data/sft_train.jsonl``: the training records with ``fraction`` of the prompts sequence-labelled.
+def write_sft_split(
+    data: Path, seed: int, fraction: float = SFT_LABELLED["fraction"], text_lists: int = SFT_TEXT_LISTS
+) -> Path:
+    """``data/sft_train.jsonl``: the training records, ``fraction`` of their prompts sequence-labelled, and text.
 
     A labelled prompt shows the record's single image as ``Image{k}: <image>\nIn Image{k}, <question>``
-    with k drawn from 1..``SFT_LABELLED["max_label"]``: the words of MIA-DPO's sequence prompt, which a
-    language model without pretraining would otherwise meet for the first time in the probes. Each record's
-    draw depends only on (seed, record id).
+    with k drawn from 1..``SFT_LABELLED["max_label"]``: the words of MIA-DPO's sequence prompt. Each record's
+    draw depends only on (seed, record id). After them come ``text_lists`` text-only records, labelled
+    caption lists as in the language pretraining (:func:`mmpo.backbones.tiny_language.labelled_list_example`),
+    as LLaVA's SFT mixes text-only conversations into its image data so that the language model keeps
+    what it knew.
     """
     from augment.mia_prompts import labelled_image_prompt
     from datamodules.world_writer import atomic_write_text
+    from mmpo.backbones.tiny_language import labelled_list_example
 
     lines = []
     for line in (data / "train.jsonl").read_text().splitlines():
@@ -64,24 +81,55 @@ def write_sft_split(data: Path, seed: int, fraction: float = SFT_LABELLED["fract
         if rng.random() < fraction:
             record["prompt"] = labelled_image_prompt(record["prompt"], rng.randint(1, SFT_LABELLED["max_label"]))
         lines.append(json.dumps(record))
+    rng = random.Random(f"mmpo-mia-demo/sft-text/{seed}")
+    for i in range(text_lists):
+        example = labelled_list_example(rng, SFT_LABELLED["max_label"], WORLD["max_objects"], WORLD["task_weights"])
+        lines.append(json.dumps({"id": f"text-{i:06d}", **example}))
     out = data / "sft_train.jsonl"
     atomic_write_text(out, "\n".join(lines) + "\n")
     return out
 
 
-def prepare(workdir: Path, n_train: int, n_val: int, seed: int, vision_steps: int | None = None) -> None:
-    """Write the shapes world, the SFT split and the tiny LLaVA (vision tower pretrained) under ``workdir``.
+def write_replay_split(data: Path, seed: int, fraction: float = REPLAY_FRACTION) -> Path:
+    """``data/dpo_replay.jsonl``: a seeded ``fraction`` of ``sft_train.jsonl``, replayed in the preference stage.
 
-    The world, the model and its vision pretraining are reused when already there with the same settings;
-    the SFT split is cheap and rewritten from the world each time.
+    The records (single images and text lists, in file order) keep the world's own rejected answer (a
+    changed colour or shape, the opposite yes/no), so the preference stage keeps seeing single images next
+    to the multi-image pairs it learns from.
+    """
+    from datamodules.world_writer import atomic_write_text
+
+    lines = (data / "sft_train.jsonl").read_text().splitlines()
+    rng = random.Random(f"mmpo-mia-demo/replay/{seed}")
+    kept = sorted(rng.sample(range(len(lines)), round(fraction * len(lines))))
+    out = data / "dpo_replay.jsonl"
+    atomic_write_text(out, "".join(lines[i] + "\n" for i in kept))
+    return out
+
+
+def prepare(
+    workdir: Path,
+    n_train: int,
+    n_val: int,
+    seed: int,
+    vision_steps: int | None = None,
+    language_steps: int | None = None,
+    sft_text_lists: int = SFT_TEXT_LISTS,
+) -> None:
+    """Write the shapes world, its SFT and replay splits and the pretrained tiny LLaVA under ``workdir``.
+
+    The world, the model and its two pretrainings are reused when already there with the same settings;
+    the splits are cheap and rewritten from the world each time.
     """
     from augment.mia_prompts import PIC_IN_PIC_PHRASINGS
     from datamodules.shapes_world import tokenize, vocabulary, write_shapes_world
     from mmpo.backbones.tiny import build_tiny_llava
+    from mmpo.backbones.tiny_language import pretrain_tiny_language_model
     from mmpo.backbones.tiny_vision import pretrain_tiny_vision_tower
 
     write_shapes_world(workdir / "data", n_train=n_train, n_val=n_val, seed=seed, overwrite=True, **WORLD)
-    write_sft_split(workdir / "data", seed)
+    write_sft_split(workdir / "data", seed, text_lists=sft_text_lists)
+    write_replay_split(workdir / "data", seed)
     print(f"[mmpo] shapes world: {n_train} train / {n_val} val records in {workdir / 'data'}")
     words = set(vocabulary()) | set(MIA_WORDS)
     for phrasing in PIC_IN_PIC_PHRASINGS:
@@ -92,6 +140,15 @@ def prepare(workdir: Path, n_train: int, n_val: int, seed: int, vision_steps: in
     report = pretrain_tiny_vision_tower(path, max_objects=WORLD["max_objects"], seed=seed, **vision)
     state = "reused" if report["reused"] else f"{report['seconds']} s"
     print(f"[mmpo] vision tower pretrained ({state}): held-out scenes recognised {report['accuracy']:.3f}")
+    language = {**LANGUAGE_PRETRAINING, **({"steps": language_steps} if language_steps is not None else {})}
+    report = pretrain_tiny_language_model(
+        path, max_objects=WORLD["max_objects"], task_weights=WORLD["task_weights"], seed=seed, **language
+    )
+    state = "reused" if report["reused"] else f"{report['seconds']} s"
+    print(
+        f"[mmpo] language model pretrained on labelled caption lists ({state}): held-out answers exact "
+        f"{report['accuracy']:.3f} (by list length {report['accuracy_by_items']})"
+    )
 
 
 def resolve_config(config: Path, workdir: Path) -> Path:
@@ -133,6 +190,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--vision-steps", type=int, default=None, help=f"vision pretraining steps ({VISION_PRETRAINING['steps']})"
     )
+    parser.add_argument(
+        "--language-steps",
+        type=int,
+        default=None,
+        help=f"language pretraining steps ({LANGUAGE_PRETRAINING['steps']})",
+    )
+    parser.add_argument(
+        "--sft-text-lists", type=int, default=SFT_TEXT_LISTS, help="text-only labelled lists in the SFT data"
+    )
     parser.add_argument("--sft-epochs", type=int, default=None, help="override sft.yaml's max_epochs")
     parser.add_argument("--dpo-epochs", type=int, default=None, help="override dpo.yaml's max_epochs")
     parser.add_argument(
@@ -158,10 +224,10 @@ def main(argv: list[str] | None = None) -> dict:
         seconds[name] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
-    prepare(workdir, args.n_train, args.n_val, args.seed, args.vision_steps)
+    prepare(workdir, args.n_train, args.n_val, args.seed, args.vision_steps, args.language_steps, args.sft_text_lists)
     if args.prepare_only:
         return {}
-    stage("prepare (world, model, vision pretraining)", t0)
+    stage("prepare (world, model, vision and language pretraining)", t0)
 
     t0 = time.perf_counter()
     print("[mmpo] stage 1/3: SFT on single images")
@@ -192,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     stage("build", t0)
 
     t0 = time.perf_counter()
-    print("[mmpo] stage 3/3: DPO with LoRA on the MIA-DPO pairs")
+    print("[mmpo] stage 3/3: DPO with LoRA on the MIA-DPO pairs and the single-image replay")
     dpo.trainer.fit(dpo.model, datamodule=dpo.datamodule)
     stage("dpo", t0)
     t0 = time.perf_counter()

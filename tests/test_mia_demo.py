@@ -66,6 +66,8 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys, monkeypatch):
             "--n-train", "24",
             "--n-val", "8",
             "--vision-steps", "3",
+            "--language-steps", "3",
+            "--sft-text-lists", "8",
             "--sft-epochs", "1",
             "--dpo-epochs", "1",
             "--probes", "2",
@@ -82,6 +84,11 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys, monkeypatch):
     saved = json.loads((workdir / "results.json").read_text())
     assert saved["before"] == results["before"]
     assert (workdir / "mia-data" / "train.jsonl").is_file()
+    stamp = json.loads((workdir / "tiny-llava" / "mmpo_tiny.json").read_text())
+    assert stamp["vision_pretraining"]["steps"] == 3 and stamp["language_pretraining"]["steps"] == 3
+    replay = (workdir / "data" / "dpo_replay.jsonl").read_text().splitlines()
+    assert len(replay) == 8  # a quarter of the 24 + 8 SFT records: single images and text
+    assert all(len(json.loads(line).get("images", [])) <= 1 for line in replay)
 
 
 def test_sft_split_labels_a_share_of_single_image_prompts(tmp_path):
@@ -91,10 +98,13 @@ def test_sft_split_labels_a_share_of_single_image_prompts(tmp_path):
     from mmpo.mia_demo import write_sft_split
 
     write_shapes_world(tmp_path, n_train=200, n_val=4, seed=3, max_objects=1)
-    out = write_sft_split(tmp_path, seed=3, fraction=0.5)
+    out = write_sft_split(tmp_path, seed=3, fraction=0.5, text_lists=30)
     plain = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
     sft = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(sft) == len(plain)
+    assert len(sft) == len(plain) + 30
+    sft, text = sft[: len(plain)], sft[len(plain) :]
+    assert [r["id"] for r in text] == [f"text-{i:06d}" for i in range(30)]
+    assert all("images" not in r and r["prompt"].startswith("Image1: a ") for r in text)
     labelled = 0
     for a, b in zip(plain, sft, strict=True):
         assert {k: v for k, v in a.items() if k != "prompt"} == {k: v for k, v in b.items() if k != "prompt"}
@@ -105,4 +115,26 @@ def test_sft_split_labels_a_share_of_single_image_prompts(tmp_path):
         assert m and m.group(1) == m.group(2) and 1 <= int(m.group(1)) <= 5 and m.group(3) == a["prompt"]
         assert len(b["images"]) == 1
     assert 60 <= labelled <= 140
-    assert write_sft_split(tmp_path, seed=3, fraction=0.5).read_bytes() == out.read_bytes()  # deterministic
+    again = write_sft_split(tmp_path, seed=3, fraction=0.5, text_lists=30)
+    assert again.read_bytes() == out.read_bytes()  # deterministic
+
+    # the text-only records are read by the datamodule as they are
+    from datamodules import load_preference_records
+
+    records, problems = load_preference_records(out)
+    assert not problems and len(records) == len(plain) + 30 and records[-1].images == []
+
+
+def test_replay_split_is_a_seeded_share_of_the_sft_records(tmp_path):
+    from datamodules.shapes_world import write_shapes_world
+    from mmpo.mia_demo import write_replay_split, write_sft_split
+
+    write_shapes_world(tmp_path, n_train=100, n_val=4, seed=1, max_objects=1)
+    sft = write_sft_split(tmp_path, seed=1, text_lists=20).read_text().splitlines()
+    out = write_replay_split(tmp_path, seed=1, fraction=0.25)
+    replay = out.read_text().splitlines()
+    assert len(replay) == 30 and len(set(replay)) == 30 and set(replay) <= set(sft)
+    assert [sft.index(line) for line in replay] == sorted(sft.index(line) for line in replay)  # file order kept
+    assert all(json.loads(line)["rejected"] != json.loads(line)["chosen"] for line in replay)
+    assert write_replay_split(tmp_path, seed=1, fraction=0.25).read_bytes() == out.read_bytes()
+    assert write_replay_split(tmp_path, seed=2, fraction=0.25).read_text().splitlines() != replay

@@ -33,7 +33,9 @@ def test_labelled_list_example_is_the_sequence_prompt_with_captions_for_images()
     rng = random.Random(3)
     seen = set()
     for _ in range(200):
-        prompt, answer, items = labelled_list_example(rng, max_items=4)
+        example = labelled_list_example(rng, max_items=4)
+        prompt, answer, items = example["prompt"], example["chosen"], example["items"]
+        assert example["rejected"] != answer and example["kind"] in ("caption", "color", "presence")
         lines = prompt.split("\n")
         assert 1 <= items <= 4 and len(lines) == items + 1 and "<image>" not in prompt
         for i, line in enumerate(lines[:-1], start=1):

@@ -43,37 +43,39 @@ _IGNORE = -100
 
 def labelled_list_example(
     rng: random.Random, max_items: int, max_objects: int = 1, task_weights: Mapping[str, float] | None = None
-) -> tuple[str, str, int]:
-    """One text example: ``(prompt, answer, items)``.
+) -> dict:
+    """One text example: ``{"prompt", "chosen", "rejected", "kind", "items"}``.
 
     The prompt is MIA-DPO's sequence prompt (``augment.mia_prompts.sequence_prompt``) with each ``<image>``
-    replaced by the caption of a sampled shapes-world scene; the question and answer are those of the
-    target item's record (a caption, colour or presence task).
+    replaced by the caption of a sampled shapes-world scene; the question and the two answers are those of
+    the target item's record (a caption, colour or presence task), so it is also a text-only preference
+    record the datamodules read.
     """
     from augment.mia_prompts import IMAGE_PLACEHOLDER, sequence_prompt
     from datamodules.shapes_world import make_record
 
     items = rng.randint(1, max_items)
     records = [make_record(rng, task_weights=task_weights, max_objects=max_objects) for _ in range(items)]
-    target = rng.randrange(items)
-    prompt = sequence_prompt(records[target]["prompt"], items, target)
+    index = rng.randrange(items)
+    target = records[index]
+    prompt = sequence_prompt(target["prompt"], items, index)
     for record in records:
         prompt = prompt.replace(IMAGE_PLACEHOLDER, record["caption"], 1)
-    return prompt, records[target]["chosen"], items
+    return {"prompt": prompt, "items": items, **{k: target[k] for k in ("chosen", "rejected", "kind")}}
 
 
-def _batch(examples: list[tuple[str, str, int]], processor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _batch(examples: list[dict], processor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``input_ids``, ``attention_mask`` and ``labels`` (prompt masked), right-padded, and the item counts.
 
     Prompts go through the checkpoint's chat template and answers end with EOS, as the datamodules do.
     """
     tokenizer = processor.tokenizer
     rows, targets = [], []
-    for prompt, answer, _ in examples:
-        messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+    for example in examples:
+        messages = [{"role": "user", "content": [{"type": "text", "text": example["prompt"]}]}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         p = tokenizer(text, add_special_tokens=False)["input_ids"]
-        a = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        a = tokenizer(example["chosen"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(p + a)
         targets.append([_IGNORE] * len(p) + a)
     length = max(map(len, rows))
@@ -84,7 +86,7 @@ def _batch(examples: list[tuple[str, str, int]], processor) -> tuple[Tensor, Ten
         ids[i, : len(row)] = torch.tensor(row)
         labels[i, : len(row)] = torch.tensor(target)
         mask[i, : len(row)] = 1
-    return ids, mask, labels, torch.tensor([n for *_, n in examples])
+    return ids, mask, labels, torch.tensor([e["items"] for e in examples])
 
 
 def _exact(model, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
