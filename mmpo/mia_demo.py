@@ -43,7 +43,7 @@ LANGUAGE_PRETRAINING = {"steps": 1500, "batch_size": 32, "lr": 1e-3, "max_items"
 SFT_LABELLED = {"fraction": 0.5, "max_label": 5}
 # Text-only labelled caption lists mixed into the SFT data (as LLaVA mixes text conversations into its SFT).
 SFT_TEXT_LISTS = 1000
-# Share of the SFT records replayed (single image, the world's own rejected answer) in the preference stage.
+# Share of the SFT records (single images and text lists, with the world's rejected answers) replayed in DPO.
 REPLAY_FRACTION = 0.25
 # Words of MIA-DPO's prompt rewriting ("Image2: <image>", "In Image2, ...", pic-in-pic phrasings).
 MIA_WORDS = ("In", ",", ":", *(f"Image{i}" for i in range(1, 10)))
