@@ -14,7 +14,8 @@
    (``mmpo build-negatives --config configs/mia_dpo/build.yaml``).
 5. DPO on the built pairs plus a replay of a quarter of the SFT records (single images and text lists, with
    the world's own rejected answers), so that single images are not forgotten (``configs/mia_dpo/dpo.yaml``),
-   then measure again.
+   then measure again. The reference (the SFT model) is cached: its log-probs are computed once, before
+   the first step, and read from disk in every epoch.
 
 Everything lands under ``--workdir`` (default ``runs/mia_dpo``, where the configs point); the table is
 printed and written to ``results.json``. Each stage is the ordinary command on its config, so any of
@@ -38,7 +39,7 @@ MODEL = {"image_size": 64, "patch_size": 16, "vision_width": 128}
 # Stands in for CLIP's pretraining: the tower learns to see shapes before the language model meets it.
 VISION_PRETRAINING = {"steps": 2000, "batch_size": 64, "lr": 2e-3}
 # Stands in for an LLM's language pretraining: lists of up to 5 labelled captions, a question about one.
-LANGUAGE_PRETRAINING = {"steps": 1500, "batch_size": 32, "lr": 1e-3, "max_items": 5}
+LANGUAGE_PRETRAINING = {"steps": 1000, "batch_size": 32, "lr": 1e-3, "max_items": 5}
 # Share of SFT prompts that show their one image under a sequence label, and the largest label.
 SFT_LABELLED = {"fraction": 0.5, "max_label": 5}
 # Text-only labelled caption lists mixed into the SFT data (as LLaVA mixes text conversations into its SFT).

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from datamodules.batch import PreferenceBatch
+from mmpo.backbones.adapters import adapters_disabled
 from mmpo.backbones.media_reuse import media_features_shareable, reuse_media_features
 from mmpo.backbones.vlm import VisionLanguageBackbone
 from mmpo.io import atomic_directory
@@ -141,7 +142,7 @@ class PreferenceModule(L.LightningModule):
             return self._caches[split].token_logps(batch.ids, batch.response_mask)
         with torch.no_grad():
             if self.reference_mode == "adapter":
-                with self.policy.disable_adapter():
+                with adapters_disabled(self.policy):
                     return self.backbone.token_logps(self.policy, batch)
             ref = self._reference[0]
             if next(ref.parameters()).device != self.device:
@@ -263,7 +264,7 @@ class PreferenceModule(L.LightningModule):
             if self.backbone.uses_lora:
 
                 def forward(batch: PreferenceBatch) -> Tensor:
-                    with self.policy.disable_adapter():
+                    with adapters_disabled(self.policy):
                         return self.backbone.token_logps(self.policy, batch)
             else:
 

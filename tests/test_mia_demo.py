@@ -89,6 +89,8 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys, monkeypatch):
     replay = (workdir / "data" / "dpo_replay.jsonl").read_text().splitlines()
     assert len(replay) == 8  # a quarter of the 24 + 8 SFT records: single images and text
     assert all(len(json.loads(line).get("images", [])) <= 1 for line in replay)
+    # the preference stage read its reference log-probs from a cache computed before its first step
+    assert len(list((workdir / "dpo" / "reference_cache").glob("train-*.safetensors"))) == 1
 
 
 def test_sft_split_labels_a_share_of_single_image_prompts(tmp_path):

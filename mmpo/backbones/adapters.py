@@ -1,0 +1,52 @@
+"""Switching a LoRA policy's adapters off for the reference pass, without peft's per-call model scan.
+
+``PeftModel.disable_adapter()`` computes the model's adapter status (a walk over every module and
+parameter) and then walks the modules again on entry and on exit: milliseconds per call, paid on every
+training step when the reference is the disabled adapter. :func:`adapters_disabled` finds the adapter
+layers once per model and flips their switch directly. It leaves ``requires_grad`` alone (peft's context
+turns the adapters' gradients off and on again), so it is meant for passes under ``torch.no_grad()``,
+which the reference pass is. Models whose adapters are not plain tuner layers (prompt learning,
+adaption prompts) use peft's own context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+
+__all__ = ["adapters_disabled"]
+
+_LAYERS_ATTR = "_mmpo_adapter_layers"
+
+
+def _adapter_layers(model: nn.Module) -> list[nn.Module] | None:
+    layers = getattr(model, _LAYERS_ATTR, None)
+    if layers is None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+        plain = config is not None and not config.is_prompt_learning and not config.is_adaption_prompt
+        found = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+        layers = found if plain and found and all(hasattr(m, "_disable_adapters") for m in found) else []
+        object.__setattr__(model, _LAYERS_ATTR, layers)  # a plain attribute: not a submodule, not in state_dict
+    return layers or None
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model of the peft ``model`` inside the block; the adapters are restored on exit."""
+    layers = _adapter_layers(model)
+    if layers is None:
+        with model.disable_adapter():
+            yield
+        return
+    before = [m._disable_adapters for m in layers]
+    try:
+        for m in layers:
+            m._disable_adapters = True
+        yield
+    finally:
+        for m, state in zip(layers, before, strict=True):
+            m._disable_adapters = state

@@ -1,0 +1,58 @@
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from mmpo.backbones.adapters import adapters_disabled
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(8, 16)
+        self.down = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def _lora_net() -> nn.Module:
+    torch.manual_seed(0)
+    model = get_peft_model(_Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(p)  # peft starts B at zero: make the adapter change the output
+    return model
+
+
+def test_disabled_adapters_give_the_base_model_and_come_back_on():
+    model = _lora_net()
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        adapted = model(x)
+        with model.disable_adapter():
+            base = model(x)
+        with adapters_disabled(model):
+            fast = model(x)
+        after = model(x)
+    assert not torch.allclose(adapted, base)
+    torch.testing.assert_close(fast, base, rtol=0, atol=0)
+    torch.testing.assert_close(after, adapted, rtol=0, atol=0)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    # the cached layer list is not a submodule: the state dict is unchanged
+    assert all("_mmpo" not in k for k in model.state_dict())
+
+
+def test_adapters_come_back_on_after_an_error_and_nested_use():
+    model = _lora_net()
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        adapted = model(x)
+        try:
+            with adapters_disabled(model):
+                with adapters_disabled(model):
+                    pass
+                raise RuntimeError("inside")
+        except RuntimeError:
+            pass
+        torch.testing.assert_close(model(x), adapted, rtol=0, atol=0)
