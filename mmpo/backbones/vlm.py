@@ -25,10 +25,17 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def _checkpointing(model: nn.Module) -> bool:
-    # transformers 5 renamed the flag; reading the old name warns on every call
-    if hasattr(type(model), "is_activation_checkpointing"):
-        return bool(model.is_activation_checkpointing)
-    return bool(getattr(model, "is_gradient_checkpointing", False))
+    """Whether activation checkpointing is on in ``model``: asked on every forward, so kept cheap.
+
+    transformers' ``is_activation_checkpointing`` walks every module on each read (milliseconds per
+    call); the modules that carry a ``gradient_checkpointing`` flag are found once per model and their
+    flags read on each call, so turning checkpointing on or off later is still seen.
+    """
+    flagged = model.__dict__.get("_mmpo_checkpointing_flags")
+    if flagged is None:
+        flagged = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+        object.__setattr__(model, "_mmpo_checkpointing_flags", flagged)  # not a submodule, not in state_dict
+    return any(m.gradient_checkpointing for m in flagged)
 
 
 class LoraSettings:
