@@ -16,22 +16,18 @@ from collections.abc import Iterator
 
 from torch import nn
 
-__all__ = ["adapters_disabled"]
+from mmpo.backbones.module_scan import modules_found_once
 
-_LAYERS_ATTR = "_mmpo_adapter_layers"
+__all__ = ["adapters_disabled"]
 
 
 def _adapter_layers(model: nn.Module) -> list[nn.Module] | None:
-    layers = getattr(model, _LAYERS_ATTR, None)
-    if layers is None:
-        from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-        config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
-        plain = config is not None and not config.is_prompt_learning and not config.is_adaption_prompt
-        found = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-        layers = found if plain and found and all(hasattr(m, "_disable_adapters") for m in found) else []
-        object.__setattr__(model, _LAYERS_ATTR, layers)  # a plain attribute: not a submodule, not in state_dict
-    return layers or None
+    layers = modules_found_once(model, "_mmpo_adapter_layers", lambda m: isinstance(m, BaseTunerLayer))
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    plain = config is not None and not config.is_prompt_learning and not config.is_adaption_prompt
+    return layers if plain and layers and all(hasattr(m, "_disable_adapters") for m in layers) else None
 
 
 @contextlib.contextmanager

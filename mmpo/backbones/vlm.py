@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from mmpo.backbones.module_scan import modules_found_once
 from mmpo.backbones.shared_prefix import shared_prefix_supported, shared_prefix_token_logps
 from mmpo.logprobs import response_logprobs, response_logprobs_from_hidden
 
@@ -31,10 +32,7 @@ def _checkpointing(model: nn.Module) -> bool:
     call); the modules that carry a ``gradient_checkpointing`` flag are found once per model and their
     flags read on each call, so turning checkpointing on or off later is still seen.
     """
-    flagged = model.__dict__.get("_mmpo_checkpointing_flags")
-    if flagged is None:
-        flagged = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
-        object.__setattr__(model, "_mmpo_checkpointing_flags", flagged)  # not a submodule, not in state_dict
+    flagged = modules_found_once(model, "_mmpo_checkpointing_flags", lambda m: hasattr(m, "gradient_checkpointing"))
     return any(m.gradient_checkpointing for m in flagged)
 
 
