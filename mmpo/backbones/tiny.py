@@ -28,6 +28,7 @@ __all__ = [
     "build_tiny_processor",
     "pretraining_loop",
     "read_tiny_stamp",
+    "reused_pretraining",
     "save_tiny_weights",
     "warmup_cosine",
 ]
@@ -244,6 +245,14 @@ def read_tiny_stamp(checkpoint: str | os.PathLike) -> dict:
     if not stamp.is_file():
         raise FileNotFoundError(f"{stamp} not found: {checkpoint} is not a tiny LLaVA written by build_tiny_llava")
     return json.loads(stamp.read_text())
+
+
+def reused_pretraining(stamp: dict, key: str, settings: dict, kept: tuple[str, ...]) -> dict | None:
+    """The report of a pretraining already stamped under ``key`` with exactly ``settings``, else None."""
+    done = stamp.get(key, {})
+    if {k: done.get(k) for k in settings} != settings:
+        return None
+    return {**{k: done[k] for k in kept}, "steps": settings["steps"], "reused": True}
 
 
 def save_tiny_weights(model, checkpoint: str | os.PathLike, stamp: dict) -> None:

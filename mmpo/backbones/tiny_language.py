@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mmpo.backbones.tiny import pretraining_loop, read_tiny_stamp, save_tiny_weights
+from mmpo.backbones.tiny import pretraining_loop, read_tiny_stamp, reused_pretraining, save_tiny_weights
 
 __all__ = ["labelled_list_example", "pretrain_tiny_language_model"]
 
@@ -144,10 +144,11 @@ def pretrain_tiny_language_model(
         "task_weights": dict(task_weights) if task_weights is not None else None,
         "seed": seed,
     }
-    done = stamp.get("language_pretraining", {})
-    if {k: done.get(k) for k in settings} == settings:
-        kept = ("accuracy", "accuracy_by_items", "loss", "seconds")
-        return {**{k: done[k] for k in kept}, "steps": steps, "reused": True}
+    reused = reused_pretraining(
+        stamp, "language_pretraining", settings, ("accuracy", "accuracy_by_items", "loss", "seconds")
+    )
+    if reused is not None:
+        return reused
 
     model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(out)

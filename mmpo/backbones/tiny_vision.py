@@ -26,7 +26,7 @@ import torch
 from einops import reduce
 from torch import Tensor, nn
 
-from mmpo.backbones.tiny import pretraining_loop, read_tiny_stamp, save_tiny_weights
+from mmpo.backbones.tiny import pretraining_loop, read_tiny_stamp, reused_pretraining, save_tiny_weights
 
 __all__ = ["pretrain_tiny_vision_tower"]
 
@@ -92,9 +92,9 @@ def pretrain_tiny_vision_tower(
         "max_objects": max_objects,
         "seed": seed,
     }
-    done = stamp.get("vision_pretraining", {})
-    if {k: done.get(k) for k in settings} == settings:
-        return {**{k: done[k] for k in ("accuracy", "loss", "seconds")}, "steps": steps, "reused": True}
+    reused = reused_pretraining(stamp, "vision_pretraining", settings, ("accuracy", "loss", "seconds"))
+    if reused is not None:
+        return reused
 
     model = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
     processor = AutoImageProcessor.from_pretrained(out)
