@@ -33,13 +33,20 @@ def load_image(path: Any, where: str) -> Image.Image:
     else:
         source = path
     try:
-        with warnings.catch_warnings():
-            # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse such images outright
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as im:
-                im.load()
-                return im.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        with Image.open(source) as im:
+            # PIL refuses images over twice MAX_IMAGE_PIXELS and only warns above it; refuse those too.
+            # (Checked here rather than by turning the warning into an error: changing the warning
+            # filters for every image would reset Python's once-only warning registry, so every
+            # library's one-time warnings would repeat at each batch.)
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and im.width * im.height > limit:
+                raise Image.DecompressionBombError(
+                    f"{im.width}x{im.height} = {im.width * im.height} pixels, over PIL's limit of {limit} "
+                    "(Image.MAX_IMAGE_PIXELS)"
+                )
+            im.load()
+            return im.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadSampleError(f"{where}: cannot decode image {path}: {e}") from e
 
 

@@ -117,6 +117,24 @@ def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
         load_image(str(tmp_path / "big.png"), "rec:3")
 
 
+def test_loading_images_keeps_one_time_warnings_one_time(tmp_path):
+    # Changing the warning filters per image would reset Python's once-per-location registry, so
+    # every library's one-time warnings would come back at each batch.
+    import warnings
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+
+    def warn_once():
+        warnings.warn("a one-time notice", UserWarning, stacklevel=1)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            warn_once()
+            load_image(str(tmp_path / "a.png"), "rec:0")
+    assert len([w for w in caught if "one-time notice" in str(w.message)]) == 1
+
+
 def _garbage_records(rng: random.Random, root, n: int) -> tuple[list[str], int]:
     """n lines, each broken in one of many ways or good; returns the lines and the number of good ones."""
     good_img = "good.png"

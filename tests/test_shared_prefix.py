@@ -137,3 +137,15 @@ def test_checkpointing_switched_on_after_the_first_step_is_seen(tiny_llava, mixe
     assert "checkpointing" in bb._naive_reason(base, mixed_batch)
     base.gradient_checkpointing_disable()
     assert bb._naive_reason(base, mixed_batch) is None
+
+
+def test_shared_prefix_passes_the_cache_under_the_models_own_keyword(tiny_llava, mixed_batch):
+    # transformers 5.24 renamed ``past_key_values`` to ``cache`` and warns on the old name at every call
+    import warnings
+
+    shared, _ = _pair(tiny_llava, lora=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            shared.compute(mixed_batch)
+    assert not [w for w in caught if "past_key_values" in str(w.message)]

@@ -12,6 +12,8 @@ is returned in the naive layout (chosen rows first) so everything downstream is 
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -36,6 +38,21 @@ def shared_prefix_supported(base: nn.Module) -> bool:
         return False
     text_cfg = getattr(base.config, "text_config", base.config)
     return not any(getattr(text_cfg, a, None) for a in ("final_logit_softcapping", "logit_scale"))
+
+
+@functools.cache
+def _cache_keyword(model_type: type) -> str:
+    """The forward's name for a key/value cache: ``cache`` from transformers 5.24, else ``past_key_values``.
+
+    Passing the old name to a newer model works but warns on every call.
+    """
+    params = inspect.signature(model_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _returned_cache(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def _left_padded_prompts(batch: Any, pad_id: int) -> tuple[Tensor, Tensor]:
@@ -74,7 +91,7 @@ def shared_prefix_token_logps(base: nn.Module, batch: Any, pad_id: int, chunk_si
         use_cache=True,
         **media,
     )
-    cache = out.past_key_values
+    cache = _returned_cache(out)
     if cache is None:
         raise RuntimeError("the model returned no cache (gradient checkpointing on?); use the naive path")
     last = out.last_hidden_state[:, -1]  # (B, H): predicts each response's first token
@@ -93,8 +110,8 @@ def shared_prefix_token_logps(base: nn.Module, batch: Any, pad_id: int, chunk_si
         input_ids=resp_ids,
         attention_mask=full_mask,
         position_ids=resp_pos,
-        past_key_values=cache,
         use_cache=True,
+        **{_cache_keyword(type(inner)): cache},
     ).last_hidden_state  # (2B, Tr, H)
 
     # 3. Token k of a response is predicted by the prompt's last state (k = 0) or response state k-1.
