@@ -149,3 +149,65 @@ def test_shared_prefix_passes_the_cache_under_the_models_own_keyword(tiny_llava,
         with torch.no_grad():
             shared.compute(mixed_batch)
     assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_responses_equal_responses_on_the_repeated_cache(tiny_llava, mixed_batch, attention):
+    # Both responses of a pair in one row under a block mask, on the unrepeated cache.
+    from mmpo.backbones import shared_prefix as sp
+
+    shared, _ = _pair(tiny_llava, lora=True)
+    base = shared.backbone.unwrap(shared.policy)
+    base.model.config.text_config._attn_implementation = attention
+    base.model.language_model.config._attn_implementation = attention
+    assert sp._attention_kind(base.model) == attention
+
+    def run(pack):
+        shared.policy.zero_grad()
+        out = sp.shared_prefix_token_logps(base, mixed_batch, pad_id=0, pack_responses=pack)
+        out.sum().backward()
+        grads = {n: p.grad.clone() for n, p in shared.policy.named_parameters() if p.grad is not None}
+        return out.detach(), grads
+
+    packed, g_packed = run(True)
+    repeated, g_repeated = run(False)
+    mask = mixed_batch.response_mask
+    assert (packed[~mask] == 0).all() and (packed[mask] < 0).all()
+    torch.testing.assert_close(packed, repeated, atol=2e-5, rtol=1e-5)
+    assert g_packed.keys() == g_repeated.keys() and len(g_packed) > 0
+    for n, g in g_packed.items():
+        torch.testing.assert_close(g, g_repeated[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_packed_responses_refused_without_a_custom_mask_attention(tiny_llava, mixed_batch, monkeypatch):
+    from mmpo.backbones import shared_prefix as sp
+
+    shared, _ = _pair(tiny_llava, lora=False)
+    base = shared.backbone.unwrap(shared.policy)
+    monkeypatch.setattr(sp, "_attention_kind", lambda inner: None)  # e.g. flash_attention_2
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="sdpa or eager"):
+            sp.shared_prefix_token_logps(base, mixed_batch, pad_id=0, pack_responses=True)
+        auto = sp.shared_prefix_token_logps(base, mixed_batch, pad_id=0)  # falls back to the repeated cache
+        monkeypatch.undo()
+        torch.testing.assert_close(
+            auto, sp.shared_prefix_token_logps(base, mixed_batch, pad_id=0), atol=2e-5, rtol=1e-5
+        )
+
+
+def test_responses_are_packed_by_default_only_behind_long_prompts(tiny_llava, mixed_batch, monkeypatch):
+    from mmpo.backbones import shared_prefix as sp
+
+    shared, _ = _pair(tiny_llava, lora=False)
+    base = shared.backbone.unwrap(shared.policy)
+    taken = []
+    real = sp._packed_responses
+    monkeypatch.setattr(sp, "_packed_responses", lambda *a: taken.append(True) or real(*a))
+    width, longest = int(mixed_batch.prompt_lengths.max()), int(mixed_batch.response_mask.sum(-1).max())
+    with torch.no_grad():
+        monkeypatch.setattr(sp, "PACK_MIN_PROMPT_RATIO", width / longest + 0.1)
+        sp.shared_prefix_token_logps(base, mixed_batch, pad_id=0)
+        assert taken == []
+        monkeypatch.setattr(sp, "PACK_MIN_PROMPT_RATIO", width / longest)
+        sp.shared_prefix_token_logps(base, mixed_batch, pad_id=0)
+        assert taken == [True]

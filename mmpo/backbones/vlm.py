@@ -95,6 +95,11 @@ class VisionLanguageBackbone:
             cache (same losses and gradients as running them twice). Falls back to the naive path,
             with a one-time notice, for pairs with different media, for models with multimodal
             rotary positions (Qwen2-VL), and under gradient checkpointing.
+        pack_responses: on the shared-prefix path, run a pair's two responses in one row under a
+            block mask on the prompt's cache (``True``), or on the cache repeated for each
+            (``False``). None (default) packs with ``sdpa``/``eager`` attention when the prompt is at
+            least twice the longest response, where saving the cache copies outweighs the
+            attention between the two responses.
     """
 
     def __init__(
@@ -110,6 +115,7 @@ class VisionLanguageBackbone:
         revision: str | None = None,
         logprob_chunk_size: int = 1024,
         shared_prefix: bool = True,
+        pack_responses: bool | None = None,
     ) -> None:
         self.model_name_or_path = model_name_or_path
         self.lora = lora
@@ -122,6 +128,7 @@ class VisionLanguageBackbone:
         self.revision = revision
         self.logprob_chunk_size = logprob_chunk_size
         self.shared_prefix = shared_prefix
+        self.pack_responses = pack_responses
         self._fallback_noted: set[str] = set()
 
     @property
@@ -180,7 +187,9 @@ class VisionLanguageBackbone:
         if self.shared_prefix:
             reason = self._naive_reason(base, batch)
             if reason is None:
-                return shared_prefix_token_logps(base, batch, pad_id=0, chunk_size=self.logprob_chunk_size)
+                return shared_prefix_token_logps(
+                    base, batch, pad_id=0, chunk_size=self.logprob_chunk_size, pack_responses=self.pack_responses
+                )
             if reason not in self._fallback_noted:
                 self._fallback_noted.add(reason)
                 rank_zero_info(f"[mmpo] shared-prefix forward off: {reason}; running prompts once per response")
