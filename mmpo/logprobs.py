@@ -29,8 +29,9 @@ def gather_logprobs(logits: Tensor, targets: Tensor, chunk_size: int = 1024) -> 
     out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     for s in range(0, logits.shape[0], chunk_size):
         chunk = logits[s : s + chunk_size].float()  # (m, V)
-        picked = chunk.gather(-1, targets[s : s + chunk_size, None]).squeeze(-1)
-        out[s : s + chunk_size] = picked - torch.logsumexp(chunk, dim=-1)
+        # log_softmax then gather, not gather minus logsumexp: the same values, and on the CPU about
+        # twice as fast forward and backward (one fused kernel each way; measured in docs/performance.md)
+        out[s : s + chunk_size] = chunk.log_softmax(-1).gather(-1, targets[s : s + chunk_size, None]).squeeze(-1)
     return out
 
 
