@@ -117,7 +117,7 @@ def _versions() -> dict[str, str | None]:
 
 def _table(rows: list[dict[str, Any]], with_mfu: bool) -> str:
     head = f"{'preset':<9}{'images':>7}  {'framework':<12}{'pairs/s':>9}{'× TRL':>8}{'peak MB':>10}{'mem/TRL':>9}"
-    head += f"{'MFU':>8}" if with_mfu else ""
+    head += f"{'MFU':>8}" if with_mfu else f"{'train MB':>10}{'/TRL':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         speed = f"{r['speedup_vs_trl']:.2f}" if r.get("speedup_vs_trl") else "-"
@@ -126,6 +126,9 @@ def _table(rows: list[dict[str, Any]], with_mfu: bool) -> str:
         line += f"{r['peak_mb']:>10.0f}{mem:>9}"
         if with_mfu:
             line += f"{r['mfu'] * 100:>7.1f}%" if r.get("mfu") is not None else f"{'-':>8}"
+        else:  # CPU: the peak RSS above the RSS right after the framework's imports
+            above = f"{r['above_imports_vs_trl']:.2f}" if r.get("above_imports_vs_trl") else "-"
+            line += f"{r.get('above_imports_mb', float('nan')):>10.0f}{above:>6}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -180,6 +183,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "peak_mb": r["peak_mb"],
                 "speedup_vs_trl": r["pairs_per_s"] / trl["pairs_per_s"] if trl else None,
                 "memory_vs_trl": r["peak_mb"] / trl["peak_mb"] if trl else None,
+                "above_imports_vs_trl": (
+                    r["above_imports_mb"] / trl["above_imports_mb"] if trl and trl.get("above_imports_mb") else None
+                ),
                 "flops_per_pair_required": required,
                 "flops_per_pair_executed": executed,
                 "mfu": required * r["pairs_per_s"] / peak if peak else None,

@@ -63,9 +63,21 @@ class _Clock:
         }
 
 
-def _peak(cuda: bool) -> dict[str, Any]:
+def _rss_now_mb() -> float:
+    """The process's resident memory now (Linux ``VmRSS``; the peak so far where that is unreadable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak(cuda: bool, imports_rss_mb: float) -> dict[str, Any]:
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
-    out = {"peak_rss_mb": rss_mb}
+    # what training added on top of the libraries (model classes imported at load time included)
+    out = {"peak_rss_mb": rss_mb, "imports_rss_mb": imports_rss_mb, "above_imports_mb": rss_mb - imports_rss_mb}
     if cuda:
         import torch
 
@@ -106,6 +118,7 @@ def run_mmpo(
     from mmpo.losses import DPOLoss
     from mmpo.module import PreferenceModule
 
+    imports_rss_mb = _rss_now_mb()
     cuda = preset.device == "cuda"
     batch = preset.batch[images]
     clock = _Clock(cuda)
@@ -163,7 +176,7 @@ def run_mmpo(
     return {
         **({"cache_seconds": cache_time.get("cache_seconds", 0.0)} if cached_reference else {}),
         **clock.summary(warmup, batch),
-        **_peak(cuda),
+        **_peak(cuda, imports_rss_mb),
         **seen,
         "trainable_params": _trainable(module.policy),
         "loss": float(trainer.callback_metrics.get("train/loss_step", float("nan"))),
@@ -191,6 +204,7 @@ def run_trl(preset: Preset, model_dir: Path, data: Path, images: int, steps: int
     from transformers import AutoProcessor, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
+    imports_rss_mb = _rss_now_mb()
     cuda = preset.device == "cuda"
     batch = preset.batch[images]
     clock = _Clock(cuda)
@@ -245,7 +259,7 @@ def run_trl(preset: Preset, model_dir: Path, data: Path, images: int, steps: int
         result = trainer.train()
     return {
         **clock.summary(warmup, batch),
-        **_peak(cuda),
+        **_peak(cuda, imports_rss_mb),
         "response_tokens": int(completion[0].sum()),
         "prompt_tokens": int(completion.shape[1] - completion[0].sum()),
         "trainable_params": _trainable(trainer.model),

@@ -45,6 +45,8 @@ def test_mmpo_side_of_tiny_preset(tmp_path):
     assert row["response_tokens"] == 128 and row["prompt_tokens"] > 64  # 64 image tokens + text
     assert row["flops_per_pair_executed"] == row["flops_per_pair_required"] > 0  # shared prefix: nothing redone
     assert row["speedup_vs_trl"] is None and row["mfu"] is None  # no TRL run; CPU: no MFU
+    assert 0 < row["imports_rss_mb"] < row["peak_mb"]
+    assert row["above_imports_mb"] == pytest.approx(row["peak_mb"] - row["imports_rss_mb"])
 
 
 @pytest.mark.slow
@@ -55,3 +57,4 @@ def test_trl_side_of_tiny_preset(tmp_path):
     assert row["response_tokens"] == 128  # TRL did not truncate the responses
     assert row["flops_per_pair_executed"] > row["flops_per_pair_required"]  # prompts run once per response
     assert row["speedup_vs_trl"] == pytest.approx(1.0)
+    assert 0 < row["above_imports_mb"] < row["peak_mb"] and row["above_imports_vs_trl"] == pytest.approx(1.0)
