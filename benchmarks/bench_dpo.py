@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for images in args.images:
         write_data(preset, images, preset.batch[images] * (args.steps + args.warmup), root)
         best: dict[str, dict[str, Any]] = {}
+        runs: dict[str, list[float]] = {fw: [] for fw in frameworks}  # pairs/s of every run, in order
         for rep in range(args.repeats):
             for fw in frameworks:
                 r = _run_child(args, fw, images)
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                     f"{r['peak_mb']:.0f} MB",
                     flush=True,
                 )
+                runs[fw].append(r["pairs_per_s"])
                 if fw not in best or r["pairs_per_s"] > best[fw]["pairs_per_s"]:
                     best[fw] = r
         trl = best.get("trl")
@@ -183,6 +185,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "peak_mb": r["peak_mb"],
                 "speedup_vs_trl": r["pairs_per_s"] / trl["pairs_per_s"] if trl else None,
                 "memory_vs_trl": r["peak_mb"] / trl["peak_mb"] if trl else None,
+                "runs_pairs_per_s": runs[fw],
+                # each repeat against TRL's run of the same repeat (adjacent in time): the spread of the ratio
+                "paired_speedups_vs_trl": [a / b for a, b in zip(runs[fw], runs["trl"], strict=True)] if trl else None,
                 "above_imports_vs_trl": (
                     r["above_imports_mb"] / trl["above_imports_mb"] if trl and trl.get("above_imports_mb") else None
                 ),
@@ -199,6 +204,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         f"{args.threads} threads, {device}, load average {load_before:.1f} at start"
     )
     print(_table(rows, with_mfu=peak is not None))
+    if args.repeats > 1:
+        for r in rows:
+            if r["framework"] != "trl" and r.get("paired_speedups_vs_trl"):
+                paired = ", ".join(f"{x:.2f}" for x in r["paired_speedups_vs_trl"])
+                print(f"{r['framework']}, {r['images']} img: × TRL run by run: {paired}")
     for r in rows:
         if "cache_seconds" in r:
             n = r["pairs_per_step"] * (args.steps + args.warmup)
