@@ -211,3 +211,19 @@ def test_responses_are_packed_by_default_only_behind_long_prompts(tiny_llava, mi
         monkeypatch.setattr(sp, "PACK_MIN_PROMPT_RATIO", width / longest)
         sp.shared_prefix_token_logps(base, mixed_batch, pad_id=0)
         assert taken == [True]
+
+
+def test_models_with_sliding_window_layers_are_not_packed():
+    from types import SimpleNamespace as NS
+
+    from mmpo.backbones import shared_prefix as sp
+
+    def inner(**text):
+        return NS(config=NS(text_config=NS(_attn_implementation="sdpa", **text)))
+
+    assert sp._attention_kind(inner()) == "sdpa"  # Llama: no window
+    assert sp._attention_kind(inner(layer_types=["full_attention"] * 4)) == "sdpa"
+    assert sp._attention_kind(inner(layer_types=["full_attention", "sliding_attention"])) is None
+    assert sp._attention_kind(inner(sliding_window=4096)) is None  # Mistral-style, no layer types
+    assert sp._attention_kind(inner(sliding_window=4096, use_sliding_window=False)) == "sdpa"
+    assert sp._attention_kind(inner(sliding_window=None)) == "sdpa"

@@ -67,10 +67,24 @@ def _left_padded_prompts(batch: Any, pad_id: int) -> tuple[Tensor, Tensor]:
     return ids, valid.long()
 
 
+def _sliding_window(text_cfg: Any) -> bool:
+    """Whether some layer attends within a sliding window (the packed block mask knows no window)."""
+    types = getattr(text_cfg, "layer_types", None)
+    if types is not None:
+        return any(t != "full_attention" for t in types)
+    return getattr(text_cfg, "sliding_window", None) is not None and getattr(text_cfg, "use_sliding_window", True)
+
+
 def _attention_kind(inner: nn.Module) -> str | None:
-    """The attention implementation of ``inner``'s language model, if it takes a custom 4-D mask."""
+    """The attention implementation of ``inner``'s language model if the packed layout may use it.
+
+    ``sdpa`` and ``eager`` take a custom 4-D mask; models with sliding-window layers are left to
+    the repeated layout, whose masks transformers builds per layer type.
+    """
     config = getattr(inner, "config", None)
     text_cfg = getattr(config, "text_config", config)
+    if _sliding_window(text_cfg):
+        return None
     impl = getattr(text_cfg, "_attn_implementation", None) or getattr(config, "_attn_implementation", None)
     return impl if impl in ("sdpa", "eager") else None
 
@@ -188,7 +202,9 @@ def shared_prefix_token_logps(
         pack_responses = kind is not None and _packing_pays(batch, prompt_ids.shape[1])
     if pack_responses:
         if kind is None:
-            raise ValueError("packed responses need the sdpa or eager attention implementation")
+            raise ValueError(
+                "packed responses need the sdpa or eager attention implementation and no sliding-window layers"
+            )
         return _packed_responses(inner, head, batch, prompt_mask, last, cache, pad_id, chunk_size, kind)
 
     # 2. Responses on the repeated cache, interleaved rows: (chosen 0, rejected 0, chosen 1, ...).

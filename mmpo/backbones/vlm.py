@@ -97,9 +97,9 @@ class VisionLanguageBackbone:
             rotary positions (Qwen2-VL), and under gradient checkpointing.
         pack_responses: on the shared-prefix path, run a pair's two responses in one row under a
             block mask on the prompt's cache (``True``), or on the cache repeated for each
-            (``False``). None (default) packs with ``sdpa``/``eager`` attention when the prompt is at
-            least twice the longest response, where saving the cache copies outweighs the
-            attention between the two responses.
+            (``False``). None (default) packs with ``sdpa``/``eager`` attention and no
+            sliding-window layers when the prompt is at least twice the longest response, where
+            saving the cache copies outweighs the attention between the two responses.
     """
 
     def __init__(
