@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["gather_logprobs", "response_logprobs", "response_logprobs_from_hidden", "sequence_stats"]
+__all__ = ["gather_logprobs", "head_logprobs", "response_logprobs", "response_logprobs_from_hidden", "sequence_stats"]
 
 
 def gather_logprobs(logits: Tensor, targets: Tensor, chunk_size: int = 1024) -> Tensor:
@@ -33,6 +33,26 @@ def gather_logprobs(logits: Tensor, targets: Tensor, chunk_size: int = 1024) -> 
         # twice as fast forward and backward (one fused kernel each way; measured in docs/performance.md)
         out[s : s + chunk_size] = chunk.log_softmax(-1).gather(-1, targets[s : s + chunk_size, None]).squeeze(-1)
     return out
+
+
+def head_logprobs(h: Tensor, lm_head: Callable[[Tensor], Tensor], targets: Tensor, chunk_size: int = 1024) -> Tensor:
+    """``log_softmax(lm_head(h))[i, targets[i]]``, projecting ``chunk_size`` rows of ``h`` at a time.
+
+    Args:
+        h: (M, H) hidden states of the positions that predict ``targets``.
+        lm_head: the output projection (hidden → vocabulary logits).
+        targets: (M,) token ids.
+        chunk_size: rows projected through the head at once.
+
+    Returns:
+        (M,) float32 log-probabilities.
+    """
+    flat = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+    for s in range(0, h.shape[0], chunk_size):
+        flat[s : s + chunk_size] = gather_logprobs(
+            lm_head(h[s : s + chunk_size]), targets[s : s + chunk_size], chunk_size
+        )
+    return flat
 
 
 def _predicting_positions(input_ids: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -84,11 +104,7 @@ def response_logprobs_from_hidden(
     """
     response_mask = response_mask.bool()
     pred_mask, targets = _predicting_positions(input_ids, response_mask)
-    h = hidden[pred_mask]  # (M, H): only positions that predict a response token
-    flat = torch.empty(h.shape[0], dtype=torch.float32, device=hidden.device)
-    for s in range(0, h.shape[0], chunk_size):
-        logits = lm_head(h[s : s + chunk_size])  # (m, V)
-        flat[s : s + chunk_size] = gather_logprobs(logits, targets[s : s + chunk_size], chunk_size)
+    flat = head_logprobs(hidden[pred_mask], lm_head, targets, chunk_size)  # only positions predicting a response token
     out = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device)
     out[response_mask] = flat
     return out

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmpo.logprobs import gather_logprobs
+from mmpo.logprobs import head_logprobs
 
 __all__ = ["shared_prefix_supported", "shared_prefix_token_logps"]
 
@@ -102,13 +102,6 @@ def _packing_pays(batch: Any, prompt_width: int) -> bool:
     return prompt_width >= PACK_MIN_PROMPT_RATIO * int(counts.max())
 
 
-def _response_head_logps(head: nn.Module, h: Tensor, targets: Tensor, chunk_size: int) -> Tensor:
-    flat = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
-    for s in range(0, h.shape[0], chunk_size):
-        flat[s : s + chunk_size] = gather_logprobs(head(h[s : s + chunk_size]), targets[s : s + chunk_size])
-    return flat
-
-
 def _packed_responses(
     inner: nn.Module, head: nn.Module, batch: Any, prompt_mask: Tensor, last: Tensor, cache: Any, pad_id: int,
     chunk_size: int, kind: str,
@@ -152,7 +145,7 @@ def _packed_responses(
     # Token k of a response is predicted by the prompt's last state (k = 0) or its own state k-1.
     start = last[:, None]
     predictors = torch.cat([start, hidden[:, : wc - 1], start, hidden[:, wc : wc + wr - 1]], dim=1)  # (B, W, H)
-    flat = _response_head_logps(head, predictors[valid], ids[valid], chunk_size)
+    flat = head_logprobs(predictors[valid], head, ids[valid], chunk_size)
     packed = torch.zeros(valid.shape, dtype=torch.float32, device=dev)
     packed[valid] = flat
     chosen = torch.zeros(mask_c.shape, dtype=torch.float32, device=dev)
@@ -227,7 +220,7 @@ def shared_prefix_token_logps(
 
     # 3. Token k of a response is predicted by the prompt's last state (k = 0) or response state k-1.
     predictors = torch.cat([last.repeat_interleave(2, dim=0)[:, None], hidden[:, :-1]], dim=1)  # (2B, Tr, H)
-    flat = _response_head_logps(head, predictors[resp_valid], resp_ids[resp_valid], chunk_size)
+    flat = head_logprobs(predictors[resp_valid], head, resp_ids[resp_valid], chunk_size)
 
     # 4. Back to the naive layout: row-major order over (order, mask[order]) is the order of `flat`.
     interleaved = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
