@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from datamodules.batch import PreferenceBatch
+from mmpo.allocator import DEFAULT_KEEP_BYTES, keep_freed_memory
 from mmpo.backbones.adapters import adapters_disabled
 from mmpo.backbones.media_reuse import media_features_shareable, reuse_media_features
 from mmpo.backbones.vlm import VisionLanguageBackbone
@@ -42,6 +43,9 @@ def _split_pair(token_logps: Tensor, mask: Tensor) -> PairLogps:
     )
 
 
+_HOST_MEMORY_NOTED = False  # the allocator note is printed once per process
+
+
 class PreferenceModule(L.LightningModule):
     """Preference optimisation of a vision-language model with any loss of ``mmpo.losses``.
 
@@ -64,6 +68,10 @@ class PreferenceModule(L.LightningModule):
         on_nonfinite: what a NaN/inf training loss or gradient does: ``stop`` raises with the batch's
             record ids; ``skip`` drops that optimizer step (no update), warns with the ids and counts
             it in ``train/nonfinite_steps``. Validation losses are always checked and stop the run.
+        keep_host_memory: on a CPU run, let glibc keep freed blocks of up to 64 MiB mapped for the
+            next step instead of returning them to the kernel and faulting them back in each step
+            (``mmpo.allocator.keep_freed_memory``; process-wide, until exit). No effect on GPU runs
+            or outside glibc.
     """
 
     def __init__(
@@ -77,6 +85,7 @@ class PreferenceModule(L.LightningModule):
         save_dir: str | None = None,
         checkpoint_trainable_only: bool = True,
         on_nonfinite: Literal["stop", "skip"] = "stop",
+        keep_host_memory: bool = True,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -86,6 +95,7 @@ class PreferenceModule(L.LightningModule):
         self.save_dir = save_dir
         self.checkpoint_trainable_only = checkpoint_trainable_only
         self.on_nonfinite = on_nonfinite
+        self.keep_host_memory = keep_host_memory
         self._last_ids: list[str] = []
         self.reference_mode = self._resolve_reference(reference)
         self.reference_cache_dir = reference_cache_dir
@@ -292,6 +302,17 @@ class PreferenceModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._report_skipped("test")
+
+    def setup(self, stage: str) -> None:
+        global _HOST_MEMORY_NOTED
+        if not (self.keep_host_memory and self.trainer.strategy.root_device.type == "cpu"):
+            return
+        if keep_freed_memory() and not _HOST_MEMORY_NOTED:
+            _HOST_MEMORY_NOTED = True
+            rank_zero_info(
+                f"[mmpo] CPU run: freed host blocks up to {DEFAULT_KEEP_BYTES >> 20} MiB stay mapped for reuse "
+                "(keep_host_memory=False leaves the allocator alone)"
+            )
 
     def on_fit_start(self) -> None:
         self._prepare_caches(("train", "val"))
