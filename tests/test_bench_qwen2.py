@@ -1,0 +1,108 @@
+"""The GPU benchmark's architecture (LLaVA with a Qwen2 language model), at CPU-test sizes.
+
+The `small` preset runs only on a GPU; this builds the same family with the same code path
+(``benchmarks/presets.py``: tied embeddings, features from the tower's second-to-last layer, grouped
+key/value heads, a model vocabulary wider than the tokenizer's) and checks that the shared-prefix
+forward in both layouts gives the naive path's log-probs and gradients on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules import PreferenceDataset, VisionPreferenceCollator, load_preference_records
+from mmpo.backbones import LoraSettings, VisionLanguageBackbone
+from mmpo.backbones import shared_prefix as sp
+from mmpo.losses import DPOLoss
+from mmpo.module import PreferenceModule
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def qwen2_llava(tmp_path_factory):
+    sys.path.insert(0, str(BENCH))
+    try:
+        from presets import PRESETS, build_model, write_data
+    finally:
+        sys.path.remove(str(BENCH))
+    small = PRESETS["small"]
+    preset = dataclasses.replace(
+        small,
+        name="small-cpu-test",
+        device="cpu",
+        dtype="float32",
+        image_size=32,
+        patch_size=8,
+        vision_width=32,
+        vision_layers=2,
+        vision_heads=2,
+        vision_ff=64,
+        text_width=64,
+        text_layers=2,
+        text_heads=4,
+        text_kv_heads=2,
+        text_ff=128,
+        vocab_words=200,
+        model_vocab=320,
+    )
+    root = tmp_path_factory.mktemp("qwen2")
+    model_dir = build_model(preset, root)
+    data = write_data(preset, images=2, n_pairs=2, root=root)
+    records, _ = load_preference_records(data, data_root=data.parent)
+    ds = PreferenceDataset(records)
+    from transformers import AutoProcessor
+
+    collator = VisionPreferenceCollator(AutoProcessor.from_pretrained(str(model_dir)))
+    return model_dir, collator([ds[i] for i in range(len(ds))])
+
+
+def _module(model_dir: Path, shared: bool, pack: bool | None = None) -> PreferenceModule:
+    torch.manual_seed(0)
+    backbone = VisionLanguageBackbone(
+        str(model_dir), lora=LoraSettings(r=4, alpha=8, dropout=0.0), shared_prefix=shared, pack_responses=pack
+    )
+    module = PreferenceModule(backbone, DPOLoss(beta=0.1))
+    module.configure_model()
+    with torch.no_grad():
+        for n, p in module.policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # a non-trivial adapter, identical in both copies
+    module.policy.eval()
+    return module
+
+
+def test_the_benchmark_model_is_a_qwen2_llava_with_the_presets_traits(qwen2_llava):
+    model_dir, batch = qwen2_llava
+    module = _module(model_dir, shared=True)
+    inner = module.backbone.unwrap(module.policy)
+    text = inner.config.text_config
+    assert text.model_type == "qwen2" and text.vocab_size == 320 and text.num_key_value_heads == 2
+    assert inner.config.vision_feature_layer == -2 and inner.config.tie_word_embeddings
+    assert sp._attention_kind(inner.model) == "sdpa"  # full attention in every layer: packing allowed
+    assert module.backbone._naive_reason(inner, batch) is None  # the shared prefix is taken, not the fallback
+    assert batch.num_pairs == 2 and int(batch.response_mask[0].sum()) == 128
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_shared_prefix_equals_naive_on_the_benchmark_architecture(qwen2_llava, pack):
+    model_dir, batch = qwen2_llava
+    shared, naive = _module(model_dir, shared=True, pack=pack), _module(model_dir, shared=False)
+    out_s, pol_s, ref_s = shared.compute(batch)
+    out_n, pol_n, ref_n = naive.compute(batch)
+    torch.testing.assert_close(pol_s.chosen_token_logps, pol_n.chosen_token_logps, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(pol_s.rejected_token_logps, pol_n.rejected_token_logps, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ref_s.rejected, ref_n.rejected, atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(out_s.losses, out_n.losses, atol=1e-6, rtol=1e-5)
+    out_s.losses.mean().backward()
+    out_n.losses.mean().backward()
+    grads_n = {n: p.grad for n, p in naive.named_parameters() if p.grad is not None}
+    grads_s = {n: p.grad for n, p in shared.named_parameters() if p.grad is not None}
+    assert grads_s.keys() == grads_n.keys() and len(grads_s) > 0
+    for n, g in grads_s.items():
+        torch.testing.assert_close(g, grads_n[n], atol=1e-6, rtol=1e-4, msg=n)
