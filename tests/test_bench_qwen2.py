@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.equivalence import assert_same_logps_losses_and_gradients
 
 from datamodules import PreferenceDataset, VisionPreferenceCollator, load_preference_records
 from mmpo.backbones import LoraSettings, VisionLanguageBackbone
@@ -93,16 +94,4 @@ def test_the_benchmark_model_is_a_qwen2_llava_with_the_presets_traits(qwen2_llav
 def test_shared_prefix_equals_naive_on_the_benchmark_architecture(qwen2_llava, pack):
     model_dir, batch = qwen2_llava
     shared, naive = _module(model_dir, shared=True, pack=pack), _module(model_dir, shared=False)
-    out_s, pol_s, ref_s = shared.compute(batch)
-    out_n, pol_n, ref_n = naive.compute(batch)
-    torch.testing.assert_close(pol_s.chosen_token_logps, pol_n.chosen_token_logps, atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(pol_s.rejected_token_logps, pol_n.rejected_token_logps, atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(ref_s.rejected, ref_n.rejected, atol=5e-5, rtol=1e-5)
-    torch.testing.assert_close(out_s.losses, out_n.losses, atol=1e-6, rtol=1e-5)
-    out_s.losses.mean().backward()
-    out_n.losses.mean().backward()
-    grads_n = {n: p.grad for n, p in naive.named_parameters() if p.grad is not None}
-    grads_s = {n: p.grad for n, p in shared.named_parameters() if p.grad is not None}
-    assert grads_s.keys() == grads_n.keys() and len(grads_s) > 0
-    for n, g in grads_s.items():
-        torch.testing.assert_close(g, grads_n[n], atol=1e-6, rtol=1e-4, msg=n)
+    assert_same_logps_losses_and_gradients(shared, naive, batch)

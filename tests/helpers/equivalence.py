@@ -1,0 +1,28 @@
+"""Checks shared by the tests that compare the shared-prefix forward with the naive one."""
+
+from __future__ import annotations
+
+import torch
+
+
+def assert_same_logps_losses_and_gradients(shared, naive, batch) -> dict[str, torch.Tensor]:
+    """Run both modules on ``batch`` and compare log-probs, losses and every parameter's gradient.
+
+    Returns the shared module's gradients by parameter name (at least one).
+    """
+    out_s, pol_s, ref_s = shared.compute(batch)
+    out_n, pol_n, ref_n = naive.compute(batch)
+    torch.testing.assert_close(pol_s.chosen_token_logps, pol_n.chosen_token_logps, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(pol_s.rejected_token_logps, pol_n.rejected_token_logps, atol=2e-5, rtol=1e-5)
+    if ref_n is not None:
+        torch.testing.assert_close(ref_s.chosen, ref_n.chosen, atol=5e-5, rtol=1e-5)
+        torch.testing.assert_close(ref_s.rejected, ref_n.rejected, atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(out_s.losses, out_n.losses, atol=1e-6, rtol=1e-5)
+    out_s.losses.mean().backward()
+    out_n.losses.mean().backward()
+    grads_s = {n: p.grad for n, p in shared.named_parameters() if p.grad is not None}
+    grads_n = {n: p.grad for n, p in naive.named_parameters() if p.grad is not None}
+    assert grads_s.keys() == grads_n.keys() and len(grads_s) > 0
+    for n, g in grads_s.items():
+        torch.testing.assert_close(g, grads_n[n], atol=1e-6, rtol=1e-4, msg=n)
+    return grads_s
