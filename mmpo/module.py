@@ -46,6 +46,24 @@ def _split_pair(token_logps: Tensor, mask: Tensor) -> PairLogps:
 _HOST_MEMORY_NOTED = False  # the allocator note is printed once per process
 
 
+def _grads_finite(grads: list[Tensor]) -> bool:
+    """Whether every gradient is free of NaN and inf, with one device sync per device.
+
+    The largest absolute value of each gradient (``_foreach_norm`` with ``ord=inf``, NaN-propagating,
+    and never overflowing as a 2-norm of large finite values would) is checked on the device and read
+    back once, instead of one ``bool()`` sync per parameter (hundreds per step for LoRA on a 0.5B
+    model).
+    """
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for g in grads:
+        by_device.setdefault(g.device, []).append(g)
+    for group in by_device.values():
+        peaks = torch._foreach_norm(group, float("inf"))
+        if not bool(torch.isfinite(torch.stack([x.float() for x in peaks])).all()):
+            return False
+    return True
+
+
 class PreferenceModule(L.LightningModule):
     """Preference optimisation of a vision-language model with any loss of ``mmpo.losses``.
 
@@ -213,8 +231,7 @@ class PreferenceModule(L.LightningModule):
         self.log("train/nonfinite_steps", 1.0, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads or all(torch.isfinite(g).all() for g in grads):
+        if _grads_finite([p.grad for p in self.parameters() if p.grad is not None]):
             return
         message = f"non-finite gradient on records {self._last_ids}"
         if self.on_nonfinite == "stop":
