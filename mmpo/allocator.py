@@ -18,8 +18,8 @@ setting them explicitly turns off its own adaptation.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import functools
+import sys
 
 __all__ = ["DEFAULT_KEEP_BYTES", "keep_freed_memory"]
 
@@ -32,14 +32,14 @@ DEFAULT_KEEP_BYTES = 64 << 20  # blocks up to 64 MiB from the heap; up to twice 
 
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
+    """The process's glibc (its symbols through ``dlopen(NULL)``), or None under another C library."""
+    if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(name)
-        gnu_get_libc_version = libc.gnu_get_libc_version  # glibc only: musl and macOS have no mallopt tunables
-        gnu_get_libc_version.restype = ctypes.c_char_p
-        gnu_get_libc_version()
+        libc = ctypes.CDLL(None)
+        version = libc.gnu_get_libc_version  # glibc only: musl has neither this nor these mallopt knobs
+        version.restype = ctypes.c_char_p
+        version()
         return libc if hasattr(libc, "mallopt") else None
     except (OSError, AttributeError):
         return None
