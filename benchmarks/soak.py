@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--workdir", default="runs/soak")
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--system-allocator",
+        action="store_true",
+        help="keep_host_memory=False: leave glibc's thresholds alone (to compare memory growth)",
+    )
     args = ap.parse_args(argv)
 
     from datamodules import ImagePreferenceDataModule
@@ -60,7 +65,11 @@ def main(argv: list[str] | None = None) -> dict:
     root = Path(args.workdir)
     world = write_shapes_world(root / "data", n_train=1000, n_val=64, seed=0)
     model = build_tiny_llava(root / "tiny-llava", vocabulary(), seed=0)
-    module = PreferenceModule(VisionLanguageBackbone(str(model), lora=LoraSettings(r=8)), DPOLoss(beta=0.1))
+    module = PreferenceModule(
+        VisionLanguageBackbone(str(model), lora=LoraSettings(r=8)),
+        DPOLoss(beta=0.1),
+        keep_host_memory=not args.system_allocator,
+    )
     dm = ImagePreferenceDataModule(
         str(model), train_file=world["train"], val_file=world["val"], batch_size=args.batch_size, num_workers=1
     )
