@@ -13,14 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from helpers.equivalence import assert_same_logps_losses_and_gradients
+from helpers.equivalence import assert_same_logps_losses_and_gradients, comparison_module
 
 from datamodules import PreferenceDataset, VisionPreferenceCollator, load_preference_records
-from mmpo.backbones import LoraSettings, VisionLanguageBackbone
 from mmpo.backbones import shared_prefix as sp
-from mmpo.losses import DPOLoss
-from mmpo.module import PreferenceModule
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -63,19 +59,8 @@ def qwen2_llava(tmp_path_factory):
     return model_dir, collator([ds[i] for i in range(len(ds))])
 
 
-def _module(model_dir: Path, shared: bool, pack: bool | None = None) -> PreferenceModule:
-    torch.manual_seed(0)
-    backbone = VisionLanguageBackbone(
-        str(model_dir), lora=LoraSettings(r=4, alpha=8, dropout=0.0), shared_prefix=shared, pack_responses=pack
-    )
-    module = PreferenceModule(backbone, DPOLoss(beta=0.1))
-    module.configure_model()
-    with torch.no_grad():
-        for n, p in module.policy.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)  # a non-trivial adapter, identical in both copies
-    module.policy.eval()
-    return module
+def _module(model_dir: Path, shared: bool, pack: bool | None = None):
+    return comparison_module(model_dir, lora=True, shared_prefix=shared, pack_responses=pack)
 
 
 def test_the_benchmark_model_is_a_qwen2_llava_with_the_presets_traits(qwen2_llava):

@@ -4,12 +4,10 @@ import json
 
 import pytest
 import torch
-from helpers.equivalence import assert_same_logps_losses_and_gradients
+from helpers.equivalence import assert_same_logps_losses_and_gradients, comparison_module
 
 from datamodules import PreferenceDataset, VisionPreferenceCollator, load_preference_records
-from mmpo.backbones import LoraSettings, VisionLanguageBackbone
-from mmpo.losses import DPOLoss
-from mmpo.module import PreferenceModule
+from mmpo.backbones import VisionLanguageBackbone
 
 
 @pytest.fixture(scope="module")
@@ -27,25 +25,9 @@ def mixed_batch(world, processor, tmp_path_factory):
 
 
 def _pair(tiny_llava, lora):
-    def make(shared):
-        torch.manual_seed(0)
-        bb = VisionLanguageBackbone(
-            str(tiny_llava),
-            lora=LoraSettings(r=4, alpha=8, dropout=0.0) if lora else None,
-            freeze_vision_tower=False,
-            shared_prefix=shared,
-        )
-        m = PreferenceModule(bb, DPOLoss(beta=0.1))
-        m.configure_model()
-        if lora:
-            with torch.no_grad():
-                for n, p in m.policy.named_parameters():
-                    if "lora_B" in n:
-                        p.normal_(0, 0.05)  # a non-trivial adapter, identical in both copies
-        m.policy.eval()
-        return m
-
-    return make(True), make(False)
+    return tuple(
+        comparison_module(tiny_llava, lora, freeze_vision_tower=False, shared_prefix=shared) for shared in (True, False)
+    )
 
 
 def test_batch_mixes_prompt_lengths_and_image_counts(mixed_batch, processor):

@@ -4,6 +4,31 @@ from __future__ import annotations
 
 import torch
 
+from mmpo.backbones import LoraSettings, VisionLanguageBackbone
+from mmpo.losses import DPOLoss
+from mmpo.module import PreferenceModule
+
+
+def comparison_module(model_dir, lora: bool, **backbone_kw) -> PreferenceModule:
+    """A DPO module in eval mode, seeded so that two of them start identical.
+
+    With ``lora``, an r=4 adapter whose B matrices are drawn non-zero (a trained-looking adapter, the
+    same in every module built this way).
+    """
+    torch.manual_seed(0)
+    lora_settings = LoraSettings(r=4, alpha=8, dropout=0.0) if lora else None
+    module = PreferenceModule(
+        VisionLanguageBackbone(str(model_dir), lora=lora_settings, **backbone_kw), DPOLoss(beta=0.1)
+    )
+    module.configure_model()
+    if lora:
+        with torch.no_grad():
+            for n, p in module.policy.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.05)
+    module.policy.eval()
+    return module
+
 
 def assert_same_logps_losses_and_gradients(shared, naive, batch) -> dict[str, torch.Tensor]:
     """Run both modules on ``batch`` and compare log-probs, losses and every parameter's gradient.
