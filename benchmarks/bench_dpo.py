@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +177,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             shared = fw in ("mmpo", "mmpo-cached")  # cached also skips the reference pass: not counted here
             required = train_flops_per_pair(preset, images, r["prompt_tokens"], shared_prefix=True, vocab=vocab)
             executed = train_flops_per_pair(preset, images, r["prompt_tokens"], shared_prefix=shared, vocab=vocab)
+            paired = [a / b for a, b in zip(runs[fw], runs["trl"], strict=True)] if trl else None
             row = {
                 "preset": preset.name,
                 "images": images,
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "memory_vs_trl": r["peak_mb"] / trl["peak_mb"] if trl else None,
                 "runs_pairs_per_s": runs[fw],
                 # each repeat against TRL's run of the same repeat (adjacent in time): the spread of the ratio
-                "paired_speedups_vs_trl": [a / b for a, b in zip(runs[fw], runs["trl"], strict=True)] if trl else None,
+                "paired_speedups_vs_trl": paired,
+                "median_paired_speedup_vs_trl": statistics.median(paired) if paired else None,
                 "above_imports_vs_trl": (
                     r["above_imports_mb"] / trl["above_imports_mb"] if trl and trl.get("above_imports_mb") else None
                 ),
@@ -208,7 +211,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         for r in rows:
             if r["framework"] != "trl" and r.get("paired_speedups_vs_trl"):
                 paired = ", ".join(f"{x:.2f}" for x in r["paired_speedups_vs_trl"])
-                print(f"{r['framework']}, {r['images']} img: × TRL run by run: {paired}")
+                median = r["median_paired_speedup_vs_trl"]
+                print(f"{r['framework']}, {r['images']} img: × TRL run by run: {paired} (median {median:.2f})")
     for r in rows:
         if "cache_seconds" in r:
             n = r["pairs_per_step"] * (args.steps + args.warmup)

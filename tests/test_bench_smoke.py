@@ -47,6 +47,7 @@ def test_mmpo_side_of_tiny_preset(tmp_path):
     assert row["speedup_vs_trl"] is None and row["mfu"] is None  # no TRL run; CPU: no MFU
     assert 0 < row["imports_rss_mb"] < row["peak_mb"]
     assert row["runs_pairs_per_s"] == [row["pairs_per_s"]] and row["paired_speedups_vs_trl"] is None
+    assert row["median_paired_speedup_vs_trl"] is None
     assert row["above_imports_mb"] == pytest.approx(row["peak_mb"] - row["imports_rss_mb"])
 
 
@@ -58,4 +59,5 @@ def test_trl_side_of_tiny_preset(tmp_path):
     assert row["response_tokens"] == 128  # TRL did not truncate the responses
     assert row["flops_per_pair_executed"] > row["flops_per_pair_required"]  # prompts run once per response
     assert row["speedup_vs_trl"] == pytest.approx(1.0) and row["paired_speedups_vs_trl"] == [pytest.approx(1.0)]
+    assert row["median_paired_speedup_vs_trl"] == pytest.approx(1.0)
     assert 0 < row["above_imports_mb"] < row["peak_mb"] and row["above_imports_vs_trl"] == pytest.approx(1.0)
