@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     root = Path(args.workdir)
     world = write_shapes_world(root / "data", n_train=1000, n_val=64, seed=0)
     model = build_tiny_llava(root / "tiny-llava", vocabulary(), seed=0)
+    L.seed_everything(0, verbose=False)  # the same adapter init and data order in every run
     module = PreferenceModule(
         VisionLanguageBackbone(str(model), lora=LoraSettings(r=8)),
         DPOLoss(beta=0.1),
