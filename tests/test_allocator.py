@@ -16,10 +16,10 @@ glibc_only = pytest.mark.skipif(_glibc() is None, reason="mallopt tuning is glib
 
 _REFILL = """
 import ctypes, resource, sys
-from mmpo.allocator import keep_freed_memory
+from mmpo.allocator import _glibc, keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
-libc = ctypes.CDLL("libc.so.6")
+libc = _glibc()
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 n = 48 << 20  # above glibc's largest dynamic mmap threshold (32 MiB): mmapped and unmapped every time by default
