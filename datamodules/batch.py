@@ -32,6 +32,10 @@ class PreferenceBatch:
         truncated: responses shortened to fit ``max_length`` in this batch.
         shared_prompt: chosen and rejected rows of a pair hold the same prompt and media, so a model
             may run each prompt once. False when the media differ (VDPO-style pairs).
+        row_lengths: the (prompt, response) token counts of the 2B rows as Python ints, recorded by the
+            collator on the host, so a forward can size its tensors without reading them back from an
+            accelerator (each read waits for the device to finish its queued work). None for a batch
+            built by hand; :meth:`host_lengths` then reads them once.
     """
 
     input_ids: Tensor
@@ -43,6 +47,7 @@ class PreferenceBatch:
     skipped: int = 0
     truncated: int = 0
     shared_prompt: bool = True
+    row_lengths: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -54,18 +59,46 @@ class PreferenceBatch:
             return self.media
         return {k: torch.cat([v, v], dim=0) for k, v in self.media.items()}
 
-    def to(self, device: torch.device | str) -> PreferenceBatch:
+    def host_lengths(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Prompt and response token counts of the 2B rows, as Python ints.
+
+        Each row's response follows its prompt directly: row ``i``'s response tokens sit at columns
+        ``prompt[i] .. prompt[i] + response[i] - 1``.
+        """
+        if self.row_lengths is None:  # one read each, for a batch the collator did not build
+            self.row_lengths = (tuple(self.prompt_lengths.tolist()), tuple(self.response_mask.sum(-1).tolist()))
+        return self.row_lengths
+
+    def _map(self, fn) -> PreferenceBatch:
         return PreferenceBatch(
-            input_ids=self.input_ids.to(device),
-            attention_mask=self.attention_mask.to(device),
-            response_mask=self.response_mask.to(device),
-            prompt_lengths=self.prompt_lengths.to(device),
-            media={k: v.to(device) for k, v in self.media.items()},
+            input_ids=fn(self.input_ids),
+            attention_mask=fn(self.attention_mask),
+            response_mask=fn(self.response_mask),
+            prompt_lengths=fn(self.prompt_lengths),
+            media={k: fn(v) for k, v in self.media.items()},
             ids=list(self.ids),
             skipped=self.skipped,
             truncated=self.truncated,
             shared_prompt=self.shared_prompt,
+            row_lengths=self.row_lengths,
         )
+
+    def to(self, device: torch.device | str, non_blocking: bool | None = None) -> PreferenceBatch:
+        """The batch on ``device``.
+
+        ``non_blocking`` (default: when the batch is in page-locked memory, as a loader with
+        ``pin_memory`` makes it) queues the copies on the GPU instead of waiting for them, and for
+        the work queued before them (the previous step).
+        """
+        if self.row_lengths is None and self.input_ids.device.type == "cpu":
+            self.host_lengths()  # free on the host; saves the forward a device read later
+        if non_blocking is None:
+            non_blocking = self.input_ids.is_pinned()
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> PreferenceBatch:
+        """The batch in page-locked memory (the DataLoader calls this with ``pin_memory=True``)."""
+        return self._map(lambda t: t.pin_memory())
 
     @classmethod
     def empty(cls, skipped: int = 0) -> PreferenceBatch:

@@ -267,4 +267,5 @@ class VisionPreferenceCollator:
             skipped=skipped,
             truncated=truncated,
             shared_prompt=shared,
+            row_lengths=(tuple(len(p) for p, _ in rows), tuple(len(r) for _, r in rows)),
         )

@@ -48,6 +48,8 @@ class ImagePreferenceDataModule(L.LightningDataModule):
             TRL's vision format, images as PIL images or paths, or a list of dicts).
         val_dataset: in-memory validation data.
         test_dataset: in-memory test data.
+        pin_memory: collate batches into page-locked memory, so their copy to the GPU runs without
+            the host waiting for it. None (default): when training on a CUDA device.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class ImagePreferenceDataModule(L.LightningDataModule):
         train_dataset: Any = None,
         val_dataset: Any = None,
         test_dataset: Any = None,
+        pin_memory: bool | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["train_dataset", "val_dataset", "test_dataset"])
@@ -86,6 +89,7 @@ class ImagePreferenceDataModule(L.LightningDataModule):
         self.trust_remote_code = trust_remote_code
         self.image_placeholder = image_placeholder
         self.persistent_workers = True
+        self.pin_memory = pin_memory
         self.datasets: dict[str, PreferenceDataset] = {}
         self.problems: dict[str, list[str]] = {}
         self._processor = None
@@ -168,7 +172,14 @@ class ImagePreferenceDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=self.collator(),
             persistent_workers=self.num_workers > 0 and self.persistent_workers,
+            pin_memory=self._pins(trainer),
         )
+
+    def _pins(self, trainer: Any) -> bool:
+        if self.pin_memory is not None:
+            return self.pin_memory
+        root = getattr(getattr(trainer, "strategy", None), "root_device", None)
+        return root is not None and root.type == "cuda"
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, self.shuffle)

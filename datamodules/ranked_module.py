@@ -51,6 +51,7 @@ class RankedPreferenceDataModule(ImagePreferenceDataModule):
         curriculum_stages: int | None = None,
         curriculum_stage: int | None = None,
         curriculum_epochs_per_stage: int | None = None,
+        pin_memory: bool | None = None,
     ) -> None:
         super().__init__(
             processor,
@@ -67,6 +68,7 @@ class RankedPreferenceDataModule(ImagePreferenceDataModule):
             seed,
             trust_remote_code,
             image_placeholder,
+            pin_memory=pin_memory,
         )
         if curriculum_epochs_per_stage is not None:
             if curriculum_epochs_per_stage < 1:

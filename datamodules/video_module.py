@@ -46,6 +46,7 @@ class VideoPreferenceDataModule(ImagePreferenceDataModule):
         num_frames: int = 8,
         frame_sampling: Literal["uniform", "fps", "random_segment"] = "uniform",
         target_fps: float | None = None,
+        pin_memory: bool | None = None,
     ) -> None:
         super().__init__(
             processor,
@@ -62,6 +63,7 @@ class VideoPreferenceDataModule(ImagePreferenceDataModule):
             seed,
             trust_remote_code,
             image_placeholder,
+            pin_memory=pin_memory,
         )
         if frame_sampling == "fps" and not target_fps:
             raise ValueError("frame_sampling='fps' needs target_fps")

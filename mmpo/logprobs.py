@@ -3,16 +3,27 @@
 The language-model head is applied only to the positions that predict response tokens, a chunk of
 positions at a time, and the log-softmax is computed in float32 per chunk. Peak extra memory is
 ``chunk_size * V`` floats instead of ``2B * T * V``.
+
+Where the caller knows the rows' prompt and response lengths on the host (``host_lengths``), response
+positions are selected by integer coordinates built on the device; a boolean-mask selection
+instead waits for the accelerator to count the mask, in the forward and again in the backward.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["gather_logprobs", "head_logprobs", "response_logprobs", "response_logprobs_from_hidden", "sequence_stats"]
+__all__ = [
+    "gather_logprobs",
+    "head_logprobs",
+    "response_logprobs",
+    "response_logprobs_from_hidden",
+    "sequence_stats",
+    "span_coordinates",
+]
 
 
 def gather_logprobs(logits: Tensor, targets: Tensor, chunk_size: int = 1024) -> Tensor:
@@ -55,12 +66,31 @@ def head_logprobs(h: Tensor, lm_head: Callable[[Tensor], Tensor], targets: Tenso
     return flat
 
 
+def span_coordinates(counts: Tensor, total: int) -> tuple[Tensor, Tensor]:
+    """Row and offset of every slot of a layout whose row r holds ``counts[r]`` slots from offset 0.
+
+    Row-major order, as a boolean mask ``offsets < counts[:, None]`` would select them. ``total`` is
+    ``counts.sum()``, known on the host, so nothing is read back from the device.
+    """
+    rows = torch.repeat_interleave(torch.arange(counts.shape[0], device=counts.device), counts, output_size=total)
+    starts = counts.cumsum(0) - counts
+    return rows, torch.arange(total, device=counts.device) - starts[rows]
+
+
 def _predicting_positions(input_ids: Tensor, response_mask: Tensor) -> tuple[Tensor, Tensor]:
     # The token at position t is predicted by the output at t-1: shift the mask left by one.
     pred_mask = torch.zeros_like(response_mask)
     pred_mask[:, :-1] = response_mask[:, 1:]
     targets = input_ids[:, 1:][response_mask[:, 1:]]  # (M,)
     return pred_mask, targets
+
+
+def _response_coordinates(response_mask: Tensor, num_tokens: int) -> tuple[Tensor, Tensor]:
+    """(row, column) of every response token, for rows whose response is one contiguous span."""
+    counts = response_mask.sum(-1)
+    starts = response_mask.int().argmax(-1)  # first response column (0 for an empty row, which adds nothing)
+    rows, k = span_coordinates(counts, num_tokens)
+    return rows, starts[rows] + k
 
 
 def response_logprobs(logits: Tensor, input_ids: Tensor, response_mask: Tensor, chunk_size: int = 1024) -> Tensor:
@@ -89,6 +119,7 @@ def response_logprobs_from_hidden(
     input_ids: Tensor,
     response_mask: Tensor,
     chunk_size: int = 1024,
+    host_lengths: tuple[Sequence[int], Sequence[int]] | None = None,
 ) -> Tensor:
     """Per-token response log-probs from the last hidden states, never forming (N, T, V).
 
@@ -98,14 +129,24 @@ def response_logprobs_from_hidden(
         input_ids: (N, T) token ids.
         response_mask: (N, T) bool, True at response tokens.
         chunk_size: positions projected through the head at once.
+        host_lengths: each row's prompt and response token counts, if known on the host (the
+            collator records them); the response must then be the span right after the prompt, and no
+            value is read back from the device.
 
     Returns:
         (N, T) float32 token log-probs, zero outside the response.
     """
     response_mask = response_mask.bool()
+    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device)
+    if host_lengths is not None:
+        prompts, responses = host_lengths
+        if any(n > 0 and p < 1 for p, n in zip(prompts, responses, strict=True)):
+            raise ValueError("a response starts at the first position: nothing predicts its first token")
+        rows, cols = _response_coordinates(response_mask, sum(responses))
+        out[rows, cols] = head_logprobs(hidden[rows, cols - 1], lm_head, input_ids[rows, cols], chunk_size)
+        return out
     pred_mask, targets = _predicting_positions(input_ids, response_mask)
     flat = head_logprobs(hidden[pred_mask], lm_head, targets, chunk_size)  # only positions predicting a response token
-    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=hidden.device)
     out[response_mask] = flat
     return out
 

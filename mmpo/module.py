@@ -167,7 +167,7 @@ class PreferenceModule(L.LightningModule):
         if self.reference_mode == "cached":
             if split not in self._caches:
                 raise RuntimeError(f"no cached reference log-probs for the {split} split")
-            return self._caches[split].token_logps(batch.ids, batch.response_mask)
+            return self._caches[split].token_logps(batch.ids, batch.response_mask, batch.host_lengths())
         with torch.no_grad():
             if self.reference_mode == "adapter":
                 with adapters_disabled(self.policy):

@@ -13,12 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from mmpo.logprobs import span_coordinates
 
 __all__ = ["ReferenceCache", "data_fingerprint", "model_fingerprint"]
 
@@ -106,21 +108,38 @@ class ReferenceCache:
         ids = json.loads(meta["ids"])
         return cls(split(t["chosen"], t["chosen_offsets"]), split(t["rejected"], t["rejected_offsets"]), ids)
 
-    def token_logps(self, ids: list[str], response_mask: Tensor) -> Tensor:
-        """(2B, T) reference token log-probs for a batch, chosen rows first, aligned to ``response_mask``."""
+    def token_logps(
+        self, ids: list[str], response_mask: Tensor, host_lengths: tuple[Sequence[int], Sequence[int]] | None = None
+    ) -> Tensor:
+        """(2B, T) reference token log-probs for a batch, chosen rows first, aligned to ``response_mask``.
+
+        With ``host_lengths`` (each row's prompt and response token counts, as the collator records
+        them) nothing is read back from the device: the cached values are copied in from pinned
+        memory and placed at the columns after each prompt.
+        """
         missing = [rid for rid in ids if rid not in self.index]
         if missing:
             raise KeyError(f"records not in the reference cache: {missing[:5]} (was the data changed?)")
         rows = [self.chosen[self.index[rid]] for rid in ids] + [self.rejected[self.index[rid]] for rid in ids]
-        counts = response_mask.sum(-1).tolist()
+        counts = list(host_lengths[1]) if host_lengths is not None else response_mask.sum(-1).tolist()
         for rid, row, n in zip(ids + ids, rows, counts, strict=True):
             if row.numel() != n:
                 raise ValueError(
                     f"reference cache holds {row.numel()} tokens for a response of record {rid!r} that now has {n}: "
                     "the tokenizer or max_length changed; delete the cache to recompute it"
                 )
-        out = torch.zeros(response_mask.shape, dtype=torch.float32, device=response_mask.device)
-        out[response_mask.bool()] = torch.cat(rows).to(response_mask.device)
+        dev = response_mask.device
+        values = torch.cat(rows)
+        out = torch.zeros(response_mask.shape, dtype=torch.float32, device=dev)
+        if host_lengths is None:
+            out[response_mask.bool()] = values.to(dev)
+            return out
+        # coordinates built on the host, where the lengths are, then copied in with the values
+        row_of, k = span_coordinates(torch.tensor(counts, dtype=torch.long), values.numel())
+        cols = torch.tensor(list(host_lengths[0]), dtype=torch.long)[row_of] + k
+        if dev.type == "cuda":  # an asynchronous copy needs page-locked memory
+            values, row_of, cols = values.pin_memory(), row_of.pin_memory(), cols.pin_memory()
+        out[row_of.to(dev, non_blocking=True), cols.to(dev, non_blocking=True)] = values.to(dev, non_blocking=True)
         return out
 
 

@@ -1,6 +1,13 @@
+import pytest
 import torch
 
-from mmpo.logprobs import gather_logprobs, response_logprobs, response_logprobs_from_hidden, sequence_stats
+from mmpo.logprobs import (
+    gather_logprobs,
+    response_logprobs,
+    response_logprobs_from_hidden,
+    sequence_stats,
+    span_coordinates,
+)
 
 
 def _naive(logits, input_ids, mask):
@@ -65,3 +72,35 @@ def test_sequence_stats_sum_mean_count_and_empty_rows():
     assert summed.tolist() == [-3.0, 0.0]
     assert mean.tolist() == [-1.5, 0.0]
     assert counts.tolist() == [2.0, 0.0]
+
+
+def test_host_lengths_path_equals_mask_path_with_gradients():
+    # rows of _case: response spans (3, 9), (5, 11), (1, 2), (10, 11); one row with no response
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 29, bias=False)
+    hidden = torch.randn(5, 11, 16, requires_grad=True)
+    _, ids, mask = _case(n=5, v=29)
+    lengths = ((3, 5, 1, 10, 4), (6, 6, 1, 1, 0))
+    a = response_logprobs_from_hidden(hidden, head, ids, mask, chunk_size=4, host_lengths=lengths)
+    b = response_logprobs_from_hidden(hidden, head, ids, mask, chunk_size=4)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    (ga,) = torch.autograd.grad(a.sum(), hidden)
+    (gb,) = torch.autograd.grad(b.sum(), hidden)
+    torch.testing.assert_close(ga, gb, atol=0, rtol=0)
+
+
+def test_host_lengths_refuse_a_response_at_the_first_position():
+    head = torch.nn.Linear(8, 11, bias=False)
+    mask = torch.zeros(1, 5, dtype=torch.bool)
+    mask[0, :3] = True
+    with pytest.raises(ValueError, match="first position"):
+        response_logprobs_from_hidden(torch.randn(1, 5, 8), head, torch.zeros(1, 5, dtype=torch.long), mask,
+                                      host_lengths=((0,), (3,)))  # fmt: skip
+
+
+def test_span_coordinates_match_a_boolean_mask():
+    counts = torch.tensor([3, 0, 1, 4])
+    rows, cols = span_coordinates(counts, int(counts.sum()))
+    mask = torch.arange(5)[None] < counts[:, None]
+    want_rows, want_cols = mask.nonzero(as_tuple=True)
+    assert rows.tolist() == want_rows.tolist() and cols.tolist() == want_cols.tolist()

@@ -91,6 +91,19 @@ def test_stale_cache_token_counts_are_refused():
         cache.token_logps(["b"], mask)
 
 
+def test_host_lengths_place_cached_values_like_the_mask():
+    cache = ReferenceCache([torch.tensor([1.0, 2.0, 3.0])], [torch.tensor([4.0, 5.0])], ["a"])
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[0, 2:5] = True
+    mask[1, 4:6] = True
+    by_mask = cache.token_logps(["a"], mask)
+    by_lengths = cache.token_logps(["a"], mask, host_lengths=((2, 4), (3, 2)))
+    assert torch.equal(by_mask, by_lengths)
+    assert by_lengths[0, 2:5].tolist() == [1.0, 2.0, 3.0] and by_lengths[1, 4:6].tolist() == [4.0, 5.0]
+    with pytest.raises(ValueError, match="holds 2 tokens .* now has 3"):
+        cache.token_logps(["a"], mask, host_lengths=((2, 4), (3, 3)))
+
+
 def test_round_trip_on_disk(tmp_path):
     cache = ReferenceCache([torch.tensor([-1.0, -2.0]), torch.tensor([-3.0])], [torch.tensor([-4.0])] * 2, ["x", "y"])
     cache.save(tmp_path / "c.safetensors")

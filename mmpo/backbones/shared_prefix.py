@@ -8,6 +8,11 @@ prompt and the vision tower through the cache, so the losses and gradients equal
 Layout: prompts are left-padded so every prompt ends in the last column; response rows are
 interleaved (chosen 0, rejected 0, chosen 1, ...) to match ``batch_repeat_interleave(2)``. The result
 is returned in the naive layout (chosen rows first) so everything downstream is unchanged.
+
+No step reads a tensor back from the accelerator: widths come from the token counts the collator
+recorded on the host (``PreferenceBatch.host_lengths``), and response tokens are selected by integer
+coordinates built on the device (a boolean-mask selection would wait for the device to count the
+mask). ``tests/test_device_syncs.py`` keeps it so.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mmpo.logprobs import head_logprobs
+from mmpo.logprobs import head_logprobs, span_coordinates
 
 __all__ = ["shared_prefix_supported", "shared_prefix_token_logps"]
 
@@ -55,16 +60,24 @@ def _returned_cache(out: Any) -> Any:
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
-def _left_padded_prompts(batch: Any, pad_id: int) -> tuple[Tensor, Tensor]:
+def _left_padded_prompts(batch: Any, pad_id: int, prompt_lengths: tuple[int, ...]) -> tuple[Tensor, Tensor]:
     b = batch.num_pairs
     lengths = batch.prompt_lengths[:b]  # (B,)
-    width = int(lengths.max())
+    width = max(prompt_lengths[:b])
     cols = torch.arange(width, device=lengths.device)
     src = cols[None, :] - (width - lengths[:, None])  # (B, Tp): source column, negative = padding
     valid = src >= 0
     ids = batch.input_ids[:b].gather(1, src.clamp(min=0))
     ids = torch.where(valid, ids, torch.full_like(ids, pad_id))
     return ids, valid.long()
+
+
+def _response_ids(batch: Any, rows: Tensor, width: int, counts: Tensor, pad_id: int) -> Tensor:
+    """(len(rows), width): the response tokens of batch rows ``rows``, left-aligned, padded with ``pad_id``."""
+    cols = torch.arange(width, device=counts.device)
+    src = (batch.prompt_lengths[rows, None] + cols[None]).clamp(max=batch.input_ids.shape[1] - 1)
+    ids = batch.input_ids[rows].gather(1, src)
+    return torch.where(cols[None] < counts[:, None], ids, torch.full_like(ids, pad_id))
 
 
 def _sliding_window(text_cfg: Any) -> bool:
@@ -97,14 +110,13 @@ def _attention_kind(inner: nn.Module) -> str | None:
 PACK_MIN_PROMPT_RATIO = 2
 
 
-def _packing_pays(batch: Any, prompt_width: int) -> bool:
-    counts = batch.response_mask.sum(-1)
-    return prompt_width >= PACK_MIN_PROMPT_RATIO * int(counts.max())
+def _packing_pays(response_lengths: tuple[int, ...], prompt_width: int) -> bool:
+    return prompt_width >= PACK_MIN_PROMPT_RATIO * max(response_lengths)
 
 
 def _packed_responses(
     inner: nn.Module, head: nn.Module, batch: Any, prompt_mask: Tensor, last: Tensor, cache: Any, pad_id: int,
-    chunk_size: int, kind: str,
+    chunk_size: int, kind: str, response_lengths: tuple[int, ...],
 ) -> Tensor:  # fmt: skip
     """Both responses of a pair in one row on the pair's (unrepeated) cache, under a block mask.
 
@@ -116,15 +128,14 @@ def _packed_responses(
     b = batch.num_pairs
     mask = batch.response_mask.bool()
     dev = mask.device
-    mask_c, mask_r = mask[:b], mask[b:]
-    count_c, count_r = mask_c.sum(-1), mask_r.sum(-1)  # (B,)
-    wc, wr = int(count_c.max()), int(count_r.max())
+    count_c, count_r = mask[:b].sum(-1), mask[b:].sum(-1)  # (B,)
+    wc, wr = max(response_lengths[:b]), max(response_lengths[b:])
+    pairs = torch.arange(b, device=dev)
+    ids = torch.cat(
+        [_response_ids(batch, pairs, wc, count_c, pad_id), _response_ids(batch, pairs + b, wr, count_r, pad_id)], dim=1
+    )  # (B, W)
     cols_c, cols_r = torch.arange(wc, device=dev), torch.arange(wr, device=dev)
-    valid_c, valid_r = cols_c[None] < count_c[:, None], cols_r[None] < count_r[:, None]  # (B, Wc), (B, Wr)
-    valid = torch.cat([valid_c, valid_r], dim=1)  # (B, W)
-    ids = torch.full(valid.shape, pad_id, dtype=batch.input_ids.dtype, device=dev)
-    ids[:, :wc][valid_c] = batch.input_ids[:b][mask_c]
-    ids[:, wc:][valid_r] = batch.input_ids[b:][mask_r]
+    valid = torch.cat([cols_c[None] < count_c[:, None], cols_r[None] < count_r[:, None]], dim=1)  # (B, W)
     positions = batch.prompt_lengths[:b, None] + torch.cat([cols_c, cols_r])[None]  # (B, W)
 
     # Key j is visible to query q when both are in the same response and j <= q, or j is a real
@@ -145,14 +156,14 @@ def _packed_responses(
     # Token k of a response is predicted by the prompt's last state (k = 0) or its own state k-1.
     start = last[:, None]
     predictors = torch.cat([start, hidden[:, : wc - 1], start, hidden[:, wc : wc + wr - 1]], dim=1)  # (B, W, H)
-    flat = head_logprobs(predictors[valid], head, ids[valid], chunk_size)
-    packed = torch.zeros(valid.shape, dtype=torch.float32, device=dev)
-    packed[valid] = flat
-    chosen = torch.zeros(mask_c.shape, dtype=torch.float32, device=dev)
-    rejected = torch.zeros(mask_r.shape, dtype=torch.float32, device=dev)
-    chosen[mask_c] = packed[:, :wc][valid_c]
-    rejected[mask_r] = packed[:, wc:][valid_r]
-    return torch.cat([chosen, rejected], dim=0)
+    rows_c, k_c = span_coordinates(count_c, sum(response_lengths[:b]))
+    rows_r, k_r = span_coordinates(count_r, sum(response_lengths[b:]))
+    rows, cols = torch.cat([rows_c, rows_r]), torch.cat([k_c, k_r + wc])  # packed slots: chosen, then rejected
+    flat = head_logprobs(predictors[rows, cols], head, ids[rows, cols], chunk_size)
+    out_rows = torch.cat([rows_c, rows_r + b])
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=dev)
+    out[out_rows, batch.prompt_lengths[out_rows] + torch.cat([k_c, k_r])] = flat
+    return out
 
 
 def shared_prefix_token_logps(
@@ -173,14 +184,17 @@ def shared_prefix_token_logps(
     inner, head = base.model, base.get_output_embeddings()
     b = batch.num_pairs
     mask = batch.response_mask.bool()  # (2B, T)
+    prompt_lengths, response_lengths = batch.host_lengths()
 
     # 1. Prompts (and each pair's images, stored once per pair by the collator) once.
-    prompt_ids, prompt_mask = _left_padded_prompts(batch, pad_id)
+    prompt_ids, prompt_mask = _left_padded_prompts(batch, pad_id, prompt_lengths)
     media = batch.media
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    # prompts of one length need no mask: plain causal attention, and no check of the mask's values
+    same_length = len(set(prompt_lengths[:b])) == 1
     out = inner(
         input_ids=prompt_ids,
-        attention_mask=prompt_mask,
+        attention_mask=None if same_length else prompt_mask,
         position_ids=positions,
         use_cache=True,
         **media,
@@ -192,24 +206,25 @@ def shared_prefix_token_logps(
 
     kind = _attention_kind(inner)
     if pack_responses is None:
-        pack_responses = kind is not None and _packing_pays(batch, prompt_ids.shape[1])
+        pack_responses = kind is not None and _packing_pays(response_lengths, prompt_ids.shape[1])
     if pack_responses:
         if kind is None:
             raise ValueError(
                 "packed responses need the sdpa or eager attention implementation and no sliding-window layers"
             )
-        return _packed_responses(inner, head, batch, prompt_mask, last, cache, pad_id, chunk_size, kind)
+        return _packed_responses(
+            inner, head, batch, prompt_mask, last, cache, pad_id, chunk_size, kind, response_lengths
+        )
 
     # 2. Responses on the repeated cache, interleaved rows: (chosen 0, rejected 0, chosen 1, ...).
     cache.batch_repeat_interleave(2)
-    order = torch.stack([torch.arange(b), torch.arange(b, 2 * b)], dim=1).reshape(-1).to(mask.device)  # (2B,)
+    order = torch.arange(2 * b, device=mask.device).view(2, b).t().reshape(-1)  # (2B,): 0, B, 1, B + 1, ...
     counts = mask.sum(-1)[order]  # (2B,)
-    width = int(counts.max())
+    width = max(response_lengths)
     resp_valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]  # (2B, Tr)
-    resp_ids = torch.full((2 * b, width), pad_id, dtype=batch.input_ids.dtype, device=mask.device)
-    resp_ids[resp_valid] = batch.input_ids[order][mask[order]]
+    resp_ids = _response_ids(batch, order, width, counts, pad_id)
     full_mask = torch.cat([prompt_mask.repeat_interleave(2, dim=0), resp_valid.long()], dim=1)
-    resp_pos = batch.prompt_lengths[:b].repeat_interleave(2)[:, None] + torch.arange(width, device=mask.device)
+    resp_pos = batch.prompt_lengths[order][:, None] + torch.arange(width, device=mask.device)
     hidden = inner(
         input_ids=resp_ids,
         attention_mask=full_mask,
@@ -220,11 +235,11 @@ def shared_prefix_token_logps(
 
     # 3. Token k of a response is predicted by the prompt's last state (k = 0) or response state k-1.
     predictors = torch.cat([last.repeat_interleave(2, dim=0)[:, None], hidden[:, :-1]], dim=1)  # (2B, Tr, H)
-    flat = head_logprobs(predictors[resp_valid], head, resp_ids[resp_valid], chunk_size)
+    rows, cols = span_coordinates(counts, sum(response_lengths))
+    flat = head_logprobs(predictors[rows, cols], head, resp_ids[rows, cols], chunk_size)
 
-    # 4. Back to the naive layout: row-major order over (order, mask[order]) is the order of `flat`.
-    interleaved = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
-    interleaved[mask[order]] = flat
-    result = torch.empty_like(interleaved)
-    result[order] = interleaved
+    # 4. Back to the naive layout: interleaved row r is batch row order[r], its response after the prompt.
+    src = order[rows]
+    result = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    result[src, batch.prompt_lengths[src] + cols] = flat
     return result

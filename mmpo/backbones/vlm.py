@@ -201,7 +201,7 @@ class VisionLanguageBackbone:
         if inner is not None and head is not None and plain_head:
             hidden = inner(**inputs, use_cache=False).last_hidden_state  # (2B, T, H)
             return response_logprobs_from_hidden(
-                hidden, head, batch.input_ids, batch.response_mask, self.logprob_chunk_size
+                hidden, head, batch.input_ids, batch.response_mask, self.logprob_chunk_size, batch.host_lengths()
             )
         logits = base(**inputs, use_cache=False).logits  # (2B, T, V)
         return response_logprobs(logits, batch.input_ids, batch.response_mask, self.logprob_chunk_size)
