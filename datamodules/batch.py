@@ -66,7 +66,17 @@ class PreferenceBatch:
         ``prompt[i] .. prompt[i] + response[i] - 1``.
         """
         if self.row_lengths is None:  # one read each, for a batch the collator did not build
-            self.row_lengths = (tuple(self.prompt_lengths.tolist()), tuple(self.response_mask.sum(-1).tolist()))
+            prompts, counts = self.prompt_lengths, self.response_mask.sum(-1)
+            cols = torch.arange(self.response_mask.shape[1], device=prompts.device)[None]
+            spans = (cols >= prompts[:, None]) & (cols < (prompts + counts)[:, None])
+            if not torch.equal(spans, self.response_mask.bool()):
+                bad = int((spans != self.response_mask.bool()).any(-1).int().argmax())
+                record = f" (record {self.ids[bad % len(self.ids)]!r})" if self.ids else ""
+                raise ValueError(
+                    f"row {bad} of the batch{record}: its response is not the span right after its prompt "
+                    "(prompt_lengths and response_mask disagree)"
+                )
+            self.row_lengths = (tuple(prompts.tolist()), tuple(counts.tolist()))
         return self.row_lengths
 
     def _map(self, fn) -> PreferenceBatch:

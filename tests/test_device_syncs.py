@@ -113,6 +113,11 @@ def test_collator_records_row_lengths_and_batches_keep_them(world, tiny_llava):
     # a batch built by hand reads its lengths once, from its tensors
     fields = {**batch.__dict__, "row_lengths": None}
     assert PreferenceBatch(**fields).host_lengths() == batch.row_lengths
+    # one whose response mask does not follow the prompt is refused, not misread
+    mask = batch.response_mask.clone()
+    mask[1, batch.row_lengths[0][1]] = False
+    with pytest.raises(ValueError, match="row 1 .* not the span right after its prompt"):
+        PreferenceBatch(**{**fields, "response_mask": mask}).host_lengths()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs a CUDA device")
