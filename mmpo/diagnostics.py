@@ -52,13 +52,13 @@ _THIS_FILE = str(Path(__file__).resolve())
 _PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
-def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+def _host_only(args: tuple, kwargs: dict) -> bool:
+    """Whether, with an accelerator in use, the operation touches host tensors only (then it waits for nothing)."""
+    if not torch.cuda.is_initialized():
+        return False
     flat = [*args, *kwargs.values()]
-    out = [t for t in flat if isinstance(t, torch.Tensor)]
-    for x in flat:
-        if isinstance(x, list | tuple):
-            out += [t for t in x if isinstance(t, torch.Tensor)]
-    return out
+    flat += [t for x in flat if isinstance(x, list | tuple) for t in x]
+    return all(t.device.type == "cpu" for t in flat if isinstance(t, torch.Tensor))
 
 
 def _reason(func: Any, args: tuple, kwargs: dict) -> str | None:
@@ -137,9 +137,7 @@ class _Mode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         reason = _reason(func, args, kwargs)
-        # on a machine with an accelerator in use, work on host tensors waits for nothing
-        on_host = torch.cuda.is_initialized() and all(t.device.type == "cpu" for t in _tensors(args, kwargs))
-        if reason is not None and not (on_host and reason != "copy to the host"):
+        if reason is not None and not (reason != "copy to the host" and _host_only(args, kwargs)):
             self.report.add(reason)
         return func(*args, **kwargs)
 
