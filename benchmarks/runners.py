@@ -99,12 +99,14 @@ def run_mmpo(
     warmup: int,
     shared_prefix: bool,
     cached_reference: bool = False,
+    callbacks: list | None = None,
 ) -> dict[str, Any]:
     """Train with mmpo through a Lightning Trainer, as users do.
 
     With ``cached_reference`` the reference log-probs of the whole data set are computed before the
     first step (timed on its own as ``cache_seconds``, outside the timed window) and read back during
-    training instead of running the reference.
+    training instead of running the reference. ``callbacks`` are added to the Trainer's (the sync audit
+    uses this).
     """
     import functools
     import shutil
@@ -166,7 +168,7 @@ def run_mmpo(
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[Timer()],
+        callbacks=[*(callbacks or []), Timer()],  # added ones first: their batch-end hooks run before the clock syncs
     )
     L.seed_everything(0, verbose=False)
     try:

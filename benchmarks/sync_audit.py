@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/sync_audit.py --preset tiny --images 3
     python3 benchmarks/sync_audit.py --preset small --images 3 --cuda-debug     # on a GPU
 
-Trains the preset's model (built as in bench_dpo.py) for a few steps through a Lightning Trainer and
+Trains the preset's model for three steps, as bench_dpo.py's mmpo run does (``runners.run_mmpo``), and
 records one step (forward, backward, optimizer step, logging) with ``mmpo.diagnostics.count_device_syncs``,
 which works on the CPU too. On a GPU, ``--cuda-debug`` also turns on torch's own detector
 (``torch.cuda.set_sync_debug_mode("warn")``) for that step and counts its warnings by call site; it
@@ -14,24 +14,25 @@ from __future__ import annotations
 
 import argparse
 import collections
-import functools
 import re
 import sys
-import tempfile
 import traceback
 import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from presets import LORA, LORA_TARGETS, PRESETS, build_model, write_data  # noqa: E402
+from presets import PRESETS, build_model, write_data  # noqa: E402
+from runners import run_mmpo  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--images", type=int, default=3)
-    ap.add_argument("--reference", choices=["auto", "cached"], default="auto")
+    ap.add_argument(
+        "--reference", choices=["auto", "cached"], default="auto", help="cached: reference log-probs cached"
+    )
     ap.add_argument("--naive", action="store_true", help="shared_prefix=False (the prompt once per response)")
     ap.add_argument("--cuda-debug", action="store_true", help="also count torch's CUDA sync warnings")
     ap.add_argument("--workdir", default="runs/bench")
@@ -40,11 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     import lightning as L
     import torch
 
-    from datamodules import ImagePreferenceDataModule
-    from mmpo.backbones import LoraSettings, VisionLanguageBackbone
     from mmpo.diagnostics import count_device_syncs
-    from mmpo.losses import DPOLoss
-    from mmpo.module import PreferenceModule
 
     preset = PRESETS[args.preset]
     cuda = preset.device == "cuda"
@@ -53,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(args.workdir)
     model = build_model(preset, root)
     batch = preset.batch[args.images]
-    data = write_data(preset, args.images, batch * 4, root)
+    data = write_data(preset, args.images, batch * 3, root)
     audited = 2  # the third step: caches, allocator and lazy imports are warm
     found: dict[str, object] = {}
     cuda_sites: collections.Counter[str] = collections.Counter()
@@ -83,28 +80,8 @@ def main(argv: list[str] | None = None) -> None:
                     warnings.showwarning = found["showwarning"]
                 found["cm"].__exit__(None, None, None)
 
-    lora = LoraSettings(r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"], target_modules=LORA_TARGETS)
-    backbone = VisionLanguageBackbone(str(model), lora=lora, dtype=preset.dtype, shared_prefix=not args.naive)
-    module = PreferenceModule(
-        backbone,
-        DPOLoss(beta=0.1),
-        optimizer=functools.partial(torch.optim.AdamW, lr=1e-5, weight_decay=0.0),
-        reference=args.reference,
-        reference_cache_dir=tempfile.mkdtemp(prefix="mmpo-sync-audit-"),
-    )
-    dm = ImagePreferenceDataModule(str(model), train_file=str(data), batch_size=batch, max_length=None, seed=0)
-    trainer = L.Trainer(
-        accelerator="gpu" if cuda else "cpu",
-        devices=1,
-        precision="bf16-mixed" if preset.dtype == "bfloat16" else "32-true",
-        max_steps=audited + 1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[Probe()],
-    )
-    trainer.fit(module, datamodule=dm)
+    run_mmpo(preset, model, data, args.images, steps=1, warmup=audited, shared_prefix=not args.naive,
+             cached_reference=args.reference == "cached", callbacks=[Probe()])  # fmt: skip
     report = found["report"]
     mode = "naive" if args.naive else "shared prefix"
     print(f"\n{preset.name}, {args.images} image(s), {batch} pairs, {mode}, reference {args.reference}:", end=" ")
