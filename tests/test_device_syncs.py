@@ -11,6 +11,7 @@ import types
 import lightning as L
 import pytest
 import torch
+from helpers.trainers import quiet_trainer
 
 from datamodules import ImagePreferenceDataModule, PreferenceBatch
 from mmpo.backbones import LoraSettings, VisionLanguageBackbone
@@ -85,16 +86,7 @@ def test_a_training_step_reads_back_only_the_two_checks(world, tiny_llava, tmp_p
     module = PreferenceModule(backbone, DPOLoss(beta=0.1), reference=reference, reference_cache_dir=str(tmp_path))
     dm = ImagePreferenceDataModule(str(tiny_llava), train_file=str(world / "train.jsonl"), batch_size=4)
     probe = _CountStep()
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[probe],
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(max_steps=3, callbacks=[probe], default_root_dir=str(tmp_path))
     trainer.fit(module, datamodule=dm)
     assert probe.report is not None and probe.report.total > 0  # the counter was on during the step
     assert _own_sites(probe.report) == EXPECTED, probe.report.table()

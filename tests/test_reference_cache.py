@@ -6,6 +6,7 @@ import shutil
 import lightning as L
 import pytest
 import torch
+from helpers.trainers import quiet_trainer
 
 from datamodules import ImagePreferenceDataModule
 from mmpo.backbones import LoraSettings, VisionLanguageBackbone
@@ -30,16 +31,11 @@ def _run(world, model_path, root, reference, lora=True, steps=3):
         str(model_path), train_file=str(world / "train.jsonl"), val_file=str(world / "val.jsonl"), batch_size=4
     )
     rec = _Record()
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=steps,
         limit_val_batches=1,
         val_check_interval=steps,
         num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[rec],
         default_root_dir=str(root),
     )
