@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -362,21 +363,32 @@ class DiffusionPreferenceBatch:
     def num_pairs(self) -> int:
         return self.label.shape[0]
 
-    def to(self, device: torch.device | str) -> DiffusionPreferenceBatch:
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> DiffusionPreferenceBatch:
         def move(t: Tensor | None) -> Tensor | None:
-            return None if t is None else t.to(device)
+            return None if t is None else fn(t)
 
         return DiffusionPreferenceBatch(
             pixel_values=move(self.pixel_values),
             captions=list(self.captions),
-            label=self.label.to(device),
+            label=fn(self.label),
             scores=move(self.scores),
             ids=list(self.ids),
             skipped=self.skipped,
             latents=move(self.latents),
             text_embeds=move(self.text_embeds),
-            text_extra={k: v.to(device) for k, v in self.text_extra.items()},
+            text_extra={k: fn(v) for k, v in self.text_extra.items()},
         )
+
+    def to(self, device: torch.device | str, non_blocking: bool | None = None) -> DiffusionPreferenceBatch:
+        """The batch on ``device``; ``non_blocking`` (default: when the batch is in page-locked
+        memory) queues the copies instead of waiting for them."""
+        if non_blocking is None:
+            non_blocking = self.label.is_pinned()
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> DiffusionPreferenceBatch:
+        """The batch in page-locked memory (the DataLoader calls this with ``pin_memory=True``)."""
+        return self._map(lambda t: t.pin_memory())
 
     @classmethod
     def empty(cls, skipped: int = 0) -> DiffusionPreferenceBatch:

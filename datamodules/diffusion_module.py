@@ -21,7 +21,7 @@ from datamodules.diffusion import (
     load_diffusion_records,
 )
 from datamodules.diffusion_cache import CacheStats, build_latent_cache
-from datamodules.loaders import FirstBatchStatefulDataLoader
+from datamodules.loaders import FirstBatchStatefulDataLoader, pins_memory
 from datamodules.samplers import EpochShuffleSampler
 from datamodules.shapes_world import COLORS, ShapeObject, caption_for, render_scene, sample_scene
 
@@ -53,6 +53,8 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         batch_size: pairs per training batch.
         eval_batch_size: pairs per validation/test batch (default: ``batch_size``).
         num_workers: DataLoader worker processes.
+        pin_memory: collate batches into page-locked memory, so that their copy to the GPU does not
+            block (None: when the trainer trains on a CUDA device).
         on_bad_sample: ``error`` stops with a message naming file and record; ``skip`` drops and counts.
         drop_ties: drop pairs labelled 0.5 (or with equal scores), as Diffusion-DPO does; kept, they
             carry label 0.5 for soft-label losses.
@@ -74,6 +76,7 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         batch_size: int = 4,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
+        pin_memory: bool | None = None,
         on_bad_sample: Literal["error", "skip"] = "error",
         drop_ties: bool = True,
         shuffle: bool = True,
@@ -93,6 +96,7 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
+        self.pin_memory = pin_memory
         self.on_bad_sample = on_bad_sample
         self.drop_ties = drop_ties
         self.shuffle = shuffle
@@ -184,6 +188,7 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=DiffusionPreferenceCollator(),
             persistent_workers=self.num_workers > 0,
+            pin_memory=pins_memory(self.pin_memory, trainer),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -11,7 +11,7 @@ import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.collator import PreferenceDataset, VisionPreferenceCollator
-from datamodules.loaders import FirstBatchStatefulDataLoader
+from datamodules.loaders import FirstBatchStatefulDataLoader, pins_memory
 from datamodules.records import default_root, load_preference_records
 from datamodules.samplers import EpochShuffleSampler, ShardedEpochShuffleSampler
 
@@ -176,10 +176,7 @@ class ImagePreferenceDataModule(L.LightningDataModule):
         )
 
     def _pins(self, trainer: Any) -> bool:
-        if self.pin_memory is not None:
-            return self.pin_memory
-        root = getattr(getattr(trainer, "strategy", None), "root_device", None)
-        return root is not None and root.type == "cuda"
+        return pins_memory(self.pin_memory, trainer)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.batch_size, self.shuffle)

@@ -7,7 +7,7 @@ from typing import Any
 
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-__all__ = ["FirstBatchStatefulDataLoader"]
+__all__ = ["FirstBatchStatefulDataLoader", "pins_memory"]
 
 
 class _StartsAtFirstNext(Iterator):
@@ -38,3 +38,12 @@ class FirstBatchStatefulDataLoader(StatefulDataLoader):
 
     def __iter__(self) -> Iterator:
         return _StartsAtFirstNext(lambda: StatefulDataLoader.__iter__(self))
+
+
+def pins_memory(setting: bool | None, trainer: Any) -> bool:
+    """Whether a loader collates into page-locked memory: ``setting``, or when it is None, whether
+    ``trainer`` trains on a CUDA device (where pinned batches are copied without blocking)."""
+    if setting is not None:
+        return setting
+    root = getattr(getattr(trainer, "strategy", None), "root_device", None)
+    return root is not None and root.type == "cuda"

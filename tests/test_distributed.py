@@ -5,6 +5,7 @@ import functools
 import lightning as L
 import pytest
 import torch
+from helpers.trainers import quiet_trainer
 from safetensors.torch import load_file
 
 from datamodules import ImagePreferenceDataModule
@@ -29,11 +30,9 @@ def _fit(world, tiny_llava, out, devices, batch_size, steps=4, reference="auto")
         str(tiny_llava), train_file=str(world / "train.jsonl"), val_file=str(world / "val.jsonl"),
         batch_size=batch_size, eval_batch_size=batch_size,
     )  # fmt: skip
-    trainer = L.Trainer(
-        accelerator="cpu", devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_steps=steps,
-        limit_val_batches=2, val_check_interval=steps, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        plugins=[AtomicCheckpointIO()], default_root_dir=str(out),
+    trainer = quiet_trainer(
+        devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_steps=steps, limit_val_batches=2,
+        val_check_interval=steps, num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()], default_root_dir=str(out),
     )  # fmt: skip
     trainer.fit(module, datamodule=dm)
     return load_file(out / "adapter" / "adapter_model.safetensors"), dict(trainer.callback_metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers.trainers import quiet_trainer
 
 from datamodules.shapes_world import objects_in_text
 from mmpo.hallucination import (
@@ -118,7 +119,6 @@ def test_metrics_without_a_denominator_are_left_out():
 
 
 def test_validate_logs_the_probe_metrics(world, tiny_llava, processor):
-    import lightning as L
 
     from datamodules import ImagePreferenceDataModule
     from mmpo.backbones import VisionLanguageBackbone
@@ -129,9 +129,7 @@ def test_validate_logs_the_probe_metrics(world, tiny_llava, processor):
     callback = HallucinationEval(settings=["single", "sequence2"], n_captions=3, n_questions=3, max_new_tokens=6)
     module = PreferenceModule(VisionLanguageBackbone(str(tiny_llava)), SFTLoss())
     dm = ImagePreferenceDataModule(str(tiny_llava), world / "train.jsonl", world / "val.jsonl", batch_size=8)
-    trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[callback]
-    )
+    trainer = quiet_trainer(callbacks=[callback])
     (results,) = trainer.validate(module, datamodule=dm, verbose=False)
     for setting in ("single", "sequence2"):
         for name in ("chair_s", "chair_i", "object_recall", "pope_accuracy", "pope_yes_ratio", "pope_f1"):

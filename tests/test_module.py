@@ -1,5 +1,6 @@
 import pytest
 import torch
+from helpers.trainers import quiet_trainer
 
 from datamodules import ImagePreferenceDataModule
 from mmpo.backbones import LoraSettings, VisionLanguageBackbone
@@ -125,10 +126,7 @@ def test_undecodable_images_in_workers_are_counted_and_reported_not_fatal(world,
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             seen.append((batch.skipped, batch.num_pairs))
 
-    trainer = L.Trainer(
-        accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[Count()], default_root_dir=str(tmp_path),
-    )  # fmt: skip
+    trainer = quiet_trainer(max_epochs=1, callbacks=[Count()], default_root_dir=str(tmp_path))
     with pytest.warns(UserWarning, match="1 bad record"):
         trainer.fit(module, datamodule=dm)
     assert sum(s for s, _ in seen) == 1 and sum(n for _, n in seen) == 7

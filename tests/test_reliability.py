@@ -6,6 +6,7 @@ import random
 import lightning as L
 import pytest
 import torch
+from helpers.trainers import quiet_trainer
 from PIL import Image
 
 from datamodules import BadSampleError, ImagePreferenceDataModule, load_image
@@ -37,10 +38,9 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(tmp_path, mo
 
 
 def _trainer(tmp_path, steps=3, callbacks=()):
-    return L.Trainer(
-        accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, limit_val_batches=0, callbacks=list(callbacks), default_root_dir=str(tmp_path),
-    )  # fmt: skip
+    return quiet_trainer(
+        max_steps=steps, limit_val_batches=0, callbacks=list(callbacks), default_root_dir=str(tmp_path)
+    )
 
 
 def _setup(world, tiny_llava, on_nonfinite):
