@@ -6,7 +6,6 @@ import hashlib
 import json
 import math
 import shutil
-import types
 from pathlib import Path
 
 import numpy as np
@@ -450,44 +449,6 @@ def test_datamodule_setup_and_batches(world_pairs, tmp_path):
     assert not cached.datasets["train"].random_crop and not cached.datasets["train"].random_flip
     batch = next(iter(cached.train_dataloader()))
     assert batch.pixel_values is None and batch.latents.shape == (8, 3, 4, 4) and batch.text_embeds.shape == (4, 4, 8)
-
-
-def test_batch_to_and_pin_memory_keep_every_field():
-    batch = DiffusionPreferenceBatch(
-        pixel_values=None,
-        captions=["a", "b"],
-        label=torch.tensor([1.0, 0.75]),
-        scores=torch.tensor([[2.0, 1.0], [float("nan"), float("nan")]]),
-        ids=["p0", "p1"],
-        skipped=3,
-        latents=torch.randn(4, 3, 2, 2),
-        text_embeds=torch.randn(2, 5, 8),
-        text_extra={"pooled": torch.randn(2, 8)},
-    )
-    moved = batch.to("cpu", non_blocking=False)
-    assert moved.pixel_values is None and moved.ids == ["p0", "p1"] and moved.skipped == 3
-    assert torch.equal(moved.latents, batch.latents) and torch.equal(
-        moved.text_extra["pooled"], batch.text_extra["pooled"]
-    )
-    assert torch.equal(moved.scores.isnan(), batch.scores.isnan()) and moved.captions == batch.captions
-    if torch.cuda.is_available():  # page-locked memory needs a CUDA device
-        pinned = batch.pin_memory()
-        assert pinned.label.is_pinned() and pinned.latents.is_pinned() and pinned.text_extra["pooled"].is_pinned()
-        assert torch.equal(pinned.to("cuda").latents.cpu(), batch.latents)
-
-
-def test_loaders_pin_memory_when_training_on_cuda(world_pairs):
-    def trainer_on(device: str):
-        return types.SimpleNamespace(current_epoch=0, strategy=types.SimpleNamespace(root_device=torch.device(device)))
-
-    def pins(trainer, **kwargs) -> bool:
-        dm = DiffusionPreferenceDataModule(train_file=str(world_pairs / "train.jsonl"), resolution=32, **kwargs)
-        dm.trainer = trainer
-        dm.setup("fit")
-        return dm.train_dataloader().pin_memory
-
-    assert pins(trainer_on("cuda")) and not pins(trainer_on("cpu"))
-    assert not pins(trainer_on("cuda"), pin_memory=False) and pins(trainer_on("cpu"), pin_memory=True)
 
 
 def test_datamodule_signature_parses_for_lightning_cli(world_pairs):
