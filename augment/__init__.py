@@ -1,11 +1,18 @@
-"""Negative builders and media augmentations (tensor in, tensor out, explicit generators)."""
+"""Negative builders and media augmentations (tensor in, tensor out, explicit generators).
 
-from augment.mia_formats import (
+One subpackage per method: :mod:`augment.mia` (MIA-DPO multi-image negatives). The names below are
+re-exported so that ``from augment import build_augmented`` keeps working as the package grows.
+"""
+
+from augment.mia import (
     GRID_LAYOUTS,
+    PIC_IN_PIC_PHRASINGS,
     AugmentedSample,
     ImagePool,
     SourceSample,
     add_gaussian_noise,
+    augmented_token_groups,
+    box_to_patch_indices,
     build_augmented,
     build_grid,
     build_pic_in_pic,
@@ -13,21 +20,14 @@ from augment.mia_formats import (
     compose_grid,
     compose_pic_in_pic,
     fit_image,
-)
-from augment.mia_prompts import (
-    PIC_IN_PIC_PHRASINGS,
     grid_prompt,
-    labelled_image_prompt,
-    pic_in_pic_prompt,
-    refer_to_image,
-    sequence_prompt,
-)
-from augment.mia_tokens import (
-    augmented_token_groups,
-    box_to_patch_indices,
     grid_target_token_indices,
     image_token_spans,
+    labelled_image_prompt,
+    pic_in_pic_prompt,
     pic_in_pic_token_indices,
+    refer_to_image,
+    sequence_prompt,
 )
 
 __all__: list[str] = [

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from datamodules.collator import load_image
-from datamodules.diffusion_cache import LatentCache
+from datamodules.latent_cache import TEXT_PREFIX, LatentCache
 from datamodules.records import BadSampleError, iter_raw_records, resolve_media_path
 from datamodules.samplers import EpochShuffleSampler
 
@@ -433,7 +433,7 @@ class DiffusionPreferenceCollator:
                 if name == "text_embeds":
                     text_embeds = stacked
                 else:
-                    text_extra[name.removeprefix("text.")] = stacked
+                    text_extra[name.removeprefix(TEXT_PREFIX)] = stacked
         if any(s["scores"] is not None for s in kept):
             nan = (math.nan, math.nan)
             scores = torch.tensor([s["scores"] if s["scores"] is not None else nan for s in kept], dtype=torch.float32)

@@ -29,10 +29,10 @@ from datamodules.collator import load_image
 from datamodules.records import (
     BadSampleError,
     PreferenceRecord,
-    _response_text,
     default_root,
     iter_raw_records,
     parse_prompt_and_images,
+    response_text,
 )
 
 __all__ = [
@@ -162,7 +162,7 @@ def parse_ranked_record(raw: dict[str, Any], where: str, data_root: Path, image_
         raise BadSampleError(f"{where}: 'responses' must be a list, got {type(values).__name__}")
     if len(values) < 2:
         raise BadSampleError(f"{where}: 'responses' needs at least 2 responses to form a pair, got {len(values)}")
-    responses = [_response_text(v, f"responses[{i}]", where) for i, v in enumerate(values)]
+    responses = [response_text(v, f"responses[{i}]", where) for i, v in enumerate(values)]
     scores = _scores(raw, len(responses), where)
     first: dict[str, int] = {}
     for i, text in enumerate(responses):
@@ -375,3 +375,4 @@ class RankedPreferenceDataset(Dataset):
                 return None
             raise
         return {"record": rec, "images": images}
+

@@ -28,6 +28,7 @@ __all__ = [
     "parse_prompt_and_media",
     "parse_record",
     "resolve_media_path",
+    "response_text",
 ]
 
 
@@ -143,7 +144,12 @@ def _in_memory_image(value: Any) -> bool:
     return hasattr(value, "convert") and hasattr(value, "size") and hasattr(value, "mode")  # a PIL image
 
 
-def _response_text(value: Any, field: str, where: str) -> str:
+def response_text(value: Any, field: str, where: str) -> str:
+    """A response as plain text: a string, or the text parts of conversational messages joined.
+
+    Raises:
+        BadSampleError: not a string or a list of messages, or empty; the message names ``field`` and ``where``.
+    """
     if isinstance(value, list):  # conversational: [{"role": "assistant", "content": ...}]
         parts = []
         for msg in value:
@@ -284,8 +290,8 @@ def parse_record(raw: dict[str, Any], where: str, data_root: Path, image_token: 
         id=str(raw.get("id", where)),
         where=where,
         prompt=prompt,
-        chosen=_response_text(raw["chosen"], "chosen", where),
-        rejected=_response_text(raw["rejected"], "rejected", where),
+        chosen=response_text(raw["chosen"], "chosen", where),
+        rejected=response_text(raw["rejected"], "rejected", where),
         **media,
     )
 

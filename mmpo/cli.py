@@ -36,7 +36,7 @@ class MMPOCLI(LightningCLI):
 
 _EXTRA = {
     "quickstart": ("mmpo.quickstart", "SFT then DPO of a tiny LLaVA on the shapes world (CPU, no downloads)"),
-    "build-negatives": ("augment.mia_build", "MIA-DPO preference data from a single-image dataset (resumable)"),
+    "build-negatives": ("augment.mia.build", "MIA-DPO preference data from a single-image dataset (resumable)"),
     "mia-demo": ("mmpo.mia_demo", "MIA-DPO end to end on the shapes world, hallucination before/after (CPU)"),
 }
 

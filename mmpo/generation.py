@@ -36,7 +36,7 @@ def generate_answers(
         batch_size: prompts per ``generate`` call.
         max_new_tokens: longest answer.
     """
-    from augment.mia_generate import prompt_messages
+    from augment.mia.generate import prompt_messages
 
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")

@@ -96,7 +96,7 @@ def _presence(rng: random.Random, truth: frozenset, companions: set) -> tuple[st
 
 def parse_setting(setting: str, image_size: int = 64) -> tuple[str, dict, int]:
     """``(format, builder options, companions)`` of a probe setting; raises ValueError naming the setting."""
-    from augment.mia_formats import GRID_LAYOUTS
+    from augment.mia.formats import GRID_LAYOUTS
 
     match = _SETTING.match(setting)
     count = int(match.group(2) or match.group(3) or 0) if match else 0
@@ -135,7 +135,7 @@ def make_probes(
         image_size: side of each scene image; grid tiles are this size with a margin of a quarter of it.
         max_objects: most objects per scene.
     """
-    from augment.mia_formats import SourceSample, build_augmented
+    from augment.mia.formats import SourceSample, build_augmented
 
     fmt, options, n_companions = parse_setting(setting, image_size)
     probes = []

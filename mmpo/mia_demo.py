@@ -71,7 +71,7 @@ def write_sft_split(
     as LLaVA's SFT mixes text-only conversations into its image data so that the language model keeps
     what it knew.
     """
-    from augment.mia_prompts import labelled_image_prompt
+    from augment.mia.prompts import labelled_image_prompt
     from datamodules.world_writer import atomic_write_text
     from mmpo.backbones.tiny_language import labelled_list_example
 
@@ -122,7 +122,7 @@ def prepare(
     The world, the model and its two pretrainings are reused when already there with the same settings;
     the splits are cheap and rewritten from the world each time.
     """
-    from augment.mia_prompts import PIC_IN_PIC_PHRASINGS
+    from augment.mia.prompts import PIC_IN_PIC_PHRASINGS
     from datamodules.shapes_world import tokenize, vocabulary, write_shapes_world
     from mmpo.backbones.tiny import build_tiny_llava
     from mmpo.backbones.tiny_language import pretrain_tiny_language_model
@@ -160,9 +160,9 @@ def resolve_config(config: Path, workdir: Path) -> Path:
 
 
 def _cli(config: Path, workdir: Path, extra: list[str]):
-    from mmpo.quickstart import _cli as quickstart_cli
+    from mmpo.quickstart import run_config
 
-    return quickstart_cli(config, workdir, extra, placeholder=PLACEHOLDER)
+    return run_config(config, workdir, extra, placeholder=PLACEHOLDER)
 
 
 def _probe_figures(results: list[dict]) -> dict[str, float]:
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     print("[mmpo] stage 2/3: MIA-DPO pairs from the single-image training set")
-    from augment.mia_build import main as build_main
+    from augment.mia.build import main as build_main
 
     overrides = [f"--{kv}" for kv in args.build_arg]
     build = build_main(["--config", str(resolve_config(configs / "build.yaml", workdir)), *overrides])

@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-__all__ = ["main", "prepare"]
+__all__ = ["main", "prepare", "run_config"]
 
 _ROWS = [
     ("val/loss", "DPO loss"),
@@ -39,7 +39,7 @@ def prepare(workdir: Path, n_train: int, n_val: int, seed: int) -> None:
     print(f"[mmpo] tiny LLaVA checkpoint at {path}")
 
 
-def _cli(config: Path, workdir: Path, extra: list[str], placeholder: str = "runs/quickstart"):
+def run_config(config: Path, workdir: Path, extra: list[str], placeholder: str = "runs/quickstart"):
     """The CLI on a copy of ``config`` whose ``placeholder`` paths point at ``workdir`` (not run)."""
     from mmpo.cli import MMPOCLI
 
@@ -80,13 +80,13 @@ def main(argv: list[str] | None = None) -> None:
 
     sft_extra = [f"--trainer.max_epochs={args.sft_epochs}"] if args.sft_epochs else []
     print("[mmpo] stage 1/2: SFT warm-up (SFTLoss on the chosen answers)")
-    sft = _cli(configs / "quickstart_sft.yaml", workdir, sft_extra)
+    sft = run_config(configs / "quickstart_sft.yaml", workdir, sft_extra)
     sft.trainer.fit(sft.model, datamodule=sft.datamodule)
     sft_val = {k: float(v) for k, v in sft.trainer.callback_metrics.items() if k.startswith("val/")}
 
     dpo_extra = [f"--trainer.max_epochs={args.dpo_epochs}"] if args.dpo_epochs else []
     print("[mmpo] stage 2/2: DPO with LoRA, reference = adapter disabled")
-    dpo = _cli(configs / "quickstart.yaml", workdir, dpo_extra)
+    dpo = run_config(configs / "quickstart.yaml", workdir, dpo_extra)
     before = _figures(dpo.trainer.validate(dpo.model, datamodule=dpo.datamodule, verbose=False))
     dpo.trainer.fit(dpo.model, datamodule=dpo.datamodule)
     after = _figures(dpo.trainer.validate(dpo.model, datamodule=dpo.datamodule, verbose=False))

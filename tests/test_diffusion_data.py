@@ -23,8 +23,9 @@ from datamodules.diffusion import (
     load_diffusion_records,
     pair_pixels,
 )
-from datamodules.diffusion_cache import LatentCache, LatentCacheMissError, build_latent_cache
+from datamodules.diffusion_cache import build_latent_cache
 from datamodules.diffusion_module import DiffusionPreferenceDataModule, write_diffusion_pairs
+from datamodules.latent_cache import LatentCache, LatentCacheMissError
 from datamodules.records import BadSampleError
 from datamodules.shapes_world import COLORS, objects_in_text
 

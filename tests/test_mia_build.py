@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-import augment.mia_build as mia_build
-from augment.mia_build import build_negatives, main
-from augment.mia_build_config import (
+import augment.mia.build as mia_build
+from augment.mia.build import build_negatives, main
+from augment.mia.build_config import (
     BuildConfig,
     FormatOptions,
     GenerationSettings,

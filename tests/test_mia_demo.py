@@ -12,8 +12,8 @@ CONFIGS = REPO / "configs" / "mia_dpo"
 
 
 def test_build_config_parses():
-    from augment.mia_build import _parser
-    from augment.mia_build_config import BuildConfig
+    from augment.mia.build import _parser
+    from augment.mia.build_config import BuildConfig
 
     parser = _parser()
     init = parser.instantiate(parser.parse_args(["--config", str(CONFIGS / "build.yaml")]))
@@ -42,8 +42,8 @@ def test_training_configs_instantiate(tiny_llava, monkeypatch):
 
 
 def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys, monkeypatch):
-    import augment.mia_build as mia_build
-    from augment.mia_select import normalise_answer
+    import augment.mia.build as mia_build
+    from augment.mia.select import normalise_answer
     from mmpo.mia_demo import main
 
     real = mia_build.generate_with_attention

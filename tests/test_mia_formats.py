@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from augment.mia_formats import (
+from augment.mia.formats import (
     GRID_LAYOUTS,
     ImagePool,
     SourceSample,
@@ -22,7 +22,7 @@ from augment.mia_formats import (
     compose_pic_in_pic,
     fit_image,
 )
-from augment.mia_prompts import (
+from augment.mia.prompts import (
     PIC_IN_PIC_PHRASINGS,
     clean_question,
     grid_prompt,
@@ -31,7 +31,7 @@ from augment.mia_prompts import (
     refer_to_image,
     sequence_prompt,
 )
-from augment.mia_tokens import (
+from augment.mia.tokens import (
     augmented_token_groups,
     box_to_patch_indices,
     grid_target_token_indices,

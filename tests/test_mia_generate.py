@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from augment.mia_formats import AugmentedSample, SourceSample, build_augmented
-from augment.mia_generate import _answer_mask, generate_with_attention, prompt_messages, vision_geometry
-from augment.mia_tokens import augmented_token_groups
+from augment.mia.formats import AugmentedSample, SourceSample, build_augmented
+from augment.mia.generate import _answer_mask, generate_with_attention, prompt_messages, vision_geometry
+from augment.mia.tokens import augmented_token_groups
 
 NEW_TOKENS = 8
 GRID = {"num_tiles": 4, "tile_size": 32, "margin": 4, "square": True}

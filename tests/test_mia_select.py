@@ -1,4 +1,4 @@
-"""Tests of augment.mia_select: hand-computed attention ratios, thresholds, drop reasons, masking, configs."""
+"""Tests of augment.mia.select: hand-computed attention ratios, thresholds, drop reasons, masking, configs."""
 
 from __future__ import annotations
 
@@ -9,22 +9,18 @@ import pytest
 import torch
 from jsonargparse import ArgumentParser
 
-from augment.mia_select import (
+from augment.mia.select import (
     DEFAULT_THRESHOLDS,
     DROP_REASONS,
     SelectionConfig,
     SelectionSummary,
     attention_to_tokens,
-    center_region_groups,
-    grid_tile_groups,
-    image_token_groups,
     normalise_answer,
     perplexity,
     resolve_layer,
     select_rejected,
-    stack_generation_attentions,
+    stack_attention_rows,
     target_attention_ratio,
-    target_attention_ratios,
 )
 
 # A sequence prompt of 12 keys: text 0-1, image A at 2-5, image B at 6-9, text 10-11.
@@ -73,21 +69,11 @@ def test_sequence_ratio_by_hand():
     assert target_attention_ratio(over_keys, [torch.tensor(IMAGE_A), mask_b], 1) == pytest.approx(3 / 13)
 
 
-def test_image_token_groups_from_input_ids():
-    ids = torch.tensor([1, 9, 9, 9, 2, 9, 9, 9, 3])
-    assert [g.tolist() for g in image_token_groups(ids, 9)] == [[1, 2, 3], [5, 6, 7]]
-    adjacent = torch.tensor([1, 9, 9, 9, 9, 9, 9, 2])
-    assert [g.tolist() for g in image_token_groups(adjacent, 9)] == [[1, 2, 3, 4, 5, 6]]
-    assert [g.tolist() for g in image_token_groups(adjacent, 9, tokens_per_image=3)] == [[1, 2, 3], [4, 5, 6]]
-    with pytest.raises(ValueError):
-        image_token_groups(adjacent, 9, tokens_per_image=4)
-
-
 def test_grid_uneven_tiles_use_means_not_sums():
-    # a 5×5 patch map cut 2×2 at rows/cols [0, 2, 5]: tiles of 4, 6, 6 and 9 tokens, keys from offset 3
-    tiles = grid_tile_groups(5, 5, rows=2, cols=2, offset=3)
+    # a 5×5 patch map (keys from 3) cut 2×2 at rows/cols [0, 2, 5]: tiles of 4, 6, 6 and 9 tokens
+    index = torch.arange(25).reshape(5, 5) + 3
+    tiles = [index[r0:r1, c0:c1].flatten() for r0, r1 in ((0, 2), (2, 5)) for c0, c1 in ((0, 2), (2, 5))]
     assert [len(t) for t in tiles] == [4, 6, 6, 9]
-    assert tiles[0].tolist() == [3, 4, 8, 9]  # patches (0,0) (0,1) (1,0) (1,1) → 0, 1, 5, 6, plus 3
     over_keys = torch.zeros(3 + 25)
     over_keys[3:] = 0.1
     over_keys[tiles[0]] = 0.3
@@ -95,16 +81,11 @@ def test_grid_uneven_tiles_use_means_not_sums():
     assert ratio == pytest.approx(0.3 / (0.3 + 0.1 + 0.1 + 0.1))  # 0.5
     assert ratio != pytest.approx((4 * 0.3) / (4 * 0.3 + 6 * 0.1 + 6 * 0.1 + 9 * 0.1))  # not the sum ratio
     assert select_rejected(ratio, 2.0, "a dog", "a cat", "grid", 4) == (True, "")  # 0.5 ≤ 0.5
-    # LLaVA's 24×24 map in a 3×3 collage: nine 8×8 tiles covering every patch once
-    tiles = grid_tile_groups(24, 24, 3, 3)
-    assert [len(t) for t in tiles] == [64] * 9
-    assert sorted(torch.cat(tiles).tolist()) == list(range(576))
 
 
 def test_pic_in_pic_centre_versus_rest():
-    centre, rest = center_region_groups(4, 4, 2, 2, offset=3)
-    assert centre.tolist() == [8, 9, 12, 13]  # patches 5, 6, 9, 10 of the 4×4 map, plus 3
-    assert len(rest) == 12
+    centre = [8, 9, 12, 13]  # the central 2×2 of a 4×4 patch map whose keys start at 3
+    rest = [k for k in range(3, 19) if k not in centre]
     over_keys = torch.zeros(3 + 16)
     over_keys[rest] = 0.05
     over_keys[centre] = 0.15
@@ -114,9 +95,6 @@ def test_pic_in_pic_centre_versus_rest():
     over_keys[centre] = 0.5  # 0.5 / 0.55 ≈ 0.91 > 0.8
     ratio = target_attention_ratio(over_keys, [centre, rest], target=0)
     assert select_rejected(ratio, 2.0, "red", "blue", "pic_in_pic", 1) == (False, "attention_above_threshold")
-    big_centre, big_rest = center_region_groups()  # LLaVA-1.5: central 16×16 of 24×24
-    assert (len(big_centre), len(big_rest)) == (256, 320)
-    assert big_centre.min().item() == 4 * 24 + 4
 
 
 # --------------------------------------------------------------------------- batching and masks
@@ -137,9 +115,9 @@ def test_batched_padding_of_generated_tokens_does_not_change_results():
     torch.testing.assert_close(attention_to_tokens(batch, torch.tensor([[0, 1, 2], [0, 1, -1]])), out)
     # a (Q,) mask on one sample selects rows too
     torch.testing.assert_close(attention_to_tokens(padded, torch.tensor([True, True, False])), out[1])
-    ratios = target_attention_ratios(out, [[IMAGE_A, IMAGE_B], [IMAGE_A, IMAGE_B]], [0, 0])
-    assert ratios[0].item() == pytest.approx(10 / 13)
-    assert ratios[1].item() == pytest.approx(target_attention_ratio(attention_to_tokens(short), [IMAGE_A, IMAGE_B], 0))
+    assert target_attention_ratio(out[0], [IMAGE_A, IMAGE_B], 0) == pytest.approx(10 / 13)
+    expected = target_attention_ratio(attention_to_tokens(short), [IMAGE_A, IMAGE_B], 0)
+    assert target_attention_ratio(out[1], [IMAGE_A, IMAGE_B], 0) == pytest.approx(expected)
 
 
 def test_bf16_attention_is_averaged_in_float32():
@@ -148,17 +126,18 @@ def test_bf16_attention_is_averaged_in_float32():
     assert out.sum().item() == pytest.approx(1.0, abs=1e-2)
 
 
-def test_stack_generation_attentions_takes_the_producing_row_of_each_step():
+def test_stack_attention_rows_pads_each_step_on_the_right():
     g = torch.Generator().manual_seed(0)
-    prompt, layers = 4, 3
-    steps = [tuple(torch.rand(2, 2, prompt, prompt, generator=g) for _ in range(layers))]
-    for s in (1, 2):
-        steps.append(tuple(torch.rand(2, 2, 1, prompt + s, generator=g) for _ in range(layers)))
-    out = stack_generation_attentions(steps, layer=1)
+    prompt = 4
+    # the last query row of each generation step, as generate's hook keeps it: step s sees prompt + s keys
+    rows = [torch.rand(2, 2, prompt + s, generator=g) for s in range(3)]
+    out = stack_attention_rows(rows)
     assert out.shape == (2, 2, 3, prompt + 2)
-    torch.testing.assert_close(out[:, :, 0, :prompt], steps[0][1][:, :, -1])
+    torch.testing.assert_close(out[:, :, 0, :prompt], rows[0])
     assert out[:, :, 0, prompt:].abs().sum().item() == 0.0
-    torch.testing.assert_close(out[:, :, 2], steps[2][1][:, :, 0])
+    torch.testing.assert_close(out[:, :, 2], rows[2])
+    with pytest.raises(ValueError, match="no generation steps"):
+        stack_attention_rows([])
 
 
 # --------------------------------------------------------------------------- perplexity and layers

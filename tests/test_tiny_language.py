@@ -16,7 +16,7 @@ def _weights(path):
 
 
 def _tiny(tmp_path, **kwargs):
-    from augment.mia_prompts import PIC_IN_PIC_PHRASINGS
+    from augment.mia.prompts import PIC_IN_PIC_PHRASINGS
     from datamodules.shapes_world import tokenize, vocabulary
     from mmpo.backbones.tiny import build_tiny_llava
     from mmpo.mia_demo import MIA_WORDS

@@ -46,12 +46,12 @@ def labelled_list_example(
 ) -> dict:
     """One text example: ``{"prompt", "chosen", "rejected", "kind", "items"}``.
 
-    The prompt is MIA-DPO's sequence prompt (``augment.mia_prompts.sequence_prompt``) with each ``<image>``
+    The prompt is MIA-DPO's sequence prompt (``augment.mia.prompts.sequence_prompt``) with each ``<image>``
     replaced by the caption of a sampled shapes-world scene; the question and the two answers are those of
     the target item's record (a caption, colour or presence task), so it is also a text-only preference
     record the datamodules read.
     """
-    from augment.mia_prompts import IMAGE_PLACEHOLDER, sequence_prompt
+    from augment.mia.prompts import IMAGE_PLACEHOLDER, sequence_prompt
     from datamodules.shapes_world import make_record
 
     items = rng.randint(1, max_items)

@@ -3,7 +3,7 @@
 Liu et al., "MIA-DPO: Multi-Image Augmented Direct Preference Optimization for Large
 Vision-Language Models" (2024). The question and answer of a single-image instruction sample stay;
 the input becomes one of three multi-image formats, and the prompt names the target
-(:mod:`augment.mia_prompts`):
+(:mod:`augment.mia.prompts`):
 
 - ``"sequence"``: 2–5 separate images, the target at a random position.
 - ``"grid"``: one collage of 2, 3, 4, 6 or 9 tiles (1×2, 1×3, 2×2, 2×3, 3×3), row-major. Every
@@ -25,7 +25,7 @@ draw everything from the explicit ``random.Random`` they are given, in a fixed o
 gives identical images and prompts; optional Gaussian corruption of the target (off by default)
 uses a ``torch.Generator`` seeded from that rng and is drawn whether or not it is used, so turning
 it on changes pixels only. The second half maps the result to token indices for attention-aware
-selection (:mod:`augment.mia_select`).
+selection (:mod:`augment.mia.select`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from augment.mia_prompts import PIC_IN_PIC_PHRASINGS, grid_prompt, pic_in_pic_prompt, sequence_prompt
+from augment.mia.prompts import PIC_IN_PIC_PHRASINGS, grid_prompt, pic_in_pic_prompt, sequence_prompt
 
 __all__ = [
     "GRID_LAYOUTS",

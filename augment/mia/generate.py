@@ -2,11 +2,11 @@
 
 Liu et al., "MIA-DPO: Multi-Image Augmented Direct Preference Optimization for Large
 Vision-Language Models" (2024). The base model answers each augmented sample (sequence, grid
-collage or pic-in-pic, :mod:`augment.mia_formats`) greedily, keeping one layer's attention. For
+collage or pic-in-pic, :mod:`augment.mia.formats`) greedily, keeping one layer's attention. For
 each answer this module returns the text, its perplexity and the target-attention ratio: the
 attention of one middle decoder layer, averaged over heads and generated tokens
-(:mod:`augment.mia_select`), summarised over the token groups of the sample's images, tiles or
-regions (:mod:`augment.mia_tokens`). :func:`augment.mia_select.select_rejected` then decides
+(:mod:`augment.mia.select`), summarised over the token groups of the sample's images, tiles or
+regions (:mod:`augment.mia.tokens`). :func:`augment.mia.select.select_rejected` then decides
 which answers become *rejected* responses.
 
 Prompts are built as the collator builds them (chat template with the ``<image>`` placeholders as
@@ -35,18 +35,25 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from augment.mia_formats import AugmentedSample
-from augment.mia_prompts import IMAGE_PLACEHOLDER
-from augment.mia_select import (
+from augment.mia.formats import AugmentedSample
+from augment.mia.prompts import IMAGE_PLACEHOLDER
+from augment.mia.select import (
     attention_to_tokens,
     perplexity,
     resolve_layer,
     stack_attention_rows,
     target_attention_ratio,
 )
-from augment.mia_tokens import augmented_token_groups
+from augment.mia.tokens import augmented_token_groups
 
-__all__ = ["GenerationResult", "VisionGeometry", "generate_with_attention", "prompt_messages", "vision_geometry"]
+__all__ = [
+    "GenerationResult",
+    "VisionGeometry",
+    "generate_with_attention",
+    "num_layers",
+    "prompt_messages",
+    "vision_geometry",
+]
 
 
 @dataclass
@@ -123,7 +130,8 @@ def vision_geometry(model: Any, processor: Any) -> VisionGeometry:
     return VisionGeometry(int(image_token_id), (input_size // patch, input_size // patch), input_size)
 
 
-def _num_layers(model: Any) -> int:
+def num_layers(model: Any) -> int:
+    """Decoder layers of the language model (``text_config`` of a vision-language config, else the config)."""
     config = getattr(model.config, "text_config", None) or model.config
     return int(config.num_hidden_layers)
 
@@ -268,7 +276,7 @@ def generate_with_attention(
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"need batch_size ≥ 1 and max_new_tokens ≥ 1, got {batch_size} and {max_new_tokens}")
-    layer = resolve_layer(_num_layers(model), layer)
+    layer = resolve_layer(num_layers(model), layer)
     geometry = vision_geometry(model, processor)
     eos_ids = _eos_ids(model, processor)
     tokenizer = processor.tokenizer

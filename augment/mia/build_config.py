@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from augment.mia_select import SelectionConfig
+from augment.mia.select import SelectionConfig
 
 __all__ = [
     "BuildConfig",
@@ -125,7 +125,7 @@ class GenerationSettings:
 
 @dataclass
 class SelectionSettings:
-    """Attention-aware selection (see :class:`augment.mia_select.SelectionConfig`).
+    """Attention-aware selection (see :class:`augment.mia.select.SelectionConfig`).
 
     ``thresholds`` overrides the paper's per-format, per-count thresholds, e.g. ``{"grid": {4: 0.55}}``.
     """

@@ -2,8 +2,8 @@
 
 For each source record (one image, a question, its ground-truth answer) the builder draws a format
 (sequence, grid collage, pic-in-pic) and companions from the same dataset, lets the base model answer
-the augmented input greedily with one layer's attention (:mod:`augment.mia_generate`), and keeps the
-answer as *rejected* when MIA-DPO's rule says it is a hallucination (:mod:`augment.mia_select`); the
+the augmented input greedily with one layer's attention (:mod:`augment.mia.generate`), and keeps the
+answer as *rejected* when MIA-DPO's rule says it is a hallucination (:mod:`augment.mia.select`); the
 ground truth is *chosen*. The output directory then holds:
 
 - ``train.jsonl`` + ``images/``: the preference dataset, read directly by
@@ -42,10 +42,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from augment.mia_build_config import BuildConfig, config_fingerprint
-from augment.mia_formats import AugmentedSample, ImagePool, SourceSample, build_augmented
-from augment.mia_generate import GenerationResult, _num_layers, generate_with_attention
-from augment.mia_select import SelectionConfig, SelectionSummary, select_rejected
+from augment.mia.build_config import BuildConfig, config_fingerprint
+from augment.mia.formats import AugmentedSample, ImagePool, SourceSample, build_augmented
+from augment.mia.generate import GenerationResult, generate_with_attention, num_layers
+from augment.mia.select import SelectionConfig, SelectionSummary, select_rejected
 
 __all__ = ["BuildResult", "SourceRecord", "build_negatives", "main", "read_source"]
 
@@ -430,7 +430,7 @@ def build_negatives(
         "generated": state.generated,
         "seconds": round(state.elapsed, 2),
         "samples_per_second": round(state.generated / state.elapsed, 2) if state.elapsed else None,
-        "layer": selection.resolve_layer(_num_layers(model)),
+        "layer": selection.resolve_layer(num_layers(model)),
         "config": asdict(config),
     }
     _atomic_json(out / _SUMMARY, summary)

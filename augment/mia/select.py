@@ -3,10 +3,10 @@
 Liu et al., "MIA-DPO: Multi-Image Augmented Direct Preference Optimization for Large
 Vision-Language Models" (2024), attention-aware selection. The base model answers the question
 about the *target* image of a multi-image input (sequence, grid collage or picture-in-picture)
-with ``output_attentions=True``. At one middle layer (16 of 32 for LLaVA-7B) its attention is
-averaged over heads and over the generated tokens, giving one weight per key position. Each image
-(sequence), tile (grid) or region (pic-in-pic: the central inset vs the rest) gets the **mean**
-attention over its visual tokens, and
+keeping one layer's attention (:mod:`augment.mia.generate`). At one middle layer (16 of 32 for
+LLaVA-7B) its attention is averaged over heads and over the generated tokens, giving one weight per
+key position. Each image (sequence), tile (grid) or region (pic-in-pic: the central inset vs the
+rest; groups from :mod:`augment.mia.tokens`) gets the **mean** attention over its visual tokens, and
 
     ratio = mean(target group) / Σ_groups mean(group).
 
@@ -36,18 +36,13 @@ __all__ = [
     "SelectionConfig",
     "SelectionSummary",
     "attention_to_tokens",
-    "center_region_groups",
-    "grid_tile_groups",
     "group_mean_attention",
-    "image_token_groups",
     "normalise_answer",
     "perplexity",
     "resolve_layer",
     "select_rejected",
     "stack_attention_rows",
-    "stack_generation_attentions",
     "target_attention_ratio",
-    "target_attention_ratios",
 ]
 
 # The one key of the pic-in-pic table: the model sees one composed image, whose central inset is
@@ -148,29 +143,12 @@ class SelectionConfig:
 # --------------------------------------------------------------------------- attention maps
 
 
-def stack_generation_attentions(step_attentions: Sequence[Sequence[Tensor]], layer: int) -> Tensor:
-    """One layer's attention rows from ``generate(output_attentions=True)``, stacked over steps.
-
-    Hugging Face's ``generate`` returns, per generated token s, a tuple over layers of
-    (B, heads, q_s, K_s) maps: step 0 covers the whole prompt (q_0 = K_0 = P), later steps one
-    query over a growing cache (q_s = 1, K_s = P + s). The row that produced token s is the last
-    query row of step s; rows are zero-padded on the right to the last step's key length, which
-    leaves the prompt's (visual) key positions untouched.
-
-    Args:
-        step_attentions: ``outputs.attentions`` (needs ``attn_implementation="eager"``).
-        layer: 0-based layer, e.g. from :func:`resolve_layer`.
-
-    Returns:
-        (B, heads, S, K) with S generated tokens and K = P + S − 1 key positions.
-    """
-    return stack_attention_rows([step[layer][:, :, -1] for step in step_attentions])
-
-
 def stack_attention_rows(rows: Sequence[Tensor]) -> Tensor:
     """Per-step (B, heads, K_s) attention rows → (B, heads, S, K), zero-padded on the right.
 
-    The padding leaves the prompt's (visual) key positions untouched.
+    Row s is the last query row of generation step s, the one that produced token s: step 0 covers
+    the whole prompt (K_0 = P keys), later steps one query over a growing cache (K_s = P + s). The
+    padding leaves the prompt's (visual) key positions untouched.
     """
     if not rows:
         raise ValueError("no generation steps")
@@ -188,7 +166,7 @@ def attention_to_tokens(attentions: Tensor, generated_positions: Tensor | None =
     Args:
         attentions: one layer's attention weights, (heads, Q, K) or batched (B, heads, Q, K);
             Q indexes the query rows of the generated tokens (e.g. from
-            :func:`stack_generation_attentions`), K every key position (prompt, image tokens, answer).
+            :func:`stack_attention_rows`), K every key position (prompt, image tokens, answer).
         generated_positions: which query rows to average over. None: all Q rows. A bool mask of
             shape (Q,) or (B, Q), True for real generated tokens and False for padding (answers of
             different lengths in one batch). Or integer row indices, (Q',) or (B, Q') where
@@ -229,74 +207,6 @@ def _query_mask(positions: Tensor | None, batch: int, queries: int, unbatched: b
     mask = torch.zeros(batch, queries + 1, dtype=torch.bool, device=device)
     mask.scatter_(1, torch.where(positions < 0, queries, positions).long(), True)  # padding → spare column
     return mask[:, :queries]
-
-
-# --------------------------------------------------------------------------- token groups
-
-
-def image_token_groups(input_ids: Tensor, image_token_id: int, tokens_per_image: int | None = None) -> list[Tensor]:
-    """Key positions of each image in a sequence prompt: one group per image.
-
-    Args:
-        input_ids: (T,) ids of the full sequence the attention keys index (image tokens expanded).
-        image_token_id: id of the visual placeholder token (e.g. LLaVA's ``<image>``).
-        tokens_per_image: split the image positions into consecutive chunks of this size; None
-            splits at gaps instead (each contiguous run of image tokens is one image).
-
-    Returns:
-        One (n_i,) long tensor of key positions per image, in prompt order.
-    """
-    positions = (torch.as_tensor(input_ids) == image_token_id).nonzero().flatten()
-    if positions.numel() == 0:
-        return []
-    if tokens_per_image is not None:
-        if positions.numel() % tokens_per_image:
-            raise ValueError(f"{positions.numel()} image tokens are not a multiple of {tokens_per_image}")
-        return list(positions.split(tokens_per_image))
-    breaks = (positions.diff() > 1).nonzero().flatten() + 1
-    sizes = torch.diff(breaks, prepend=breaks.new_zeros(1), append=breaks.new_tensor([positions.numel()]))
-    return list(positions.split(sizes.tolist()))
-
-
-def grid_tile_groups(patch_rows: int, patch_cols: int, rows: int, cols: int, offset: int = 0) -> list[Tensor]:
-    """Key positions of each tile of a grid collage, row-major like the collage's ``Image{i}`` labels.
-
-    The collage's patch map (patch_rows × patch_cols tokens, row-major, starting at key ``offset``)
-    is cut into rows × cols blocks at ``floor(i · patch_rows / rows)``; when the map does not divide
-    evenly the blocks differ in size, which is why ratios use per-group means. Margins and labels of
-    the collage are not modelled: each block is the tile plus its share of the border.
-
-    Returns:
-        rows · cols (n_i,) long tensors; tile k (0-based) is ``Image{k+1}``.
-    """
-    if not (1 <= rows <= patch_rows and 1 <= cols <= patch_cols):
-        raise ValueError(f"cannot cut a {patch_rows}×{patch_cols} patch map into {rows}×{cols} tiles")
-    index = torch.arange(patch_rows * patch_cols).reshape(patch_rows, patch_cols) + offset
-    r_edges = [i * patch_rows // rows for i in range(rows + 1)]
-    c_edges = [j * patch_cols // cols for j in range(cols + 1)]
-    return [
-        index[r_edges[i] : r_edges[i + 1], c_edges[j] : c_edges[j + 1]].flatten()
-        for i in range(rows)
-        for j in range(cols)
-    ]
-
-
-def center_region_groups(
-    patch_rows: int = 24, patch_cols: int = 24, inner_rows: int = 16, inner_cols: int = 16, offset: int = 0
-) -> list[Tensor]:
-    """Pic-in-pic groups: [central inner_rows × inner_cols block, the rest of the patch map].
-
-    Defaults are LLaVA-1.5's 24×24 map with the central 16×16 (the inset fills 0.7 of the image);
-    the target is group 0. Keys start at ``offset`` and run row-major.
-    """
-    fits = 1 <= inner_rows <= patch_rows and 1 <= inner_cols <= patch_cols
-    if not fits or (inner_rows, inner_cols) == (patch_rows, patch_cols):
-        raise ValueError(f"inner block {inner_rows}×{inner_cols} must sit inside {patch_rows}×{patch_cols}")
-    index = torch.arange(patch_rows * patch_cols).reshape(patch_rows, patch_cols) + offset
-    top, left = (patch_rows - inner_rows) // 2, (patch_cols - inner_cols) // 2
-    inside = torch.zeros(patch_rows, patch_cols, dtype=torch.bool)
-    inside[top : top + inner_rows, left : left + inner_cols] = True
-    return [index[inside], index[~inside]]
 
 
 # --------------------------------------------------------------------------- ratios and perplexity
@@ -341,19 +251,6 @@ def target_attention_ratio(attn_over_keys: Tensor, groups: Sequence[Group], targ
         raise ValueError(f"target {target} out of range for {len(groups)} groups")
     means = group_mean_attention(attn_over_keys, groups)
     return float(means[target] / means.sum())
-
-
-def target_attention_ratios(
-    attn_over_keys: Tensor, groups: Sequence[Sequence[Group]], targets: Sequence[int]
-) -> Tensor:
-    """Batched :func:`target_attention_ratio`: (B, K) attention, per-sample groups and targets → (B,) ratios.
-
-    Groups are per sample because left padding and image counts move the visual tokens' key positions.
-    """
-    if not attn_over_keys.shape[0] == len(groups) == len(targets):
-        raise ValueError("attention, groups and targets must have the same batch size")
-    ratios = [target_attention_ratio(a, g, t) for a, g, t in zip(attn_over_keys, groups, targets, strict=True)]
-    return torch.tensor(ratios, dtype=torch.float64)
 
 
 def perplexity(token_logps: Tensor, mask: Tensor) -> Tensor:

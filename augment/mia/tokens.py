@@ -1,6 +1,6 @@
 """MIA-DPO token bookkeeping: which positions of a prompt belong to which image, tile or region.
 
-Attention-aware selection (``augment.mia_select``) compares the attention a generated answer pays to
+Attention-aware selection (``augment.mia.select``) compares the attention a generated answer pays to
 the target against the attention it pays to the other images. These functions find, in a processed
 ``input_ids`` sequence, the token positions of each image (sequence format), of the target tile's
 block of the patch grid (grid collage), or of the central region (pic-in-pic). The number of tokens
@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from augment.mia_formats import AugmentedSample
+from augment.mia.formats import AugmentedSample
 
 __all__ = [
     "augmented_token_groups",
@@ -207,7 +207,7 @@ def augmented_token_groups(
     sequence: one group per image span. grid: one group per tile square (margins and label bands
     belong to no group). pic-in-pic: ``[inset, rest of the patch map]``, the inset being the
     central block (``"center"``) or the pasted box (``"box"``). Feed them to
-    :func:`augment.mia_select.target_attention_ratio`.
+    :func:`augment.mia.select.target_attention_ratio`.
     """
     if sample.format == "sequence":
         spans = image_token_spans(input_ids, image_token_id, tokens_per_image)

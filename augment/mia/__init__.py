@@ -1,0 +1,115 @@
+"""MIA-DPO: multi-image preference data from single-image data (Liu et al., 2024).
+
+The pieces, in the order the builder uses them: :mod:`~augment.mia.formats` (sequence, grid and
+pic-in-pic inputs around a target image), :mod:`~augment.mia.prompts` (the rewritten questions),
+:mod:`~augment.mia.tokens` (which prompt tokens belong to which image, tile or region),
+:mod:`~augment.mia.generate` (the base model's answers with one layer's attention),
+:mod:`~augment.mia.select` (the attention-aware keep/drop rule) and :mod:`~augment.mia.build`
+(the resumable ``mmpo build-negatives`` command, configured by :mod:`~augment.mia.build_config`).
+"""
+
+from augment.mia.build import BuildResult, SourceRecord, build_negatives, read_source
+from augment.mia.build_config import (
+    BuildConfig,
+    FormatOptions,
+    GenerationSettings,
+    GridOptions,
+    PicInPicOptions,
+    SelectionSettings,
+    SequenceOptions,
+    SourceSettings,
+    config_fingerprint,
+)
+from augment.mia.formats import (
+    GRID_LAYOUTS,
+    AugmentedSample,
+    ImagePool,
+    SourceSample,
+    add_gaussian_noise,
+    build_augmented,
+    build_grid,
+    build_pic_in_pic,
+    build_sequence,
+    compose_grid,
+    compose_pic_in_pic,
+    fit_image,
+)
+from augment.mia.generate import GenerationResult, VisionGeometry, generate_with_attention, prompt_messages
+from augment.mia.prompts import (
+    IMAGE_PLACEHOLDER,
+    PIC_IN_PIC_PHRASINGS,
+    grid_prompt,
+    labelled_image_prompt,
+    pic_in_pic_prompt,
+    refer_to_image,
+    sequence_prompt,
+)
+from augment.mia.select import (
+    DEFAULT_THRESHOLDS,
+    DROP_REASONS,
+    SelectionConfig,
+    SelectionSummary,
+    normalise_answer,
+    perplexity,
+    select_rejected,
+    target_attention_ratio,
+)
+from augment.mia.tokens import (
+    augmented_token_groups,
+    box_to_patch_indices,
+    grid_target_token_indices,
+    image_token_spans,
+    pic_in_pic_token_indices,
+)
+
+__all__: list[str] = [
+    "DEFAULT_THRESHOLDS",
+    "DROP_REASONS",
+    "GRID_LAYOUTS",
+    "IMAGE_PLACEHOLDER",
+    "PIC_IN_PIC_PHRASINGS",
+    "AugmentedSample",
+    "BuildConfig",
+    "BuildResult",
+    "FormatOptions",
+    "GenerationResult",
+    "GenerationSettings",
+    "GridOptions",
+    "ImagePool",
+    "PicInPicOptions",
+    "SelectionConfig",
+    "SelectionSettings",
+    "SelectionSummary",
+    "SequenceOptions",
+    "SourceRecord",
+    "SourceSample",
+    "SourceSettings",
+    "VisionGeometry",
+    "add_gaussian_noise",
+    "augmented_token_groups",
+    "box_to_patch_indices",
+    "build_augmented",
+    "build_grid",
+    "build_negatives",
+    "build_pic_in_pic",
+    "build_sequence",
+    "compose_grid",
+    "compose_pic_in_pic",
+    "config_fingerprint",
+    "fit_image",
+    "generate_with_attention",
+    "grid_prompt",
+    "grid_target_token_indices",
+    "image_token_spans",
+    "labelled_image_prompt",
+    "normalise_answer",
+    "perplexity",
+    "pic_in_pic_prompt",
+    "pic_in_pic_token_indices",
+    "prompt_messages",
+    "read_source",
+    "refer_to_image",
+    "select_rejected",
+    "sequence_prompt",
+    "target_attention_ratio",
+]
