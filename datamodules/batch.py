@@ -7,35 +7,46 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["PreferenceBatch"]
+__all__ = ["SIDE_FIELDS", "PreferenceBatch"]
+
+
+# Side information a group may carry, with its shape per group: (K,) per response, () per group.
+SIDE_FIELDS = ("scores", "weights", "dimension_ids", "soft_labels")
 
 
 @dataclass
 class PreferenceBatch:
-    """A batch of B preference pairs, chosen and rejected stacked along the first axis.
+    """A batch of B groups of K responses that share a prompt (K = 2: preference pairs).
 
-    Rows ``0..B-1`` hold prompt + chosen response, rows ``B..2B-1`` the same prompts + rejected
-    response, in the same order, right-padded to a common length T.
+    Rows are response-major: row ``k·B + b`` holds the prompt of group b followed by its response k,
+    so rows ``0..B-1`` are the first responses (the chosen ones of pairs, the best of ranked lists),
+    rows ``B..2B-1`` the second ones, and so on; right-padded to a common length T. N = K·B rows.
 
     Attributes:
-        input_ids: (2B, T) token ids, image placeholders already expanded by the processor.
-        attention_mask: (2B, T) 1 on real tokens, 0 on padding.
-        response_mask: (2B, T) bool, True where the token at that position belongs to the response,
+        input_ids: (N, T) token ids, image placeholders already expanded by the processor.
+        attention_mask: (N, T) 1 on real tokens, 0 on padding.
+        response_mask: (N, T) bool, True where the token at that position belongs to the response,
             i.e. where its log-probability (predicted from position t-1) counts.
-        prompt_lengths: (2B,) number of prompt tokens at the start of each row.
+        prompt_lengths: (N,) number of prompt tokens at the start of each row.
         media: processor outputs for the images and videos. When ``shared_prompt`` is True they are
-            stored once per pair (for LLaVA ``pixel_values`` (N_img, 3, H, W) over the B prompts); a
-            model that runs 2B rows repeats them (:meth:`row_media`). When False, the chosen rows'
-            media come first, then the rejected rows'. Empty for text-only batches.
+            stored once per group (for LLaVA ``pixel_values`` (N_img, 3, H, W) over the B prompts); a
+            model that runs all N rows repeats them K times (:meth:`row_media`). When False (media per
+            response), they are stored in row order: the first responses' media, then the second
+            ones', and so on. Empty for text-only batches.
         ids: the B record ids, for error messages and logs.
         skipped: records dropped while building this batch (``on_bad_sample: skip``).
         truncated: responses shortened to fit ``max_length`` in this batch.
-        shared_prompt: chosen and rejected rows of a pair hold the same prompt and media, so a model
-            may run each prompt once. False when the media differ (VDPO-style pairs).
-        row_lengths: the (prompt, response) token counts of the 2B rows as Python ints, recorded by the
+        shared_prompt: the K rows of a group hold the same prompt and media, so a model may run each
+            prompt once. False when the media differ per response (VDPO-style pairs).
+        row_lengths: the (prompt, response) token counts of the N rows as Python ints, recorded by the
             collator on the host, so a forward can size its tensors without reading them back from an
             accelerator (each read waits for the device to finish its queued work). None for a batch
             built by hand; :meth:`host_lengths` then reads them once.
+        group_size: K, responses per group (2 for pairs).
+        scores: (B, K) float scores of the responses (higher is better), or None.
+        weights: (B,) float weight of each group, or None.
+        dimension_ids: (B,) long id of the preference dimension a group was labelled on, or None.
+        soft_labels: (B,) float probability that response 0 is preferred to response 1, or None.
     """
 
     input_ids: Tensor
@@ -48,19 +59,40 @@ class PreferenceBatch:
     truncated: int = 0
     shared_prompt: bool = True
     row_lengths: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    group_size: int = 2
+    scores: Tensor | None = None
+    weights: Tensor | None = None
+    dimension_ids: Tensor | None = None
+    soft_labels: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.group_size < 2:
+            raise ValueError(f"a group holds at least 2 responses, got group_size={self.group_size}")
+        if self.input_ids.shape[0] % self.group_size:
+            raise ValueError(f"{self.input_ids.shape[0]} rows do not split into groups of {self.group_size}")
+
+    @property
+    def num_groups(self) -> int:
+        """B, the groups of the batch."""
+        return self.input_ids.shape[0] // self.group_size
 
     @property
     def num_pairs(self) -> int:
-        return self.input_ids.shape[0] // 2
+        """B, the groups of the batch (pairs when K = 2); kept for code written for pairs."""
+        return self.num_groups
+
+    def side_info(self) -> dict[str, Tensor]:
+        """The side information present in this batch, by field name (see the attributes)."""
+        return {name: v for name in SIDE_FIELDS if (v := getattr(self, name)) is not None}
 
     def row_media(self) -> dict[str, Tensor]:
-        """Media for all 2B rows (chosen block, then rejected block), as a naive forward needs them."""
+        """Media for all N rows (in row order), as a naive forward needs them."""
         if not self.shared_prompt:
             return self.media
-        return {k: torch.cat([v, v], dim=0) for k, v in self.media.items()}
+        return {k: torch.cat([v] * self.group_size, dim=0) for k, v in self.media.items()}
 
     def host_lengths(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Prompt and response token counts of the 2B rows, as Python ints.
+        """Prompt and response token counts of the N rows, as Python ints.
 
         Each row's response follows its prompt directly: row ``i``'s response tokens sit at columns
         ``prompt[i] .. prompt[i] + response[i] - 1``.
@@ -91,6 +123,8 @@ class PreferenceBatch:
             truncated=self.truncated,
             shared_prompt=self.shared_prompt,
             row_lengths=self.row_lengths,
+            group_size=self.group_size,
+            **{name: fn(v) for name, v in self.side_info().items()},
         )
 
     def to(self, device: torch.device | str, non_blocking: bool | None = None) -> PreferenceBatch:
@@ -112,6 +146,6 @@ class PreferenceBatch:
 
     @classmethod
     def empty(cls, skipped: int = 0) -> PreferenceBatch:
-        """A batch with no pairs (every record of it was skipped)."""
+        """A batch with no groups (every record of it was skipped)."""
         z = torch.zeros(0, 0, dtype=torch.long)
         return cls(z, z, z.bool(), torch.zeros(0, dtype=torch.long), skipped=skipped)

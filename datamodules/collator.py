@@ -16,6 +16,14 @@ from datamodules.records import BadSampleError, PreferenceRecord
 
 __all__ = ["PreferenceDataset", "VisionPreferenceCollator", "load_image"]
 
+# Side information a sample may carry (see VisionPreferenceCollator), with its tensor dtype.
+_SIDE_KEYS = {
+    "scores": torch.float32,
+    "weights": torch.float32,
+    "dimension_ids": torch.long,
+    "soft_labels": torch.float32,
+}
+
 # Keys of a processor's output that describe text, not media.
 _TEXT_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
 
@@ -121,14 +129,29 @@ class PreferenceDataset(Dataset):
 
 @dataclass
 class _Encoded:
-    prompt_c: list[int]
-    prompt_r: list[int]
-    chosen: list[int]
-    rejected: list[int]
-    media_c: dict[str, torch.Tensor]
-    media_r: dict[str, torch.Tensor]
+    prompts: list[list[int]]  # K prompts (all the same object when the media are shared)
+    responses: list[list[int]]  # K responses
+    media: list[dict[str, torch.Tensor]]  # K media dicts
     truncated: int
     different_media: bool
+    side: dict[str, Any]
+
+
+def _sample_responses(sample: dict[str, Any]) -> list[str]:
+    rec = sample["record"]
+    return list(sample["responses"]) if "responses" in sample else [rec.chosen, rec.rejected]
+
+
+def _sample_media(sample: dict[str, Any], k: int) -> list[tuple[list, list]] | None:
+    """Per-response (images, videos), or None when the K responses share the prompt's media."""
+    if "response_media" in sample:
+        media = list(sample["response_media"])
+        if len(media) != k:
+            raise ValueError(f"{sample['record'].where}: {len(media)} response media for {k} responses")
+        return media
+    if "rejected_images" in sample:  # VDPO-style pair: the rejected response sees other media
+        return [(sample["images"], sample.get("videos", [])), (sample["rejected_images"], sample["rejected_videos"])]
+    return None
 
 
 class VisionPreferenceCollator:
@@ -138,6 +161,17 @@ class VisionPreferenceCollator:
     tokenised separately, so the response boundary is exact. Prompts are never truncated: a prompt
     that alone does not fit ``max_length`` (which would cut image tokens) is a bad sample. Responses
     that do not fit are shortened and counted in ``batch.truncated``.
+
+    A sample is a dict with ``record`` (its ``prompt``, ``chosen``, ``rejected`` and ``where``),
+    decoded ``images`` and ``videos``, and optionally:
+
+    - ``responses``: K >= 2 response texts, best first, instead of the record's chosen/rejected;
+    - ``response_media``: K ``(images, videos)`` tuples when each response sees its own media
+      (``rejected_images``/``rejected_videos`` give the same for a pair);
+    - side information: ``scores`` (K floats), ``weights`` (a float), ``dimension_ids`` (an int),
+      ``soft_labels`` (a float), batched into the :class:`PreferenceBatch` fields of those names.
+
+    Every sample of a batch has the same K.
 
     Args:
         processor: a transformers processor (``AutoProcessor.from_pretrained``).
@@ -199,14 +233,19 @@ class VisionPreferenceCollator:
 
     def _encode(self, sample: dict[str, Any]) -> _Encoded:
         rec: PreferenceRecord = sample["record"]
-        prompt_c, media_c = self._encode_prompt(rec, sample["images"], sample.get("videos", []))
-        if "rejected_images" in sample:  # VDPO-style: the rejected response sees other media
-            prompt_r, media_r = self._encode_prompt(rec, sample["rejected_images"], sample["rejected_videos"])
+        texts = _sample_responses(sample)
+        per_response = _sample_media(sample, len(texts))
+        if per_response is None:
+            prompt, media = self._encode_prompt(rec, sample["images"], sample.get("videos", []))
+            prompts, medias = [prompt] * len(texts), [media] * len(texts)
         else:
-            prompt_r, media_r = prompt_c, media_c
-        chosen, t_c = self._fit(rec, prompt_c, self._encode_response(rec.chosen))
-        rejected, t_r = self._fit(rec, prompt_r, self._encode_response(rec.rejected))
-        return _Encoded(prompt_c, prompt_r, chosen, rejected, media_c, media_r, t_c + t_r, "rejected_images" in sample)
+            encoded = [self._encode_prompt(rec, images, videos) for images, videos in per_response]
+            prompts, medias = [p for p, _ in encoded], [m for _, m in encoded]
+        fitted = [self._fit(rec, p, self._encode_response(text)) for p, text in zip(prompts, texts, strict=True)]
+        side = {name: sample[name] for name in _SIDE_KEYS if sample.get(name) is not None}
+        return _Encoded(
+            prompts, [r for r, _ in fitted], medias, sum(t for _, t in fitted), per_response is not None, side
+        )
 
     def __call__(self, samples: list[dict[str, Any] | None]) -> PreferenceBatch:
         skipped = sum(1 for s in samples if s is None)
@@ -224,8 +263,15 @@ class VisionPreferenceCollator:
         if not encoded:
             return PreferenceBatch.empty(skipped=skipped)
 
-        # Rows: all prompt+chosen first, then all prompt+rejected, same order.
-        rows = [(e.prompt_c, e.chosen) for e in encoded] + [(e.prompt_r, e.rejected) for e in encoded]
+        k = len(encoded[0].responses)
+        for e, rid in zip(encoded, ids, strict=True):
+            if len(e.responses) != k:
+                raise ValueError(
+                    f"record {rid!r} has {len(e.responses)} responses but the batch's first has {k}: "
+                    "a batch holds groups of one size"
+                )
+        # Rows are response-major: every group's response 0, then every group's response 1, ...
+        rows = [(e.prompts[j], e.responses[j]) for j in range(k) for e in encoded]
         width = max(len(p) + len(r) for p, r in rows)
         n = len(rows)
         pad = self.tokenizer.pad_token_id
@@ -240,14 +286,13 @@ class VisionPreferenceCollator:
             response_mask[i, len(p) : len(seq)] = True
             prompt_lengths[i] = len(p)
 
-        # Shared media are stored once per pair; pairs with their own rejected media store the chosen
-        # block then the rejected block (see PreferenceBatch.media).
+        # Shared media are stored once per group; groups with media per response store them in row
+        # order, response 0's block first (see PreferenceBatch.media).
         shared = not any(e.different_media for e in encoded)
         media: dict[str, torch.Tensor] = {}
-        for k in sorted({k for e in encoded for k in (*e.media_c, *e.media_r)}):
-            chosen_block = [e.media_c[k] for e in encoded if k in e.media_c]
-            rejected_block = [] if shared else [e.media_r[k] for e in encoded if k in e.media_r]
-            media[k] = torch.cat(chosen_block + rejected_block, dim=0)
+        for key in sorted({key for e in encoded for m in e.media for key in m}):
+            blocks = range(1 if shared else k)
+            media[key] = torch.cat([e.media[j][key] for j in blocks for e in encoded if key in e.media[j]], dim=0)
 
         truncated = sum(e.truncated for e in encoded)
         if truncated and not self._warned_truncation:
@@ -268,4 +313,20 @@ class VisionPreferenceCollator:
             truncated=truncated,
             shared_prompt=shared,
             row_lengths=(tuple(len(p) for p, _ in rows), tuple(len(r) for _, r in rows)),
+            group_size=k,
+            **_side_tensors(encoded, ids),
         )
+
+
+def _side_tensors(encoded: list[_Encoded], ids: list[str]) -> dict[str, torch.Tensor]:
+    """(B, K) scores and (B,) weights, dimension ids and soft labels, for the fields every sample carries."""
+    out = {}
+    for name, dtype in _SIDE_KEYS.items():
+        present = [name in e.side for e in encoded]
+        if not any(present):
+            continue
+        if not all(present):
+            missing = [rid for rid, p in zip(ids, present, strict=True) if not p]
+            raise ValueError(f"records {missing[:5]} lack {name!r}, which other records of their batch carry")
+        out[name] = torch.tensor([e.side[name] for e in encoded], dtype=dtype)
+    return out

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.cache_source import CacheableSplit
 from datamodules.collator import PreferenceDataset, VisionPreferenceCollator
 from datamodules.loaders import FirstBatchStatefulDataLoader, pins_memory
 from datamodules.records import default_root, load_preference_records
@@ -143,6 +144,27 @@ class ImagePreferenceDataModule(L.LightningDataModule):
 
     def collator(self) -> VisionPreferenceCollator:
         return VisionPreferenceCollator(self.processor, max_length=self.max_length, on_bad_sample=self.on_bad_sample)
+
+    def cache_settings(self, split: str) -> dict[str, Any]:
+        """What besides the records changes a log-prob of ``split``: the processor and its settings
+        (image size, chat template, ...), ``max_length``, the placeholder. Subclasses add theirs."""
+        to_json = getattr(self.processor, "to_json_string", None)
+        return {
+            "split": split,
+            "processor": self.processor_name,
+            "processor_settings": to_json() if callable(to_json) else repr(self.processor),
+            "max_length": self.max_length,
+            "image_placeholder": self.image_placeholder,
+        }
+
+    def reference_cache_split(self, split: str) -> CacheableSplit | None:
+        """The split as a reference cache sees it (see :class:`~datamodules.cache_source.ReferenceCacheData`)."""
+        if split not in self.datasets:
+            return None
+        dataset = self.datasets[split]
+        return CacheableSplit(
+            dataset, dataset.records, self.collator(), self.eval_batch_size, self.cache_settings(split)
+        )
 
     def served_dataset(self, split: str) -> Dataset:
         """The dataset a split's loader serves (subclasses may serve a view, e.g. a curriculum stage)."""

@@ -38,6 +38,7 @@ from datamodules.records import (
 __all__ = [
     "PairStrategy",
     "RankedPair",
+    "RankedListDataset",
     "RankedPreferenceDataset",
     "RankedRecord",
     "curriculum_order",
@@ -376,3 +377,46 @@ class RankedPreferenceDataset(Dataset):
             raise
         return {"record": rec, "images": images}
 
+
+class RankedListDataset(Dataset):
+    """Ranked records served whole: one group of K responses per record, best first, with their scores.
+
+    Items carry ``responses`` (the K texts, best first; tied responses keep the data's order) and
+    ``scores`` (the same order), which ``VisionPreferenceCollator`` turns into a group of K rows and a
+    (B, K) ``scores`` tensor for list losses. The ``record`` of an item is the pair of its best two
+    responses (id = the list's id). A batch holds groups of one size, so records of different K
+    cannot share a batch: keep K fixed in a file served this way.
+
+    Args:
+        records: validated ranked records (``load_ranked_records``).
+        on_bad_sample: ``"error"`` raises on an undecodable image; ``"skip"`` yields None for it.
+    """
+
+    def __init__(self, records: list[RankedRecord], on_bad_sample: str = "error") -> None:
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
+        self.records = records  # what a reference cache fingerprints: every response and score
+        self.on_bad_sample = on_bad_sample
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any] | None:
+        rec = self.records[i]
+        order = rec.order()
+        best = PreferenceRecord(
+            id=rec.id, where=rec.where, prompt=rec.prompt, chosen=rec.responses[order[0]],
+            rejected=rec.responses[order[1]], images=rec.images,
+        )  # fmt: skip
+        try:
+            images = [load_image(p, rec.where) for p in rec.images]
+        except BadSampleError:
+            if self.on_bad_sample == "skip":
+                return None
+            raise
+        return {
+            "record": best,
+            "images": images,
+            "responses": [rec.responses[j] for j in order],
+            "scores": [rec.scores[j] for j in order],
+        }

@@ -8,13 +8,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.image_preference import ImagePreferenceDataModule
-from datamodules.ranked import PairStrategy, RankedPreferenceDataset, load_ranked_records
+from datamodules.ranked import PairStrategy, RankedListDataset, RankedPreferenceDataset, load_ranked_records
 
 __all__ = ["RankedPreferenceDataModule"]
 
 
 class RankedPreferenceDataModule(ImagePreferenceDataModule):
-    """Records with several scored (or ranked) responses per prompt, cut into pairs.
+    """Records with several scored (or ranked) responses per prompt, cut into pairs or served whole.
 
     Takes every argument of :class:`ImagePreferenceDataModule`, plus:
 
@@ -29,6 +29,9 @@ class RankedPreferenceDataModule(ImagePreferenceDataModule):
             a function of the trainer's epoch, which checkpoints restore, so a resumed run serves the
             stage (and the order) an uninterrupted one does. Needs
             ``trainer.reload_dataloaders_every_n_epochs: 1`` (a stage change is a new loader).
+        serve_lists: serve each record whole, as one group of its K responses best first with their
+            (B, K) scores, for list losses (``mmpo.losses.PlackettLuceLoss``); every record of a
+            file needs the same K. ``pair_strategy`` and the curriculum do not apply.
     """
 
     def __init__(
@@ -52,6 +55,7 @@ class RankedPreferenceDataModule(ImagePreferenceDataModule):
         curriculum_stage: int | None = None,
         curriculum_epochs_per_stage: int | None = None,
         pin_memory: bool | None = None,
+        serve_lists: bool = False,
     ) -> None:
         super().__init__(
             processor,
@@ -77,13 +81,23 @@ class RankedPreferenceDataModule(ImagePreferenceDataModule):
                 raise ValueError("curriculum_epochs_per_stage needs curriculum_stages")
             if curriculum_stage is not None:
                 raise ValueError("give curriculum_stage (one fixed stage) or curriculum_epochs_per_stage, not both")
+        if serve_lists and (curriculum_stages is not None or curriculum_stage is not None):
+            raise ValueError("serve_lists serves whole lists: the pair curriculum (curriculum_*) does not apply")
+        self.serve_lists = serve_lists
         self.pair_strategy = pair_strategy
         self.curriculum_stages = curriculum_stages
         self.curriculum_stage = curriculum_stage
         self.curriculum_epochs_per_stage = curriculum_epochs_per_stage
 
-    def build_dataset(self, split: str, path: str, root: str) -> tuple[RankedPreferenceDataset, list[str]]:
+    def build_dataset(
+        self, split: str, path: str, root: str
+    ) -> tuple[RankedPreferenceDataset | RankedListDataset, list[str]]:
         records, problems = load_ranked_records(path, root, self.on_bad_sample, self.image_placeholder)
+        if self.serve_lists:
+            sizes = sorted({len(r.responses) for r in records})
+            if len(sizes) > 1:
+                raise ValueError(f"{path}: serve_lists needs one list size per file, found K in {sizes}")
+            return RankedListDataset(records, self.on_bad_sample), problems
         dataset = RankedPreferenceDataset(records, self.pair_strategy, self.curriculum_stages, self.on_bad_sample)
         if split == "train" and self.curriculum_stage is not None:
             dataset.set_stage(self.curriculum_stage)

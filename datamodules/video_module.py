@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from datamodules.collator import PreferenceDataset
 from datamodules.image_preference import ImagePreferenceDataModule
@@ -80,3 +80,14 @@ class VideoPreferenceDataModule(ImagePreferenceDataModule):
             records, self.on_bad_sample, self.num_frames, sampling, self.target_fps, seed=self.seed
         )
         return dataset, problems
+
+    def cache_settings(self, split: str) -> dict[str, Any]:
+        dataset = self.datasets[split]
+        if dataset.frame_sampling == "random_segment":
+            raise ValueError(
+                f"frame_sampling='random_segment' draws new frame windows every epoch, so the {split} split's "
+                "reference log-probs change and cannot be cached: use frame_sampling 'uniform' or 'fps', or a "
+                "reference computed each step (reference: adapter or copy)"
+            )
+        sampling = {"num_frames": dataset.num_frames, "frame_sampling": dataset.frame_sampling}
+        return {**super().cache_settings(split), **sampling, "target_fps": dataset.target_fps}

@@ -1,9 +1,8 @@
-"""The Lightning module that trains a vision-language policy on preference pairs."""
+"""The Lightning module that trains a policy on groups of K preference-ranked responses (pairs when K = 2)."""
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -16,31 +15,50 @@ from torch import Tensor, nn
 
 from datamodules.batch import PreferenceBatch
 from mmpo.allocator import DEFAULT_KEEP_BYTES, keep_freed_memory
-from mmpo.backbones.adapters import adapters_disabled
-from mmpo.backbones.media_reuse import media_features_shareable, reuse_media_features
-from mmpo.backbones.vlm import VisionLanguageBackbone
+from mmpo.backbones.protocol import Backbone
 from mmpo.io import atomic_directory
-from mmpo.logprobs import sequence_stats
-from mmpo.losses import LossOutput, PairLogps, PreferenceLoss
-from mmpo.reference_cache import ReferenceCache, compute_reference_cache, data_fingerprint, model_fingerprint
+from mmpo.losses import LossOutput, PreferenceLoss, ResponseStats
+from mmpo.reference.strategies import ReferenceName, ReferenceStrategy, resolve_reference
 
-__all__ = ["PreferenceModule"]
+__all__ = ["PreferenceModule", "reward_metrics"]
 
 
-def _split_pair(token_logps: Tensor, mask: Tensor) -> PairLogps:
-    """(2B, T) token log-probs, chosen rows first, into per-response statistics."""
-    summed, _, counts = sequence_stats(token_logps, mask)
-    b = token_logps.shape[0] // 2
-    return PairLogps(
-        chosen=summed[:b],
-        rejected=summed[b:],
-        chosen_tokens=counts[:b],
-        rejected_tokens=counts[b:],
-        chosen_token_logps=token_logps[:b],
-        rejected_token_logps=token_logps[b:],
-        chosen_mask=mask[:b],
-        rejected_mask=mask[b:],
-    )
+def reward_metrics(out: LossOutput, policy: ResponseStats) -> dict[str, Tensor]:
+    """The logged figures of a batch, under TRL's names, from the loss output and the policy statistics.
+
+    For pairs (K = 2) response 0 is "chosen" and response 1 "rejected". For K > 2, "rejected" is the
+    mean over responses 1..K-1, a margin is response 0's reward minus that mean, an accuracy counts
+    groups whose response 0 beats every other, and ``rewards/ranking_accuracy`` is the share of
+    response pairs (i < j) whose rewards keep the data's order.
+    """
+    if policy.group_size == 2:
+        margins = out.chosen_rewards - out.rejected_rewards
+        metrics = {
+            "rewards/chosen": out.chosen_rewards.mean(),
+            "rewards/rejected": out.rejected_rewards.mean(),
+            "rewards/margins": margins.mean(),
+            "rewards/accuracies": (margins > 0).float().mean(),
+            "logps/chosen": policy.chosen.detach().mean(),
+            "logps/rejected": policy.rejected.detach().mean(),
+            "logps/accuracies": (policy.chosen > policy.rejected).float().mean(),
+        }
+    else:
+        rewards, logps = out.rewards, policy.logps.detach()
+        rest, logps_rest = rewards[:, 1:], logps[:, 1:]
+        k = rewards.shape[1]
+        upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=rewards.device), diagonal=1)
+        ordered = (rewards[:, :, None] > rewards[:, None, :])[:, upper]  # (B, K(K-1)/2), i < j
+        metrics = {
+            "rewards/chosen": rewards[:, 0].mean(),
+            "rewards/rejected": rest.mean(),
+            "rewards/margins": (rewards[:, 0] - rest.mean(1)).mean(),
+            "rewards/accuracies": (rewards[:, 0] > rest.amax(1)).float().mean(),
+            "rewards/ranking_accuracy": ordered.float().mean(),
+            "logps/chosen": logps[:, 0].mean(),
+            "logps/rejected": logps_rest.mean(),
+            "logps/accuracies": (logps[:, 0] > logps_rest.amax(1)).float().mean(),
+        }
+    return {**metrics, **{k: v.float().mean() for k, v in out.metrics.items()}}
 
 
 _HOST_MEMORY_NOTED = False  # the allocator note is printed once per process
@@ -65,18 +83,21 @@ def _grads_finite(grads: list[Tensor]) -> bool:
 
 
 class PreferenceModule(L.LightningModule):
-    """Preference optimisation of a vision-language model with any loss of ``mmpo.losses``.
+    """Preference optimisation of any backbone with any loss of ``mmpo.losses``.
 
     Args:
-        backbone: how to load the model and compute response log-probs.
+        backbone: how to build the model and compute per-response statistics (any
+            :class:`~mmpo.backbones.Backbone`, e.g. ``VisionLanguageBackbone``).
         loss: the objective (``mmpo.losses.DPOLoss``, ``SimPOLoss``, ``CombinedLoss``, ...).
         optimizer: optimizer factory, e.g. ``torch.optim.AdamW`` with ``lr`` in YAML.
         scheduler: optional LR scheduler factory, stepped every optimizer step.
-        reference: where reference log-probs come from. ``auto``: the disabled adapter with LoRA,
-            a frozen copy without, nothing for reference-free losses. ``adapter``, ``copy``, ``none``
-            force one. ``cached``: computed once for every record before the first step, stored on
-            disk, and read back instead of running a reference model (see ``reference_cache_dir``).
-        reference_cache_dir: where cached reference log-probs live (default:
+        reference: where reference statistics come from: a strategy of ``mmpo.reference``
+            (``DisabledAdapter``, ``FrozenCopy``, ``SeparateCheckpoint``, ``CachedReference``,
+            ``NoReference``) or its short name. ``auto``: the disabled adapter with LoRA, a frozen
+            copy without, nothing for reference-free losses. ``adapter``, ``copy``, ``none`` force
+            one. ``cached``: computed once for every record before the first step, stored on disk,
+            and read back instead of running a reference model (see ``reference_cache_dir``).
+        reference_cache_dir: where ``reference: cached`` keeps its files (default:
             ``<trainer.default_root_dir>/reference_cache``). Files are named by model and data
             fingerprints, so a change of either computes a new cache.
         save_dir: where the trained adapter (LoRA) or full model is written, in the standard
@@ -94,11 +115,11 @@ class PreferenceModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: VisionLanguageBackbone,
+        backbone: Backbone,
         loss: PreferenceLoss,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
-        reference: Literal["auto", "adapter", "copy", "none", "cached"] = "auto",
+        reference: ReferenceName | ReferenceStrategy = "auto",
         reference_cache_dir: str | None = None,
         save_dir: str | None = None,
         checkpoint_trainable_only: bool = True,
@@ -115,39 +136,26 @@ class PreferenceModule(L.LightningModule):
         self.on_nonfinite = on_nonfinite
         self.keep_host_memory = keep_host_memory
         self._last_ids: list[str] = []
-        self.reference_mode = self._resolve_reference(reference)
+        # the strategy is not a module: a frozen reference model it holds stays out of the state dict
+        self.reference = resolve_reference(reference, loss, backbone, reference_cache_dir)
         self.reference_cache_dir = reference_cache_dir
-        self._caches: dict[str, ReferenceCache] = {}
         self.policy: nn.Module | None = None
         self._share_media = False
         self._skipped: dict[str, int] = {}  # bad records dropped this epoch, per stage
-        self._reference: tuple[nn.Module, ...] = ()  # a tuple keeps the frozen copy out of state_dict
         self.strict_loading = not checkpoint_trainable_only
 
-    def _resolve_reference(self, reference: str) -> str:
-        if reference == "auto":
-            if not self.loss.requires_reference:
-                return "none"
-            return "adapter" if self.backbone.uses_lora else "copy"
-        if reference == "adapter" and not self.backbone.uses_lora:
-            raise ValueError("reference='adapter' needs a LoRA backbone (set backbone.lora)")
-        if reference == "cached" and not self.loss.requires_reference:
-            raise ValueError(f"{type(self.loss).__name__} uses no reference model: there is nothing to cache")
-        if reference == "none" and self.loss.requires_reference:
-            raise ValueError(f"{type(self.loss).__name__} needs a reference model; reference='none' is not possible")
-        return reference
+    @property
+    def reference_mode(self) -> str:
+        """The reference strategy's short name (``adapter``, ``copy``, ``checkpoint``, ``cached``, ``none``)."""
+        return self.reference.name
 
     # -- model construction -------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.policy is not None:
             return
         self.policy = self.backbone.build().train()  # from_pretrained returns eval mode
-        # frozen, adapter-free media encoders give the policy and the reference the same features
-        self._share_media = media_features_shareable(self.policy)
-        if self.reference_mode == "copy":
-            ref = copy.deepcopy(self.backbone.unwrap(self.policy)).eval()
-            ref.requires_grad_(False)
-            self._reference = (ref,)
+        self._share_media = self.reference.reuses_policy_media and self.backbone.media_shareable(self.policy)
+        self.reference.setup(self)
         rank_zero_info(f"[mmpo] {self.backbone.describe(self.policy)}; reference: {self.reference_mode}")
 
     def configure_optimizers(self) -> Any:
@@ -161,31 +169,13 @@ class PreferenceModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # -- forward ------------------------------------------------------------------------------
-    def _reference_logps(self, batch: PreferenceBatch, split: str = "train") -> Tensor | None:
-        if self.reference_mode == "none":
-            return None
-        if self.reference_mode == "cached":
-            if split not in self._caches:
-                raise RuntimeError(f"no cached reference log-probs for the {split} split")
-            return self._caches[split].token_logps(batch.ids, batch.response_mask, batch.host_lengths())
-        with torch.no_grad():
-            if self.reference_mode == "adapter":
-                with adapters_disabled(self.policy):
-                    return self.backbone.token_logps(self.policy, batch)
-            ref = self._reference[0]
-            if next(ref.parameters()).device != self.device:
-                ref.to(self.device)
-            return self.backbone.token_logps(ref, batch)
-
-    def compute(self, batch: PreferenceBatch, split: str = "train") -> tuple[LossOutput, PairLogps, PairLogps | None]:
+    def compute(
+        self, batch: PreferenceBatch, split: str = "train"
+    ) -> tuple[LossOutput, ResponseStats, ResponseStats | None]:
         """Policy and reference statistics for a batch, and the loss on them."""
-        mask = batch.response_mask
-        share = self.reference_mode == "adapter" and self._share_media
-        inner = getattr(self.backbone.unwrap(self.policy), "model", None)
-        with reuse_media_features(inner) if share and inner is not None else contextlib.nullcontext():
-            policy = _split_pair(self.backbone.token_logps(self.policy, batch), mask)
-            ref_tokens = self._reference_logps(batch, split)
-        reference = _split_pair(ref_tokens, mask) if ref_tokens is not None else None
+        with self.backbone.media_reuse(self.policy) if self._share_media else contextlib.nullcontext():
+            policy = self.backbone.statistics(self.policy, batch).with_side(**batch.side_info())
+            reference = self.reference.statistics(self, batch, split)
         return self.loss(policy, reference), policy, reference
 
     def _step(self, batch: PreferenceBatch, stage: str) -> Tensor | None:
@@ -194,7 +184,7 @@ class PreferenceModule(L.LightningModule):
         if batch.skipped or batch.truncated:
             self.log(f"{stage}/data/skipped", float(batch.skipped), reduce_fx="sum", on_step=False, on_epoch=True)
             self.log(f"{stage}/data/truncated_responses", float(batch.truncated), reduce_fx="sum", on_epoch=True)
-        if batch.num_pairs == 0:
+        if batch.num_groups == 0:
             return None  # every record of this batch was skipped
         out, policy, _ = self.compute(batch, stage)
         loss = out.losses.mean()
@@ -205,19 +195,9 @@ class PreferenceModule(L.LightningModule):
             self._skip_nonfinite(message)
             return None  # Lightning runs no backward and no optimizer step for this batch
         self._last_ids = batch.ids
-        n = batch.num_pairs
+        n = batch.num_groups
         on_step = stage == "train"
-        margins = out.chosen_rewards - out.rejected_rewards
-        metrics = {
-            "loss": loss.detach(),
-            "rewards/chosen": out.chosen_rewards.mean(),
-            "rewards/rejected": out.rejected_rewards.mean(),
-            "rewards/margins": margins.mean(),
-            "rewards/accuracies": (margins > 0).float().mean(),
-            "logps/chosen": policy.chosen.detach().mean(),
-            "logps/rejected": policy.rejected.detach().mean(),
-            "logps/accuracies": (policy.chosen > policy.rejected).float().mean(),
-        }
+        metrics = {"loss": loss.detach(), **reward_metrics(out, policy)}
         for k, v in metrics.items():
             # evaluation figures are reduced across ranks; training ones stay per rank (no sync per step)
             self.log(
@@ -253,55 +233,13 @@ class PreferenceModule(L.LightningModule):
         out, policy, _ = self.compute(batch, "test")
         return {
             "ids": batch.ids,
+            "logps": policy.logps.detach().cpu(),  # (B, K)
+            "rewards": out.rewards.cpu(),  # (B, K)
             "logps_chosen": policy.chosen.detach().cpu(),
             "logps_rejected": policy.rejected.detach().cpu(),
             "rewards_chosen": out.chosen_rewards.cpu(),
             "rewards_rejected": out.rejected_rewards.cpu(),
         }
-
-    # -- cached reference log-probs ----------------------------------------------------------------
-    def _prepare_caches(self, splits: tuple[str, ...]) -> None:
-        if self.reference_mode != "cached":
-            return
-        dm = self.trainer.datamodule
-        if dm is None or not hasattr(dm, "datasets") or not hasattr(dm, "collator"):
-            raise ValueError("reference='cached' needs a datamodule with `datasets` and `collator()`")
-        root = Path(self.reference_cache_dir or Path(self.trainer.default_root_dir) / "reference_cache")
-        model_fp = model_fingerprint(self.backbone.model_name_or_path, self.backbone.revision)
-        for split in splits:
-            if split in self._caches or split not in dm.datasets:
-                continue
-            dataset = dm.datasets[split]
-            settings = {"split": split, "max_length": getattr(dm, "max_length", None), "processor": dm.processor_name}
-            path = root / f"{split}-{model_fp}-{data_fingerprint(dataset.records, settings)}.safetensors"
-            if not path.exists() and self.trainer.is_global_zero:
-                if self.trainer.global_step > 0 and not self.backbone.uses_lora:
-                    raise RuntimeError(f"{path} is missing and the policy has trained: it is no longer the reference")
-                self._caches[split] = self._compute_cache(dataset, dm, split)
-                self._caches[split].save(path)
-                rank_zero_info(f"[mmpo] cached reference log-probs of {len(dataset)} {split} records in {path}")
-            self.trainer.strategy.barrier()
-            if split not in self._caches:
-                self._caches[split] = ReferenceCache.load(path)
-
-    def _compute_cache(self, dataset: Any, dm: Any, split: str) -> ReferenceCache:
-        was_training = self.policy.training
-        self.policy.eval()
-        try:
-            if self.backbone.uses_lora:
-
-                def forward(batch: PreferenceBatch) -> Tensor:
-                    with adapters_disabled(self.policy):
-                        return self.backbone.token_logps(self.policy, batch)
-            else:
-
-                def forward(batch: PreferenceBatch) -> Tensor:
-                    return self.backbone.token_logps(self.policy, batch)
-
-            bs = getattr(dm, "eval_batch_size", 8)
-            return compute_reference_cache(forward, dataset, dm.collator(), bs, self.device, f"reference ({split})")
-        finally:
-            self.policy.train(was_training)
 
     def _report_skipped(self, stage: str) -> None:
         n = self._skipped.pop(stage, 0)
@@ -332,13 +270,13 @@ class PreferenceModule(L.LightningModule):
             )
 
     def on_fit_start(self) -> None:
-        self._prepare_caches(("train", "val"))
+        self.reference.prepare(self, ("train", "val"))
 
     def on_validation_start(self) -> None:
-        self._prepare_caches(("val",))
+        self.reference.prepare(self, ("val",))
 
     def on_test_start(self) -> None:
-        self._prepare_caches(("test",))
+        self.reference.prepare(self, ("test",))
 
     # -- checkpoints and export ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

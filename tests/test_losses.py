@@ -246,7 +246,7 @@ def test_ipo_uses_length_averaged_logratios():
     beta = 0.1
     policy, reference = policy_pair(), reference_pair()
     for p in (policy, reference):
-        p.chosen_tokens, p.rejected_tokens = 2 * p.chosen_tokens, 2 * p.rejected_tokens
+        p.tokens = 2 * p.tokens
     got = IPOLoss(beta=beta)(policy, reference).losses.tolist()
     assert got == pytest.approx([(0.45 / 2 - 5.0) ** 2, (-0.75 / 2 - 5.0) ** 2], rel=1e-12)
 
@@ -254,7 +254,7 @@ def test_ipo_uses_length_averaged_logratios():
 def test_ln_dpo_with_equal_lengths_is_dpo_with_scaled_beta():
     policy, reference = policy_pair(), reference_pair()
     for k in (1.0, 4.0):
-        policy.chosen_tokens = policy.rejected_tokens = torch.full((2,), k, dtype=F64)
+        policy.tokens = torch.full((2, 2), k, dtype=F64)
         ln = LNDPOLoss(beta=0.4)(policy, reference).losses
         assert torch.allclose(ln, DPOLoss(beta=0.4 / k)(policy, reference).losses)
 
@@ -283,7 +283,7 @@ def test_ld_dpo_requires_token_logps():
     with pytest.raises(ValueError, match="per-token"):
         LDDPOLoss()(policy_pair(), reference_pair())
     policy, reference = ld_pairs()
-    with pytest.raises(ValueError, match="reference PairLogps"):
+    with pytest.raises(ValueError, match="reference ResponseStats"):
         LDDPOLoss()(policy, reference_pair())
 
 
@@ -317,8 +317,7 @@ def test_invalid_config_raises(make):
 
 
 def test_rewards_are_detached_and_helpers():
-    policy = policy_pair()
-    policy.chosen.requires_grad_(True)
+    policy = PairLogps(t(-3.0, -5.0).requires_grad_(), t(-4.0, -2.0), t(*CT), t(*RT))
     out = DPOLoss()(policy, reference_pair())
     assert out.losses.requires_grad and not out.chosen_rewards.requires_grad
     detached = policy.detach()
@@ -377,8 +376,7 @@ def test_extreme_logratios_and_token_counts_stay_finite(loss, reference_scale):
         [[reference_scale * v for v in row] for row in chosen], [[reference_scale * v for v in row] for row in rejected]
     )
     # Keep the reference masks equal to the policy's (its zero entries would otherwise read as padding).
-    reference.chosen_mask, reference.rejected_mask = policy.chosen_mask, policy.rejected_mask
-    reference.chosen_tokens, reference.rejected_tokens = policy.chosen_tokens, policy.rejected_tokens
+    reference.mask, reference.tokens = policy.mask, policy.tokens
     out = loss(policy, reference.detach())
     assert out.losses.shape == (4,)
     assert torch.isfinite(out.losses).all(), out.losses
@@ -410,6 +408,8 @@ def test_sgd_step_raises_the_logratio_margin(loss):
     if loss.requires_token_logps:
         c_tok, r_tok = leaves
         policy = PairLogps(c_tok.sum(-1), r_tok.sum(-1), t(2, 2), t(2, 2))
+    else:  # the statistics hold copies of the leaves: read the updated values again
+        policy = PairLogps(leaves[0], leaves[1], t(2, 2), t(2, 2))
     after = margin(policy).detach()
     assert (after > before).all(), (before, after)
 

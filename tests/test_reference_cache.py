@@ -12,7 +12,7 @@ from datamodules import ImagePreferenceDataModule
 from mmpo.backbones import LoraSettings, VisionLanguageBackbone
 from mmpo.losses import DPOLoss
 from mmpo.module import PreferenceModule
-from mmpo.reference_cache import ReferenceCache, model_fingerprint
+from mmpo.reference.cache import ReferenceCache, model_fingerprint
 
 
 class _Record(L.Callback):
@@ -77,7 +77,7 @@ def test_cache_is_reused_and_invalidated_by_data_or_model_changes(world, tiny_ll
 
 
 def test_stale_cache_token_counts_are_refused():
-    cache = ReferenceCache([torch.zeros(3)], [torch.zeros(2)], ["a"])
+    cache = ReferenceCache([[torch.zeros(3), torch.zeros(2)]], ["a"])
     mask = torch.zeros(2, 6, dtype=torch.bool)
     mask[0, 1:4] = True
     mask[1, 1:5] = True
@@ -88,7 +88,7 @@ def test_stale_cache_token_counts_are_refused():
 
 
 def test_host_lengths_place_cached_values_like_the_mask():
-    cache = ReferenceCache([torch.tensor([1.0, 2.0, 3.0])], [torch.tensor([4.0, 5.0])], ["a"])
+    cache = ReferenceCache([[torch.tensor([1.0, 2.0, 3.0]), torch.tensor([4.0, 5.0])]], ["a"])
     mask = torch.zeros(2, 7, dtype=torch.bool)
     mask[0, 2:5] = True
     mask[1, 4:6] = True
@@ -101,7 +101,9 @@ def test_host_lengths_place_cached_values_like_the_mask():
 
 
 def test_round_trip_on_disk(tmp_path):
-    cache = ReferenceCache([torch.tensor([-1.0, -2.0]), torch.tensor([-3.0])], [torch.tensor([-4.0])] * 2, ["x", "y"])
+    cache = ReferenceCache(
+        [[torch.tensor([-1.0, -2.0]), torch.tensor([-4.0])], [torch.tensor([-3.0]), torch.tensor([-4.0])]], ["x", "y"]
+    )
     cache.save(tmp_path / "c.safetensors")
     back = ReferenceCache.load(tmp_path / "c.safetensors")
     mask = torch.tensor([[True, True], [True, False], [True, False], [True, False]])
@@ -113,7 +115,7 @@ def test_fingerprint_covers_in_memory_images():
     from PIL import Image
 
     from datamodules import PreferenceRecord
-    from mmpo.reference_cache import data_fingerprint
+    from mmpo.reference.cache import data_fingerprint
 
     def rec(color):
         return PreferenceRecord("a", "x", [], "c", "r", images=[Image.new("RGB", (4, 4), color)])

@@ -1,9 +1,8 @@
 """The shared-prefix forward gives the naive path's log-probs, losses and gradients."""
 
-import json
-
 import pytest
 import torch
+from helpers.data import write_mixed
 from helpers.equivalence import assert_same_logps_losses_and_gradients, comparison_module
 
 from datamodules import PreferenceDataset, VisionPreferenceCollator, load_preference_records
@@ -13,12 +12,7 @@ from mmpo.backbones import VisionLanguageBackbone
 @pytest.fixture(scope="module")
 def mixed_batch(world, processor, tmp_path_factory):
     # single-image, two-image and text-only prompts of different lengths in one batch
-    rows = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()[:4]]
-    rows[1]["images"] = rows[1]["images"] + rows[2]["images"]
-    rows[1]["prompt"] = "<image> <image> " + rows[1]["prompt"]
-    rows[3]["images"] = []
-    path = tmp_path_factory.mktemp("mixed") / "mixed.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows))
+    path = write_mixed(world, tmp_path_factory.mktemp("mixed") / "mixed.jsonl")
     records, _ = load_preference_records(path, data_root=world)
     ds = PreferenceDataset(records)
     return VisionPreferenceCollator(processor)([ds[i] for i in range(len(ds))])

@@ -1,13 +1,15 @@
-"""Shared-prefix forward: the prompt and its images once per pair, both responses on top.
+"""Shared-prefix forward: the prompt and its images once per group, all K responses on top.
 
-A naive preference step runs every pair's prompt (image tokens included) and its images twice per
-model, once with the chosen and once with the rejected response. Here the prompt runs once, its
-key/value cache is repeated for the two responses, and the responses run on it. Gradients reach the
-prompt and the vision tower through the cache, so the losses and gradients equal the naive path's.
+A naive preference step runs every group's prompt (image tokens included) and its images once per
+response, K times per model (twice for a pair). Here the prompt runs once and the K responses run on
+its key/value cache. Gradients reach the prompt and the vision tower through the cache, so the
+losses and gradients equal the naive path's.
 
-Layout: prompts are left-padded so every prompt ends in the last column; response rows are
-interleaved (chosen 0, rejected 0, chosen 1, ...) to match ``batch_repeat_interleave(2)``. The result
-is returned in the naive layout (chosen rows first) so everything downstream is unchanged.
+Two layouts for the responses: *packed* puts a group's K responses side by side in one row on the
+group's (unrepeated) cache under a block mask; *repeated* repeats the cache K times and runs one
+response per row, rows interleaved (group 0's responses 0..K-1, group 1's, ...) to match
+``batch_repeat_interleave(K)``. Prompts are left-padded so every prompt ends in the last column. The
+result is returned in the batch's row layout (response-major) so everything downstream is unchanged.
 
 No step reads a tensor back from the accelerator: widths come from the token counts the collator
 recorded on the host (``PreferenceBatch.host_lengths``), and response tokens are selected by integer
@@ -61,7 +63,7 @@ def _returned_cache(out: Any) -> Any:
 
 
 def _left_padded_prompts(batch: Any, pad_id: int, prompt_lengths: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-    b = batch.num_pairs
+    b = batch.num_groups
     lengths = batch.prompt_lengths[:b]  # (B,)
     width = max(prompt_lengths[:b])
     cols = torch.arange(width, device=lengths.device)
@@ -118,33 +120,34 @@ def _packed_responses(
     inner: nn.Module, head: nn.Module, batch: Any, prompt_mask: Tensor, last: Tensor, cache: Any, pad_id: int,
     chunk_size: int, kind: str, response_lengths: tuple[int, ...],
 ) -> Tensor:  # fmt: skip
-    """Both responses of a pair in one row on the pair's (unrepeated) cache, under a block mask.
+    """A group's K responses in one row on the group's (unrepeated) cache, under a block mask.
 
-    Row i holds chosen i (columns ``[0, Wc)``) then rejected i (``[Wc, Wc + Wr)``); a response token
-    sees the prompt and the earlier tokens of its own response only, at the positions it would have
-    after the prompt alone. Repeating the cache for the two responses would copy every layer's prompt
-    keys and values, and appending the responses to the repeated cache would copy them again.
+    Row b holds response 0 of group b (columns ``[0, W0)``), then response 1 (``[W0, W0 + W1)``), and
+    so on; a response token sees the prompt and the earlier tokens of its own response only, at the
+    positions it would have after the prompt alone. Repeating the cache for the K responses would copy
+    every layer's prompt keys and values, and appending the responses to the repeated cache would copy
+    them again.
     """
-    b = batch.num_pairs
+    b, k = batch.num_groups, batch.group_size
     mask = batch.response_mask.bool()
     dev = mask.device
-    count_c, count_r = mask[:b].sum(-1), mask[b:].sum(-1)  # (B,)
-    wc, wr = max(response_lengths[:b]), max(response_lengths[b:])
-    pairs = torch.arange(b, device=dev)
-    ids = torch.cat(
-        [_response_ids(batch, pairs, wc, count_c, pad_id), _response_ids(batch, pairs + b, wr, count_r, pad_id)], dim=1
-    )  # (B, W)
-    cols_c, cols_r = torch.arange(wc, device=dev), torch.arange(wr, device=dev)
-    valid = torch.cat([cols_c[None] < count_c[:, None], cols_r[None] < count_r[:, None]], dim=1)  # (B, W)
-    positions = batch.prompt_lengths[:b, None] + torch.cat([cols_c, cols_r])[None]  # (B, W)
+    counts = [mask[j * b : (j + 1) * b].sum(-1) for j in range(k)]  # K x (B,)
+    widths = [max(response_lengths[j * b : (j + 1) * b]) for j in range(k)]
+    starts = [sum(widths[:j]) for j in range(k)]
+    groups = torch.arange(b, device=dev)
+    ids = torch.cat([_response_ids(batch, groups + j * b, widths[j], counts[j], pad_id) for j in range(k)], dim=1)
+    cols = [torch.arange(w, device=dev) for w in widths]
+    valid = torch.cat([cols[j][None] < counts[j][:, None] for j in range(k)], dim=1)  # (B, W)
+    positions = batch.prompt_lengths[:b, None] + torch.cat(cols)[None]  # (B, W)
 
     # Key j is visible to query q when both are in the same response and j <= q, or j is a real
     # prompt token. A padding query sees the prompt, so no row of the mask is empty.
-    block = torch.arange(wc + wr, device=dev) >= wc
+    total = sum(widths)
+    block = torch.cat([torch.full((w,), j, device=dev) for j, w in enumerate(widths)])  # (W,) response of a column
     own = (block[:, None] == block[None, :]).tril()  # (W, W)
-    visible = torch.cat(
-        [prompt_mask.bool()[:, None, :].expand(-1, wc + wr, -1), own[None] & valid[:, None, :]], dim=-1
-    )[:, None]  # (B, 1, W, Tp + W)
+    visible = torch.cat([prompt_mask.bool()[:, None, :].expand(-1, total, -1), own[None] & valid[:, None, :]], dim=-1)[
+        :, None
+    ]  # (B, 1, W, Tp + W)
     if kind == "eager":  # an additive mask in the model's dtype
         dtype = last.dtype
         visible = torch.zeros(visible.shape, dtype=dtype, device=dev).masked_fill(~visible, torch.finfo(dtype).min)
@@ -153,40 +156,41 @@ def _packed_responses(
         **{_cache_keyword(type(inner)): cache},
     ).last_hidden_state  # (B, W, H)  # fmt: skip
 
-    # Token k of a response is predicted by the prompt's last state (k = 0) or its own state k-1.
+    # Token i of a response is predicted by the prompt's last state (i = 0) or its own state i-1.
     start = last[:, None]
-    predictors = torch.cat([start, hidden[:, : wc - 1], start, hidden[:, wc : wc + wr - 1]], dim=1)  # (B, W, H)
-    rows_c, k_c = span_coordinates(count_c, sum(response_lengths[:b]))
-    rows_r, k_r = span_coordinates(count_r, sum(response_lengths[b:]))
-    rows, cols = torch.cat([rows_c, rows_r]), torch.cat([k_c, k_r + wc])  # packed slots: chosen, then rejected
-    flat = head_logprobs(predictors[rows, cols], head, ids[rows, cols], chunk_size)
-    out_rows = torch.cat([rows_c, rows_r + b])
+    pieces = [x for j in range(k) for x in (start, hidden[:, starts[j] : starts[j] + widths[j] - 1])]
+    predictors = torch.cat(pieces, dim=1)  # (B, W, H)
+    spans = [span_coordinates(counts[j], sum(response_lengths[j * b : (j + 1) * b])) for j in range(k)]
+    rows = torch.cat([r for r, _ in spans])  # packed slots, response 0's first
+    slots = torch.cat([i + starts[j] for j, (_, i) in enumerate(spans)])
+    flat = head_logprobs(predictors[rows, slots], head, ids[rows, slots], chunk_size)
+    out_rows = torch.cat([r + j * b for j, (r, _) in enumerate(spans)])
     out = torch.zeros(mask.shape, dtype=torch.float32, device=dev)
-    out[out_rows, batch.prompt_lengths[out_rows] + torch.cat([k_c, k_r])] = flat
+    out[out_rows, batch.prompt_lengths[out_rows] + torch.cat([i for _, i in spans])] = flat
     return out
 
 
 def shared_prefix_token_logps(
     base: nn.Module, batch: Any, pad_id: int, chunk_size: int = 1024, pack_responses: bool | None = None
 ) -> Tensor:
-    """Response-token log-probs (2B, T), in the batch's layout, from one prompt pass per pair.
+    """Response-token log-probs (N, T), in the batch's row layout, from one prompt pass per group.
 
     Args:
         base: the transformers model (LoRA layers may be injected; adapters may be disabled).
-        batch: a ``PreferenceBatch`` whose chosen and rejected rows share prompt and media.
+        batch: a ``PreferenceBatch`` whose K rows per group share prompt and media.
         pad_id: token id used for padding.
         chunk_size: positions projected through the LM head at once.
-        pack_responses: run a pair's two responses in one row on its cache under a block mask
+        pack_responses: run a group's K responses in one row on its cache under a block mask
             (``True``; needs the ``sdpa`` or ``eager`` attention), or on the cache repeated for them
             (``False``). None packs where the attention allows and the prompt is at least
             ``PACK_MIN_PROMPT_RATIO`` times the longest response.
     """
     inner, head = base.model, base.get_output_embeddings()
-    b = batch.num_pairs
-    mask = batch.response_mask.bool()  # (2B, T)
+    b, k = batch.num_groups, batch.group_size
+    mask = batch.response_mask.bool()  # (N, T), N = K·B
     prompt_lengths, response_lengths = batch.host_lengths()
 
-    # 1. Prompts (and each pair's images, stored once per pair by the collator) once.
+    # 1. Prompts (and each group's images, stored once per group by the collator) once.
     prompt_ids, prompt_mask = _left_padded_prompts(batch, pad_id, prompt_lengths)
     media = batch.media
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
@@ -216,14 +220,14 @@ def shared_prefix_token_logps(
             inner, head, batch, prompt_mask, last, cache, pad_id, chunk_size, kind, response_lengths
         )
 
-    # 2. Responses on the repeated cache, interleaved rows: (chosen 0, rejected 0, chosen 1, ...).
-    cache.batch_repeat_interleave(2)
-    order = torch.arange(2 * b, device=mask.device).view(2, b).t().reshape(-1)  # (2B,): 0, B, 1, B + 1, ...
-    counts = mask.sum(-1)[order]  # (2B,)
+    # 2. Responses on the repeated cache, interleaved rows: (group 0's responses 0..K-1, group 1's, ...).
+    cache.batch_repeat_interleave(k)
+    order = torch.arange(k * b, device=mask.device).view(k, b).t().reshape(-1)  # (N,): 0, B, .., (K-1)B, 1, ...
+    counts = mask.sum(-1)[order]  # (N,)
     width = max(response_lengths)
-    resp_valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]  # (2B, Tr)
+    resp_valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]  # (N, Tr)
     resp_ids = _response_ids(batch, order, width, counts, pad_id)
-    full_mask = torch.cat([prompt_mask.repeat_interleave(2, dim=0), resp_valid.long()], dim=1)
+    full_mask = torch.cat([prompt_mask.repeat_interleave(k, dim=0), resp_valid.long()], dim=1)
     resp_pos = batch.prompt_lengths[order][:, None] + torch.arange(width, device=mask.device)
     hidden = inner(
         input_ids=resp_ids,
@@ -231,14 +235,14 @@ def shared_prefix_token_logps(
         position_ids=resp_pos,
         use_cache=True,
         **{_cache_keyword(type(inner)): cache},
-    ).last_hidden_state  # (2B, Tr, H)
+    ).last_hidden_state  # (N, Tr, H)
 
-    # 3. Token k of a response is predicted by the prompt's last state (k = 0) or response state k-1.
-    predictors = torch.cat([last.repeat_interleave(2, dim=0)[:, None], hidden[:, :-1]], dim=1)  # (2B, Tr, H)
+    # 3. Token i of a response is predicted by the prompt's last state (i = 0) or response state i-1.
+    predictors = torch.cat([last.repeat_interleave(k, dim=0)[:, None], hidden[:, :-1]], dim=1)  # (N, Tr, H)
     rows, cols = span_coordinates(counts, sum(response_lengths))
     flat = head_logprobs(predictors[rows, cols], head, resp_ids[rows, cols], chunk_size)
 
-    # 4. Back to the naive layout: interleaved row r is batch row order[r], its response after the prompt.
+    # 4. Back to the row layout: interleaved row r is batch row order[r], its response after the prompt.
     src = order[rows]
     result = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     result[src, batch.prompt_lengths[src] + cols] = flat

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from contextlib import AbstractContextManager
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from mmpo.backbones.adapters import adapters_disabled
+from mmpo.backbones.media_reuse import media_features_shareable, reuse_media_features
 from mmpo.backbones.module_scan import modules_found_once
+from mmpo.backbones.protocol import Backbone
 from mmpo.backbones.shared_prefix import shared_prefix_supported, shared_prefix_token_logps
 from mmpo.logprobs import response_logprobs, response_logprobs_from_hidden
+from mmpo.losses.base import ResponseStats
 
 __all__ = ["DEFAULT_LORA_TARGETS", "LoraSettings", "VisionLanguageBackbone"]
 
@@ -74,7 +80,7 @@ class LoraSettings:
         )
 
 
-class VisionLanguageBackbone:
+class VisionLanguageBackbone(Backbone):
     """How to load a vision-language model and compute response log-probs with it.
 
     Not a module itself: ``build()`` returns the policy (a transformers model, wrapped by peft when
@@ -91,11 +97,11 @@ class VisionLanguageBackbone:
         trust_remote_code: allow custom model code from the hub (off by default).
         revision: hub revision (branch, tag or commit).
         logprob_chunk_size: positions projected through the LM head at once.
-        shared_prefix: run each pair's prompt and images once and both responses on its key/value
-            cache (same losses and gradients as running them twice). Falls back to the naive path,
-            with a one-time notice, for pairs with different media, for models with multimodal
-            rotary positions (Qwen2-VL), and under gradient checkpointing.
-        pack_responses: on the shared-prefix path, run a pair's two responses in one row under a
+        shared_prefix: run each group's prompt and images once and its K responses on its key/value
+            cache (same losses and gradients as running the prompt K times). Falls back to the naive
+            path, with a one-time notice, for groups whose responses see different media, for models
+            with multimodal rotary positions (Qwen2-VL), and under gradient checkpointing.
+        pack_responses: on the shared-prefix path, run a group's K responses in one row under a
             block mask on the prompt's cache (``True``), or on the cache repeated for each
             (``False``). None (default) packs with ``sdpa``/``eager`` attention and no
             sliding-window layers when the prompt is at least twice the longest response, where
@@ -135,16 +141,24 @@ class VisionLanguageBackbone:
     def uses_lora(self) -> bool:
         return self.lora is not None
 
-    def load_pretrained(self) -> nn.Module:
-        """``AutoModelForImageTextToText.from_pretrained`` with this backbone's settings."""
+    def load_pretrained(self, model_name_or_path: str | None = None, revision: str | None = None) -> nn.Module:
+        """``AutoModelForImageTextToText.from_pretrained`` with this backbone's settings.
+
+        Args:
+            model_name_or_path: another checkpoint to load with the same settings (default: this
+                backbone's).
+            revision: its hub revision (default: this backbone's, for its own checkpoint).
+        """
         from transformers import AutoModelForImageTextToText
 
+        if model_name_or_path is None:
+            model_name_or_path, revision = self.model_name_or_path, self.revision
         kwargs: dict[str, Any] = {"dtype": _DTYPES[self.dtype], "trust_remote_code": self.trust_remote_code}
         if self.attn_implementation:
             kwargs["attn_implementation"] = self.attn_implementation
-        if self.revision:
-            kwargs["revision"] = self.revision
-        return AutoModelForImageTextToText.from_pretrained(self.model_name_or_path, **kwargs)
+        if revision:
+            kwargs["revision"] = revision
+        return AutoModelForImageTextToText.from_pretrained(model_name_or_path, **kwargs)
 
     def build(self) -> nn.Module:
         """Load the model, freeze what should stay frozen, and attach LoRA if configured."""
@@ -170,14 +184,40 @@ class VisionLanguageBackbone:
                 raise ValueError(f"LoRA target_modules {self.lora.target_modules!r} matched no module of the model")
         return model
 
-    @staticmethod
-    def unwrap(model: nn.Module) -> nn.Module:
+    def unwrap(self, model: nn.Module) -> nn.Module:
         """The transformers model under a peft wrapper (LoRA layers stay injected)."""
         get_base = getattr(model, "get_base_model", None)
         return get_base() if callable(get_base) else model
 
+    def adapters_disabled(self, model: nn.Module) -> AbstractContextManager:
+        """The LoRA adapters switched off inside the block (for passes under ``torch.no_grad()``)."""
+        if not self.uses_lora:
+            raise ValueError("the adapter-disabled reference needs a LoRA backbone (set backbone.lora)")
+        return adapters_disabled(model)
+
+    def load_reference(self, model_name_or_path: str, revision: str | None = None) -> nn.Module:
+        ref = self.load_pretrained(model_name_or_path, revision).eval()
+        ref.requires_grad_(False)
+        return ref
+
+    def media_shareable(self, model: nn.Module) -> bool:
+        # frozen, adapter-free media encoders give the policy and the reference the same features
+        return media_features_shareable(model)
+
+    def media_reuse(self, model: nn.Module) -> AbstractContextManager:
+        inner = getattr(self.unwrap(model), "model", None)
+        return reuse_media_features(inner) if inner is not None else contextlib.nullcontext()
+
+    def fingerprint_settings(self) -> dict[str, Any]:
+        modules_to_save = self.lora.modules_to_save if self.lora is not None else None
+        return {"dtype": self.dtype, "modules_to_save": modules_to_save}
+
+    def statistics(self, model: nn.Module, batch: Any) -> ResponseStats:
+        """Summed and per-token response log-probs (B, K) and (B, K, T) of ``model`` on ``batch``."""
+        return ResponseStats.from_rows(self.token_logps(model, batch), batch.response_mask, batch.group_size)
+
     def token_logps(self, model: nn.Module, batch: Any) -> Tensor:
-        """Response-token log-probs (2B, T) for a :class:`~datamodules.batch.PreferenceBatch`.
+        """Response-token log-probs (N, T) in the row layout of a :class:`~datamodules.batch.PreferenceBatch`.
 
         Runs the inner model to its last hidden state and projects only response positions through
         the LM head, so no (2B, T, V) logits tensor is formed. Models whose head is not a plain
@@ -199,17 +239,17 @@ class VisionLanguageBackbone:
         text_cfg = getattr(base.config, "text_config", base.config)
         plain_head = not any(getattr(text_cfg, a, None) for a in ("final_logit_softcapping", "logit_scale"))
         if inner is not None and head is not None and plain_head:
-            hidden = inner(**inputs, use_cache=False).last_hidden_state  # (2B, T, H)
+            hidden = inner(**inputs, use_cache=False).last_hidden_state  # (N, T, H)
             return response_logprobs_from_hidden(
                 hidden, head, batch.input_ids, batch.response_mask, self.logprob_chunk_size, batch.host_lengths()
             )
-        logits = base(**inputs, use_cache=False).logits  # (2B, T, V)
+        logits = base(**inputs, use_cache=False).logits  # (N, T, V)
         return response_logprobs(logits, batch.input_ids, batch.response_mask, self.logprob_chunk_size)
 
     @staticmethod
     def _naive_reason(base: nn.Module, batch: Any) -> str | None:
         if not getattr(batch, "shared_prompt", False):
-            return "chosen and rejected have different media"
+            return "the responses of a group see different media"
         if not shared_prefix_supported(base):
             return f"{type(base).__name__} is not supported (multimodal rotary positions or a scaled LM head)"
         if base.training and _checkpointing(base):

@@ -4,8 +4,9 @@ Select one in YAML by ``class_path`` (e.g. ``mmpo.losses.DPOLoss``) with its ``i
 see docs/losses.md for the table of formulas, defaults and papers.
 """
 
-from mmpo.losses.base import LossOutput, PairLogps, PreferenceLoss, mean_token_logps
+from mmpo.losses.base import LossOutput, PairLogps, PreferenceLoss, ResponseStats, mean_token_logps
 from mmpo.losses.combined import CombinedLoss
+from mmpo.losses.listwise import PlackettLuceLoss, plackett_luce_loss
 from mmpo.losses.pairwise import (
     DPOLoss,
     FDPOLoss,
@@ -36,6 +37,8 @@ __all__ = [
     "LNDPOLoss",
     "LossOutput",
     "PairLogps",
+    "PlackettLuceLoss",
+    "ResponseStats",
     "PreferenceLoss",
     "RobustDPOLoss",
     "SFTLoss",
@@ -48,6 +51,7 @@ __all__ = [
     "ipo_loss",
     "length_desensitized_logps",
     "ln_dpo_loss",
+    "plackett_luce_loss",
     "mean_token_logps",
     "robust_dpo_loss",
     "sft_loss",

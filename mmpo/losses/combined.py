@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from mmpo.losses.base import LossOutput, PairLogps, PreferenceLoss
+from mmpo.losses.base import LossOutput, PreferenceLoss, ResponseStats
 
 __all__ = ["CombinedLoss"]
 
@@ -56,8 +56,22 @@ class CombinedLoss(PreferenceLoss):
     def requires_token_logps(self) -> bool:
         return any(loss.requires_token_logps for loss in self.losses)
 
-    def forward(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+    @property
+    def max_group_size(self) -> int | None:
+        sizes = [loss.max_group_size for loss in self.losses if loss.max_group_size is not None]
+        return min(sizes) if sizes else None
+
+    @property
+    def requires_scores(self) -> bool:
+        return any(loss.requires_scores for loss in self.losses)
+
+    def forward(self, policy: ResponseStats, reference: ResponseStats | None) -> LossOutput:
         outputs = [loss(policy, reference) for loss in self.losses]
         total = sum(w * out.losses for w, out in zip(self.weights, outputs, strict=True))
         source = next((i for i, loss in enumerate(self.losses) if loss.requires_reference), 0)
-        return LossOutput(total, outputs[source].chosen_rewards, outputs[source].rejected_rewards)
+        metrics = {
+            f"{type(loss).__name__}/{k}": v
+            for loss, out in zip(self.losses, outputs, strict=True)
+            for k, v in out.metrics.items()
+        }
+        return LossOutput(total, outputs[source].rewards, metrics)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmpo.losses.base import LossOutput, PairLogps, PreferenceLoss, check_positive, check_range, mean_token_logps
+from mmpo.losses.base import LossOutput, PreferenceLoss, ResponseStats, check_positive, check_range, mean_token_logps
 
 __all__ = [
     "DPOLoss",
@@ -255,13 +255,13 @@ def length_desensitized_logps(
 # --------------------------------------------------------------------------- classes
 
 
-def _logratios(policy: PairLogps, reference: PairLogps) -> tuple[Tensor, Tensor]:
+def _logratios(policy: ResponseStats, reference: ResponseStats) -> tuple[Tensor, Tensor]:
     return policy.chosen - reference.chosen, policy.rejected - reference.rejected
 
 
 def _output(losses: Tensor, beta: float, logratio_chosen: Tensor, logratio_rejected: Tensor) -> LossOutput:
     """Losses with the usual implicit rewards β · logratio."""
-    return LossOutput(losses, beta * logratio_chosen, beta * logratio_rejected)
+    return LossOutput.pair(losses, beta * logratio_chosen, beta * logratio_rejected)
 
 
 class DPOLoss(PreferenceLoss):
@@ -280,7 +280,7 @@ class DPOLoss(PreferenceLoss):
         self.beta = beta
         self.label_smoothing = label_smoothing
 
-    def forward(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+    def forward(self, policy: ResponseStats, reference: ResponseStats | None) -> LossOutput:
         lc, lr = _logratios(policy, reference)
         return _output(dpo_loss(lc, lr, self.beta, self.label_smoothing), self.beta, lc, lr)
 
@@ -301,7 +301,7 @@ class RobustDPOLoss(PreferenceLoss):
         self.beta = beta
         self.label_smoothing = label_smoothing
 
-    def forward(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+    def forward(self, policy: ResponseStats, reference: ResponseStats | None) -> LossOutput:
         lc, lr = _logratios(policy, reference)
         return _output(robust_dpo_loss(lc, lr, self.beta, self.label_smoothing), self.beta, lc, lr)
 
@@ -319,7 +319,7 @@ class IPOLoss(PreferenceLoss):
         check_positive("beta", beta)
         self.beta = beta
 
-    def forward(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+    def forward(self, policy: ResponseStats, reference: ResponseStats | None) -> LossOutput:
         lc, lr = _logratios(policy, reference)
         losses = ipo_loss(lc, lr, policy.chosen_tokens, policy.rejected_tokens, self.beta)
         return _output(losses, self.beta, lc, lr)
@@ -338,7 +338,7 @@ class HingeLoss(PreferenceLoss):
         check_positive("beta", beta)
         self.beta = beta
 
-    def forward(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+    def forward(self, policy: ResponseStats, reference: ResponseStats | None) -> LossOutput:
         lc, lr = _logratios(policy, reference)
         return _output(hinge_loss(lc, lr, self.beta), self.beta, lc, lr)
 
@@ -356,7 +356,7 @@ class LNDPOLoss(PreferenceLoss):
         check_positive("beta", beta)
         self.beta = beta
 
-    def forward(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+    def forward(self, policy: ResponseStats, reference: ResponseStats | None) -> LossOutput:
         lc, lr = _logratios(policy, reference)
         losses = ln_dpo_loss(lc, lr, policy.chosen_tokens, policy.rejected_tokens, self.beta)
         return _output(losses, self.beta, lc, lr)
@@ -384,7 +384,7 @@ class FDPOLoss(PreferenceLoss):
         self.divergence = divergence
         self.alpha = alpha
 
-    def forward(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+    def forward(self, policy: ResponseStats, reference: ResponseStats | None) -> LossOutput:
         lc, lr = _logratios(policy, reference)
         return _output(fdpo_loss(lc, lr, self.beta, self.divergence, self.alpha), self.beta, lc, lr)
 
@@ -411,16 +411,16 @@ class LDDPOLoss(PreferenceLoss):
         self.beta = beta
         self.alpha = alpha
 
-    def forward(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+    def forward(self, policy: ResponseStats, reference: ResponseStats | None) -> LossOutput:
         if policy.chosen_mask is None or policy.rejected_mask is None:
-            raise ValueError("LDDPOLoss needs chosen_mask and rejected_mask on the policy PairLogps.")
+            raise ValueError("LDDPOLoss needs chosen_mask and rejected_mask on the policy ResponseStats.")
         if not reference.has_token_logps:
-            raise ValueError("LDDPOLoss needs per-token log-probs on the reference PairLogps too.")
+            raise ValueError("LDDPOLoss needs per-token log-probs on the reference ResponseStats too.")
         ref_chosen_mask = policy.chosen_mask if reference.chosen_mask is None else reference.chosen_mask
         ref_rejected_mask = policy.rejected_mask if reference.rejected_mask is None else reference.rejected_mask
         keep = torch.minimum(policy.chosen_mask.bool().sum(-1), policy.rejected_mask.bool().sum(-1))  # (B,) l_p
 
-        def desensitise(p: PairLogps, chosen_mask: Tensor, rejected_mask: Tensor) -> tuple[Tensor, Tensor]:
+        def desensitise(p: ResponseStats, chosen_mask: Tensor, rejected_mask: Tensor) -> tuple[Tensor, Tensor]:
             c = length_desensitized_logps(p.chosen, p.chosen_token_logps, chosen_mask, keep, self.alpha)
             r = length_desensitized_logps(p.rejected, p.rejected_token_logps, rejected_mask, keep, self.alpha)
             return c, r

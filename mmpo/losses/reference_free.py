@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmpo.losses.base import LossOutput, PairLogps, PreferenceLoss, check_positive, mean_token_logps
+from mmpo.losses.base import LossOutput, PreferenceLoss, ResponseStats, check_positive, mean_token_logps
 
 __all__ = ["ASFTLoss", "SFTLoss", "SimPOLoss", "asft_loss", "log1mexp", "sft_loss", "simpo_loss"]
 
@@ -129,7 +129,7 @@ class SimPOLoss(PreferenceLoss):
         self.beta = beta
         self.gamma = gamma
 
-    def forward(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+    def forward(self, policy: ResponseStats, reference: ResponseStats | None) -> LossOutput:
         p = policy
         losses = simpo_loss(p.chosen, p.rejected, p.chosen_tokens, p.rejected_tokens, self.beta, self.gamma)
         return _mean_logp_output(losses, p, self.beta)
@@ -152,7 +152,7 @@ class ASFTLoss(PreferenceLoss):
         self.beta = beta
         self.lam = lam
 
-    def forward(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+    def forward(self, policy: ResponseStats, reference: ResponseStats | None) -> LossOutput:
         p = policy
         losses = asft_loss(p.chosen, p.rejected, p.chosen_tokens, p.rejected_tokens, self.beta, self.lam)
         return _mean_logp_output(losses, p, self.beta)
@@ -171,11 +171,11 @@ class SFTLoss(PreferenceLoss):
     def __init__(self) -> None:
         pass
 
-    def forward(self, policy: PairLogps, reference: PairLogps | None) -> LossOutput:
+    def forward(self, policy: ResponseStats, reference: ResponseStats | None) -> LossOutput:
         return _mean_logp_output(sft_loss(policy.chosen, policy.chosen_tokens), policy, 1.0)
 
 
-def _mean_logp_output(losses: Tensor, policy: PairLogps, scale: float) -> LossOutput:
+def _mean_logp_output(losses: Tensor, policy: ResponseStats, scale: float) -> LossOutput:
     chosen = mean_token_logps(policy.chosen, policy.chosen_tokens)
     rejected = mean_token_logps(policy.rejected, policy.rejected_tokens)
-    return LossOutput(losses, scale * chosen, scale * rejected)
+    return LossOutput.pair(losses, scale * chosen, scale * rejected)

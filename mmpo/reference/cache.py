@@ -4,12 +4,14 @@ With ``reference: cached`` the module computes the reference's response-token lo
 record before the first optimizer step (with the adapter disabled for LoRA; for full fine-tuning the
 untrained policy *is* the reference), saves them, and trains with no reference forward and no
 reference model in memory. A cache file is named by a fingerprint of the model and one of the data
-(every record's fields, the bytes of its images, the tokenizer and the collator's settings), so
-changing either computes a new one; a stale or foreign file is never read.
+(every field of every record, the bytes of every image and video it names, per-response media
+included, and the datamodule's settings that change a log-prob), so changing either computes a new
+one; a stale or foreign file is never read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,7 +26,8 @@ from mmpo.logprobs import span_coordinates
 
 __all__ = ["ReferenceCache", "data_fingerprint", "model_fingerprint"]
 
-CACHE_VERSION = 1
+# 2: K responses per record (was: chosen and rejected); fingerprints cover every record field.
+CACHE_VERSION = 2
 
 
 def _file_digest(path: str | os.PathLike, h: Any) -> None:
@@ -33,9 +36,13 @@ def _file_digest(path: str | os.PathLike, h: Any) -> None:
             h.update(block)
 
 
-def model_fingerprint(name_or_path: str, revision: str | None = None) -> str:
-    """Identity of the reference model: a local directory's config and weight files, or hub id + revision."""
+def model_fingerprint(name_or_path: str, revision: str | None = None, settings: dict[str, Any] | None = None) -> str:
+    """Identity of the reference model: a local directory's config and weight files, or hub id + revision.
+
+    ``settings`` (the backbone's, e.g. dtype) are hashed too: anything that changes a log-prob.
+    """
     h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
+    h.update(json.dumps(settings or {}, sort_keys=True, default=str).encode())
     path = Path(name_or_path)
     if path.is_dir():
         for f in sorted(path.iterdir()):
@@ -47,30 +54,59 @@ def model_fingerprint(name_or_path: str, revision: str | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+def _media_digest(item: Any, h: Any) -> None:
+    if isinstance(item, str | os.PathLike):
+        _file_digest(item, h)
+    elif isinstance(item, dict):  # an undecoded image of a datasets.Dataset
+        h.update(bytes(item["bytes"]))
+    elif hasattr(item, "tobytes"):  # a PIL image
+        h.update(f"{item.mode}{item.size}".encode())
+        h.update(item.tobytes())
+    elif isinstance(item, list | tuple):
+        for x in item:
+            _media_digest(x, h)
+
+
+def _is_media_field(name: str) -> bool:
+    return name.endswith(("images", "videos", "media"))
+
+
 def data_fingerprint(records: Iterable[Any], settings: dict[str, Any]) -> str:
-    """Identity of a record list as the collator sees it (fields, image bytes, collator settings)."""
+    """Identity of a record list as the collator sees it.
+
+    Every field of every record (a dataclass) but ``where`` is hashed; fields whose name ends in ``images``,
+    ``videos`` or ``media`` (``rejected_images``, per-response media, ...) are hashed by the bytes of
+    the files they name, so replacing an image under the same name changes the fingerprint.
+    ``settings`` holds what else changes a log-prob (processor, max_length, frame sampling, ...).
+    """
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for rec in records:
-        h.update(json.dumps([rec.id, rec.prompt, rec.chosen, rec.rejected], sort_keys=True).encode())
-        for image in [*rec.images, *rec.videos]:
-            if isinstance(image, str | os.PathLike):
-                _file_digest(image, h)
-            elif isinstance(image, dict):  # an undecoded image of a datasets.Dataset
-                h.update(bytes(image["bytes"]))
-            else:  # a PIL image
-                h.update(f"{image.mode}{image.size}".encode())
-                h.update(image.tobytes())
+        values = {f.name: getattr(rec, f.name) for f in dataclasses.fields(rec)}
+        # ``where`` (file and line) only locates the record for messages: moving the data keeps the cache
+        text = {k: v for k, v in values.items() if not _is_media_field(k) and k != "where"}
+        h.update(json.dumps(text, sort_keys=True, default=str).encode())
+        for name in sorted(k for k in values if _is_media_field(k)):
+            h.update(name.encode())
+            if values[name] is not None:
+                _media_digest(values[name], h)
     return h.hexdigest()[:16]
 
 
 class ReferenceCache:
-    """Token log-probs of the chosen and rejected response of every record, by record id."""
+    """Token log-probs of the K responses of every record, by record id.
 
-    def __init__(self, chosen: list[Tensor], rejected: list[Tensor], ids: list[str]) -> None:
+    Args:
+        responses: per record, the K (T_k,) token log-prob tensors of its responses, in group order.
+        ids: the record ids, one per entry of ``responses``.
+    """
+
+    def __init__(self, responses: list[list[Tensor]], ids: list[str]) -> None:
         if len(set(ids)) != len(ids):
             raise ValueError("cached reference log-probs need unique record ids")
+        if len(responses) != len(ids):
+            raise ValueError(f"{len(responses)} cached groups for {len(ids)} ids")
         self.index = {rid: i for i, rid in enumerate(ids)}
-        self.chosen, self.rejected, self.ids = chosen, rejected, ids
+        self.responses, self.ids = responses, ids
 
     def __contains__(self, rid: str) -> bool:
         return rid in self.index
@@ -79,16 +115,14 @@ class ReferenceCache:
         """Write atomically (temp file and rename)."""
         from safetensors.torch import save_file
 
-        def flat(parts: list[Tensor]) -> tuple[Tensor, Tensor]:
-            lengths = torch.tensor([0] + [p.numel() for p in parts])
-            return torch.cat(parts).float().contiguous(), lengths.cumsum(0)
-
-        c, co = flat(self.chosen)
-        r, ro = flat(self.rejected)
+        parts = [t for group in self.responses for t in group]
+        values = torch.cat(parts).float().contiguous() if parts else torch.zeros(0)
+        offsets = torch.tensor([0] + [p.numel() for p in parts]).cumsum(0)
+        sizes = torch.tensor([len(group) for group in self.responses], dtype=torch.long)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
-        tensors = {"chosen": c, "chosen_offsets": co, "rejected": r, "rejected_offsets": ro}
+        tensors = {"values": values, "offsets": offsets, "group_sizes": sizes}
         save_file(tensors, str(tmp), metadata={"ids": json.dumps(self.ids), "version": str(CACHE_VERSION)})
         os.replace(tmp, path)
 
@@ -101,18 +135,20 @@ class ReferenceCache:
             if meta.get("version") != str(CACHE_VERSION):
                 raise ValueError(f"{path}: reference cache version {meta.get('version')}, expected {CACHE_VERSION}")
             t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-
-        def split(values: Tensor, offsets: Tensor) -> list[Tensor]:
-            return [values[a:b] for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)]
-
-        ids = json.loads(meta["ids"])
-        return cls(split(t["chosen"], t["chosen_offsets"]), split(t["rejected"], t["rejected_offsets"]), ids)
+        bounds = t["offsets"].tolist()
+        parts = [t["values"][a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        groups, start = [], 0
+        for k in t["group_sizes"].tolist():
+            groups.append(parts[start : start + k])
+            start += k
+        return cls(groups, json.loads(meta["ids"]))
 
     def token_logps(
         self, ids: list[str], response_mask: Tensor, host_lengths: tuple[Sequence[int], Sequence[int]] | None = None
     ) -> Tensor:
-        """(2B, T) reference token log-probs for a batch, chosen rows first, aligned to ``response_mask``.
+        """(N, T) reference token log-probs for a batch in its row layout, aligned to ``response_mask``.
 
+        Rows are response-major (response k of group b in row k·B + b), as in ``PreferenceBatch``.
         With ``host_lengths`` (each row's prompt and response token counts, as the collator records
         them) nothing is read back from the device: the cached values are copied in from pinned
         memory and placed at the columns after each prompt.
@@ -120,9 +156,14 @@ class ReferenceCache:
         missing = [rid for rid in ids if rid not in self.index]
         if missing:
             raise KeyError(f"records not in the reference cache: {missing[:5]} (was the data changed?)")
-        rows = [self.chosen[self.index[rid]] for rid in ids] + [self.rejected[self.index[rid]] for rid in ids]
+        k = response_mask.shape[0] // max(len(ids), 1)
+        groups = [self.responses[self.index[rid]] for rid in ids]
+        for rid, group in zip(ids, groups, strict=True):
+            if len(group) != k:
+                raise ValueError(f"reference cache holds {len(group)} responses of record {rid!r}, the batch {k}")
+        rows = [group[j] for j in range(k) for group in groups]
         counts = list(host_lengths[1]) if host_lengths is not None else response_mask.sum(-1).tolist()
-        for rid, row, n in zip(ids + ids, rows, counts, strict=True):
+        for rid, row, n in zip(ids * k, rows, counts, strict=True):
             if row.numel() != n:
                 raise ValueError(
                     f"reference cache holds {row.numel()} tokens for a response of record {rid!r} that now has {n}: "
@@ -150,10 +191,11 @@ def compute_reference_cache(
     """Run ``token_logps(batch)`` over a dataset in order and collect every response's token log-probs.
 
     Args:
-        token_logps: callable from a ``PreferenceBatch`` to (2B, T) reference token log-probs.
+        token_logps: callable from a ``PreferenceBatch`` to (N, T) reference token log-probs in the
+            batch's row layout.
         dataset: a ``PreferenceDataset`` (items decoded on access).
         collator: the datamodule's collator (same tokenisation and limits as training).
-        batch_size: pairs per forward.
+        batch_size: groups per forward.
         device: where the batches go.
         desc: progress-bar label.
     """
@@ -161,16 +203,14 @@ def compute_reference_cache(
     from tqdm.auto import tqdm
 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
-    chosen, rejected, ids = [], [], []
+    groups, ids = [], []
     for batch in tqdm(loader, desc=desc or "reference log-probs", unit="batch", leave=False):
-        if batch.num_pairs == 0:
+        if batch.num_groups == 0:
             continue
         batch = batch.to(device)
-        tokens = token_logps(batch).float().cpu()  # (2B, T)
+        tokens = token_logps(batch).float().cpu()  # (N, T)
         mask = batch.response_mask.cpu()
-        b = batch.num_pairs
-        for i in range(b):
-            chosen.append(tokens[i][mask[i]])
-            rejected.append(tokens[b + i][mask[b + i]])
+        b, k = batch.num_groups, batch.group_size
+        groups.extend([tokens[j * b + i][mask[j * b + i]] for j in range(k)] for i in range(b))
         ids.extend(batch.ids)
-    return ReferenceCache(chosen, rejected, ids)
+    return ReferenceCache(groups, ids)

@@ -22,3 +22,13 @@ def write_ranked(world: Path, path: Path, n: int = 6) -> Path:
         )
     path.write_text("\n".join(json.dumps(r) for r in out) + "\n")
     return path
+
+
+def write_mixed(world: Path, path: Path) -> Path:
+    """Four of the world's pairs whose prompts differ: one image, two images, one image, no image."""
+    rows = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()[:4]]
+    rows[1]["images"] = rows[1]["images"] + rows[2]["images"]
+    rows[1]["prompt"] = "<image> <image> " + rows[1]["prompt"]
+    rows[3]["images"] = []
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path

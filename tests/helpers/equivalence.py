@@ -9,16 +9,16 @@ from mmpo.losses import DPOLoss
 from mmpo.module import PreferenceModule
 
 
-def comparison_module(model_dir, lora: bool, **backbone_kw) -> PreferenceModule:
+def comparison_module(model_dir, lora: bool, loss=None, **backbone_kw) -> PreferenceModule:
     """A DPO module in eval mode, seeded so that two of them start identical.
 
     With ``lora``, an r=4 adapter whose B matrices are drawn non-zero (a trained-looking adapter, the
-    same in every module built this way).
+    same in every module built this way). ``loss`` defaults to ``DPOLoss(beta=0.1)``.
     """
     torch.manual_seed(0)
     lora_settings = LoraSettings(r=4, alpha=8, dropout=0.0) if lora else None
     module = PreferenceModule(
-        VisionLanguageBackbone(str(model_dir), lora=lora_settings, **backbone_kw), DPOLoss(beta=0.1)
+        VisionLanguageBackbone(str(model_dir), lora=lora_settings, **backbone_kw), loss or DPOLoss(beta=0.1)
     )
     module.configure_model()
     if lora:
@@ -37,11 +37,10 @@ def assert_same_logps_losses_and_gradients(shared, naive, batch) -> dict[str, to
     """
     out_s, pol_s, ref_s = shared.compute(batch)
     out_n, pol_n, ref_n = naive.compute(batch)
-    torch.testing.assert_close(pol_s.chosen_token_logps, pol_n.chosen_token_logps, atol=2e-5, rtol=1e-5)
-    torch.testing.assert_close(pol_s.rejected_token_logps, pol_n.rejected_token_logps, atol=2e-5, rtol=1e-5)
+    assert pol_s.token_logps.shape[:2] == (batch.num_groups, batch.group_size)
+    torch.testing.assert_close(pol_s.token_logps, pol_n.token_logps, atol=2e-5, rtol=1e-5)  # (B, K, T)
     if ref_n is not None:
-        torch.testing.assert_close(ref_s.chosen, ref_n.chosen, atol=5e-5, rtol=1e-5)
-        torch.testing.assert_close(ref_s.rejected, ref_n.rejected, atol=5e-5, rtol=1e-5)
+        torch.testing.assert_close(ref_s.logps, ref_n.logps, atol=5e-5, rtol=1e-5)  # (B, K)
     torch.testing.assert_close(out_s.losses, out_n.losses, atol=1e-6, rtol=1e-5)
     out_s.losses.mean().backward()
     out_n.losses.mean().backward()
