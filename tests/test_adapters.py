@@ -1,3 +1,4 @@
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
@@ -48,11 +49,16 @@ def test_adapters_come_back_on_after_an_error_and_nested_use():
     x = torch.randn(2, 8)
     with torch.no_grad():
         adapted = model(x)
-        try:
+        with model.disable_adapter():
+            base = model(x)
+        assert not torch.allclose(adapted, base)
+        inside = []
+        with pytest.raises(RuntimeError, match="inside"):
             with adapters_disabled(model):
                 with adapters_disabled(model):
-                    pass
+                    inside.append(model(x))
+                inside.append(model(x))  # leaving the inner block keeps the outer one's adapters off
                 raise RuntimeError("inside")
-        except RuntimeError:
-            pass
-        torch.testing.assert_close(model(x), adapted, rtol=0, atol=0)
+        for out in inside:
+            torch.testing.assert_close(out, base, rtol=0, atol=0)
+        torch.testing.assert_close(model(x), adapted, rtol=0, atol=0)  # back on after the error

@@ -21,13 +21,19 @@ from mmpo.backbones import shared_prefix as sp
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.fixture(scope="module")
-def qwen2_llava(tmp_path_factory):
+def _presets():
     sys.path.insert(0, str(BENCH))
     try:
-        from presets import PRESETS, build_model, write_data
+        import presets
     finally:
         sys.path.remove(str(BENCH))
+    return presets
+
+
+@pytest.fixture(scope="module")
+def qwen2_llava(tmp_path_factory):
+    presets = _presets()
+    PRESETS, build_model, write_data = presets.PRESETS, presets.build_model, presets.write_data
     small = PRESETS["small"]
     preset = dataclasses.replace(
         small,
@@ -72,7 +78,9 @@ def test_the_benchmark_model_is_a_qwen2_llava_with_the_presets_traits(qwen2_llav
     assert inner.config.vision_feature_layer == -2 and inner.config.tie_word_embeddings
     assert sp._attention_kind(inner.model) == "sdpa"  # full attention in every layer: packing allowed
     assert module.backbone._naive_reason(inner, batch) is None  # the shared prefix is taken, not the fallback
-    assert batch.num_pairs == 2 and int(batch.response_mask[0].sum()) == 128
+    # the preset's data: every response RESPONSE_TOKENS tokens long, every prompt as long, no padding
+    assert batch.num_pairs == 2 and batch.response_mask.sum(-1).tolist() == [_presets().RESPONSE_TOKENS] * 4
+    assert bool(batch.attention_mask.all()) and len(set(batch.prompt_lengths.tolist())) == 1
 
 
 @pytest.mark.parametrize("pack", [True, False])

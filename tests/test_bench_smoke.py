@@ -25,24 +25,62 @@ def _bench(tmp_path: Path, framework: str) -> list[dict]:
     return rows
 
 
-def test_lora_targets_match_mmpo_defaults():
+def _presets():
     sys.path.insert(0, str(SCRIPT.parent))
     try:
-        from presets import LORA_TARGETS, RESPONSE_TOKENS
+        import presets
     finally:
         sys.path.remove(str(SCRIPT.parent))
+    return presets
+
+
+def _tiny_preset_batch(root: Path, images: int, n_pairs: int = 4):
+    """The tiny preset's benchmark data (``images`` per record) as mmpo's collator batches it."""
+    from datamodules import PreferenceDataset, VisionPreferenceCollator, load_preference_records
+    from mmpo.backbones.tiny import build_tiny_processor
+
+    presets = _presets()
+    preset = presets.PRESETS["tiny"]
+    data = presets.write_data(preset, images, n_pairs, root)
+    records, problems = load_preference_records(data, data_root=data.parent)
+    assert not problems and len(records) == n_pairs
+    processor = build_tiny_processor(presets.words(preset.vocab_words), preset.image_size, preset.patch_size)
+    dataset = PreferenceDataset(records)
+    return VisionPreferenceCollator(processor)([dataset[i] for i in range(n_pairs)])
+
+
+def test_lora_targets_match_mmpo_defaults():
     from mmpo.backbones import DEFAULT_LORA_TARGETS
 
-    assert LORA_TARGETS == DEFAULT_LORA_TARGETS
-    assert RESPONSE_TOKENS == 128
+    assert _presets().LORA_TARGETS == DEFAULT_LORA_TARGETS
+
+
+def test_preset_data_has_the_fixed_lengths_the_flop_estimate_assumes(tmp_path):
+    # Every response is RESPONSE_TOKENS tokens and every prompt the same length, so no row is padded and
+    # the FLOP count of a pair follows from the prompt length alone.
+    presets = _presets()
+    lengths = {}
+    for images in (1, 3):
+        batch = _tiny_preset_batch(tmp_path, images)
+        assert batch.response_mask.sum(-1).tolist() == [presets.RESPONSE_TOKENS] * 8
+        assert bool(batch.attention_mask.all())  # no padding anywhere
+        assert len(set(batch.prompt_lengths.tolist())) == 1
+        lengths[images] = int(batch.prompt_lengths[0])
+    # two more images add exactly their image tokens (64 px / patch 8: 8 x 8 each) to the prompt
+    assert presets.PRESETS["tiny"].image_tokens == 64
+    assert lengths[3] - lengths[1] == 2 * 64
 
 
 @pytest.mark.slow
 def test_mmpo_side_of_tiny_preset(tmp_path):
     (row,) = _bench(tmp_path, "mmpo")
-    assert row["pairs_per_s"] > 0 and row["peak_mb"] > 0
-    assert row["timed_steps"] == 2 and len(row["step_seconds"]) == 2
-    assert row["response_tokens"] == 128 and row["prompt_tokens"] > 64  # 64 image tokens + text
+    assert row["timed_steps"] == 2 and len(row["step_seconds"]) == 2 and row["pairs_per_step"] == 4
+    # throughput is the pairs of the timed steps over their time (no warm-up step here)
+    assert row["pairs_per_s"] == pytest.approx(2 * 4 / sum(row["step_seconds"]), rel=1e-3)
+    # the run saw the lengths of the data as mmpo's collator batches it (one image: 64 tokens + text)
+    batch = _tiny_preset_batch(tmp_path / "check", images=1)
+    assert row["response_tokens"] == _presets().RESPONSE_TOKENS
+    assert row["prompt_tokens"] == int(batch.prompt_lengths[0]) > 64
     assert row["flops_per_pair_executed"] == row["flops_per_pair_required"] > 0  # shared prefix: nothing redone
     assert row["speedup_vs_trl"] is None and row["mfu"] is None  # no TRL run; CPU: no MFU
     assert 0 < row["imports_rss_mb"] < row["peak_mb"]
@@ -55,8 +93,9 @@ def test_mmpo_side_of_tiny_preset(tmp_path):
 def test_trl_side_of_tiny_preset(tmp_path):
     pytest.importorskip("trl")
     (row,) = _bench(tmp_path, "trl")
-    assert row["pairs_per_s"] > 0 and row["peak_mb"] > 0
-    assert row["response_tokens"] == 128  # TRL did not truncate the responses
+    assert row["timed_steps"] == 2 and row["pairs_per_step"] == 4
+    assert row["pairs_per_s"] == pytest.approx(2 * 4 / sum(row["step_seconds"]), rel=1e-3)
+    assert row["response_tokens"] == _presets().RESPONSE_TOKENS  # TRL did not truncate the responses
     assert row["flops_per_pair_executed"] > row["flops_per_pair_required"]  # prompts run once per response
     assert row["speedup_vs_trl"] == pytest.approx(1.0) and row["paired_speedups_vs_trl"] == [pytest.approx(1.0)]
     assert row["median_paired_speedup_vs_trl"] == pytest.approx(1.0)

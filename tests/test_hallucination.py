@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from helpers.trainers import quiet_trainer
 
+from augment import PIC_IN_PIC_PHRASINGS
 from datamodules.shapes_world import objects_in_text
 from mmpo.hallucination import (
     COUNT_FIELDS,
@@ -26,15 +27,31 @@ def test_probes_are_deterministic_and_point_at_the_target():
     assert [p.prompt for p in make_probes("sequence3", 5, 5, seed=4)] != [p.prompt for p in a]
     for p in a:
         assert len(p.images) == 3 == p.prompt.count("<image>")
-        assert "In Image" in p.prompt
         assert objects_in_text(p.caption) == set(p.truth)  # the caption names exactly the target's objects
+        # "In Image<k>" names the image that shows the target: its colours (scenes are drawn without
+        # anti-aliasing) are exactly those of the target's objects
+        k = int(p.prompt.split("In Image")[1].split(",")[0])
+        assert {c for c, _ in p.truth} == _colours_in(p.images[k - 1])
+    assert {int(p.prompt.split("In Image")[1].split(",")[0]) for p in make_probes("sequence3", 30, 0)} == {1, 2, 3}
     single = make_probes("single", 2, 2)
-    assert all(len(p.images) == 1 and p.prompt.startswith("<image>\n") for p in single)
+    for p in single:
+        assert len(p.images) == 1 and p.prompt.startswith("<image>\n")
+        assert {c for c, _ in p.truth} == _colours_in(p.images[0])
     grid = make_probes("grid4", 1, 0, image_size=32)[0]
-    assert len(grid.images) == 1 and grid.images[0].size[0] > 64
-    assert (
-        "center" in make_probes("pic_in_pic", 1, 0)[0].prompt or "centre" in make_probes("pic_in_pic", 1, 0)[0].prompt
-    )
+    # a 2 x 2 collage of 32 px tiles under 8 px label bands (a quarter of a tile), 8 px apart, padded
+    # square: 2 * 32 + 8 = 72 wide, 2 * (8 + 32) = 80 high -> 80 x 80
+    assert len(grid.images) == 1 and grid.images[0].size == (80, 80)
+    pic = make_probes("pic_in_pic", 1, 0)[0]
+    assert pic.prompt in {f"<image>\n{phrasing}, describe the image ." for phrasing in PIC_IN_PIC_PHRASINGS}
+
+
+def _colours_in(image) -> set[str]:
+    import numpy as np
+
+    from datamodules.shapes_world import COLORS
+
+    present = {tuple(int(v) for v in px) for px in np.asarray(image.convert("RGB")).reshape(-1, 3)}
+    return {name for name, rgb in COLORS.items() if tuple(rgb) in present}
 
 
 def test_presence_labels_are_balanced_and_absent_objects_come_from_companions():
@@ -131,17 +148,40 @@ def test_validate_logs_the_probe_metrics(world, tiny_llava, processor):
     dm = ImagePreferenceDataModule(str(tiny_llava), world / "train.jsonl", world / "val.jsonl", batch_size=8)
     trainer = quiet_trainer(callbacks=[callback])
     (results,) = trainer.validate(module, datamodule=dm, verbose=False)
-    for setting in ("single", "sequence2"):
-        for name in ("chair_s", "chair_i", "object_recall", "pope_accuracy", "pope_yes_ratio", "pope_f1"):
-            if name == "chair_i" and f"val/hallucination/{setting}/{name}" not in results:
-                continue  # no object named at all: no denominator
-            assert f"val/hallucination/{setting}/{name}" in results
-    # The logged figures are those of the policy's own greedy answers.
+    # The logged figures are those of the policy's own greedy answers, every one of them, scored by hand.
     probes = callback.probes()
     answers = generate_answers(
         module.policy, processor, [p.prompt for p in probes], [p.images for p in probes], max_new_tokens=6
     )
     assert [a for _, a in callback.last_answers] == answers
-    expected = metrics_from_counts(score(probes, answers)["single"])
-    assert results["val/hallucination/single/pope_accuracy"] == pytest.approx(expected["pope_accuracy"])
-    assert results["val/loss"] > 0  # the ordinary validation metrics are still there
+    counts = score(probes, answers)
+    expected = {}
+    for setting in ("single", "sequence2"):
+        c = dict(zip(COUNT_FIELDS, counts[setting], strict=True))
+        assert (c["captions"], c["questions"]) == (3, 3)  # every probe was asked
+        metrics = metrics_from_counts(counts[setting])
+        # chair_i has no denominator when no answer names an object; the others always have one
+        assert {"chair_s", "object_recall", "caption_exact", "pope_accuracy", "pope_yes_ratio", "pope_f1"} <= set(
+            metrics
+        )
+        expected |= {f"val/hallucination/{setting}/{name}": value for name, value in metrics.items()}
+    logged = {k: v for k, v in results.items() if "/hallucination/" in k}
+    assert logged.keys() == expected.keys()
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value), key
+    # The ordinary validation metrics are still there: the SFT loss is the mean over the 16 validation
+    # records of the chosen response's per-token NLL, computed here from the full logits.
+    import torch
+
+    from mmpo.logprobs import response_logprobs
+
+    losses = []
+    model = module.policy.eval()
+    for batch in dm.val_dataloader():
+        with torch.no_grad():
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **batch.row_media()).logits
+        tokens = response_logprobs(logits, batch.input_ids, batch.response_mask)[: batch.num_pairs]
+        losses.append(-tokens.sum(-1) / batch.response_mask[: batch.num_pairs].sum(-1))
+    losses = torch.cat(losses)
+    assert len(losses) == 16
+    assert results["val/loss"] == pytest.approx(losses.mean().item(), rel=1e-4)

@@ -90,24 +90,42 @@ def test_nonfinite_loss_skips_the_step_when_asked(world, tiny_llava, tmp_path):
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
+def _trainable(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
 def test_nonfinite_gradient_is_skipped_or_stops(world, tiny_llava, tmp_path):
     for mode in ("skip", "stop"):
         module, dm = _setup(world, tiny_llava, mode)
+        snapshots = []
 
         class Poison(L.Callback):
+            def __init__(self, snapshots):
+                self.snapshots = snapshots
+
+            def on_train_start(self, trainer, pl_module):
+                self.snapshots.append(_trainable(pl_module))
+
             def on_after_backward(self, trainer, pl_module):
                 if trainer.global_step == 0:
                     next(p for n, p in pl_module.named_parameters() if "lora_A" in n).grad[0, 0] = float("inf")
 
-        trainer = _trainer(tmp_path / mode, steps=2, callbacks=[Poison()])
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                self.snapshots.append(_trainable(pl_module))
+
+        trainer = _trainer(tmp_path / mode, steps=2, callbacks=[Poison(snapshots)])
         if mode == "stop":
             with pytest.raises(FloatingPointError, match="non-finite gradient on records"):
                 trainer.fit(module, datamodule=dm)
+            assert len(snapshots) == 1  # stopped inside the first step, before its optimizer step
+            assert all(torch.equal(p, snapshots[0][n]) for n, p in _trainable(module).items())
         else:
             with pytest.warns(UserWarning, match="non-finite gradient"):
                 trainer.fit(module, datamodule=dm)
             assert trainer.callback_metrics["train/nonfinite_steps"] == 1
-            assert all(torch.isfinite(p).all() for p in module.parameters())
+            start, after_poisoned, after_next = snapshots
+            assert all(torch.equal(after_poisoned[n], start[n]) for n in start)  # the whole step was dropped
+            assert any(not torch.equal(after_next[n], after_poisoned[n]) for n in start)  # the next one trained
 
 
 def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
@@ -135,12 +153,12 @@ def test_loading_images_keeps_one_time_warnings_one_time(tmp_path):
     assert len([w for w in caught if "one-time notice" in str(w.message)]) == 1
 
 
-def _garbage_records(rng: random.Random, root, n: int) -> tuple[list[str], int]:
-    """n lines, each broken in one of many ways or good; returns the lines and the number of good ones."""
+def _garbage_records(rng: random.Random, root, n: int) -> tuple[list[str], list[str]]:
+    """n lines, each broken in one of many ways or good; returns the lines and the ids of the good ones."""
     good_img = "good.png"
     noise = torch.randint(0, 256, (32, 32, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     Image.fromarray(noise.numpy()).save(root / good_img)  # noise: the compressed pixels fill the file
-    lines, good = [], 0
+    lines, good = [], []
     for i in range(n):
         kind = rng.randrange(12)
         rec = {"id": f"r{i}", "images": [good_img], "prompt": "describe the image .", "chosen": "a red square .",
@@ -160,7 +178,7 @@ def _garbage_records(rng: random.Random, root, n: int) -> tuple[list[str], int]:
             rec["images"] = ["../../outside.png"]
         elif kind == 5:
             rec["images"] = [good_img, good_img]  # two images, no placeholders: both go first, fine
-            good += 1
+            good.append(rec["id"])
         elif kind == 6:
             lines.append(rng.randbytes(rng.randrange(1, 80)).decode("latin-1").replace("\n", " "))
             continue
@@ -171,7 +189,7 @@ def _garbage_records(rng: random.Random, root, n: int) -> tuple[list[str], int]:
         elif kind == 9:
             rec["rejected"] = "   "
         else:
-            good += 1
+            good.append(rec["id"])
         lines.append(json.dumps(rec))
     return lines, good
 
@@ -186,13 +204,15 @@ def test_fuzzed_records_never_crash_skip_mode_and_every_bad_one_is_counted(tiny_
     )  # fmt: skip
     dm.setup("fit")
     rejected_at_load = len(dm.problems["train"])
-    served, skipped = 0, 0
+    served, skipped = [], 0
     for batch in dm.train_dataloader():
-        served += batch.num_pairs
+        served += batch.ids
         skipped += batch.skipped
-        assert torch.isfinite(batch.media["pixel_values"]).all() if batch.media else True
-    assert served == good
-    assert rejected_at_load + skipped == len(lines) - good
+        # every served pair is whole: two rows, each with its response tokens, and its own images
+        assert batch.input_ids.shape[0] == 2 * batch.num_pairs == 2 * len(batch.ids)
+        assert (batch.response_mask.sum(-1) > 0).all()
+    assert served == good  # exactly the good records, in file order (shuffle=False)
+    assert rejected_at_load + skipped == len(lines) - len(good)
     assert rejected_at_load > 0 and skipped > 0  # both stages saw bad records
 
 

@@ -55,13 +55,20 @@ def _digest(root: Path) -> dict[str, str]:
     }
 
 
-def test_constants():
-    assert 3 <= len(SHAPES) <= 5 and 5 <= len(COLORS) <= 7
+def test_colours_are_distinct_and_scenes_use_every_shape_and_colour_evenly(world_dir: Path):
     rgbs = list(COLORS.values()) + [BACKGROUND]
     # Clearly distinguishable: every pair of colours (and the background) differs by > 100 in L1.
     for i, a in enumerate(rgbs):
         for b in rgbs[i + 1 :]:
             assert sum(abs(x - y) for x, y in zip(a, b, strict=True)) > 100, (a, b)
+    # Shapes and colours are drawn uniformly: over the ~1,200 objects of 600 scenes each one is used,
+    # within 20 % of its even share.
+    objects = [o for split in ("train", "val") for r in _records(world_dir, split) for o in r["objects"]]
+    for field, names in (("shape", SHAPES), ("color", COLORS)):
+        share = len(objects) / len(names)
+        counts = {name: sum(o[field] == name for o in objects) for name in names}
+        assert all(0.8 * share < n < 1.2 * share for n in counts.values()), (field, counts)
+        assert {o[field] for o in objects} == set(names)
 
 
 def test_files_readable_and_paths_exist(world_dir: Path):
@@ -76,8 +83,17 @@ def test_files_readable_and_paths_exist(world_dir: Path):
             assert "<image>" not in r["prompt"]
     assert not list(world_dir.rglob("*.tmp"))
     info = json.loads((world_dir / "world.json").read_text())
-    assert info["settings"]["version"] >= 1 and info["settings"]["n_train"] == N_TRAIN
-    assert info["vocabulary"] == vocabulary()
+    settings = info["settings"]
+    assert (settings["seed"], settings["n_train"], settings["n_val"]) == (3, N_TRAIN, N_VAL)
+    assert settings["task_weights"] == DEFAULT_TASK_WEIGHTS and settings["max_objects"] == 3
+    assert (
+        info["vocabulary"] == vocabulary()
+        and info["shapes"] == list(SHAPES)
+        and info["colors"] == {name: list(rgb) for name, rgb in COLORS.items()}
+    )
+    for split in ("train", "val"):  # the summary counts the records' kinds
+        kinds = [r["kind"] for r in _records(world_dir, split)]
+        assert info["kinds"][split] == {k: kinds.count(k) for k in KINDS if k in kinds}
 
 
 def test_scenes_valid(world_dir: Path):
@@ -249,11 +265,27 @@ def test_make_record_on_given_scene():
     assert record["chosen"] == "a red circle and a blue circle ."
     with pytest.raises(ValueError):  # "what color is the circle ?" would be ambiguous
         make_record(random.Random(0), kind="color", scene=scene)
+    # On sampled scenes: a colour question is asked about a shape the scene holds once, and answered with
+    # that object's colour; a scene without such a shape is refused.
     rng = random.Random(1)
+    asked = refused = 0
     for _ in range(200):
         scene = sample_scene(rng, max_objects=3)
-        assert 1 <= len(scene) <= 3
-        assert make_record(rng, kind="color")["kind"] == "color"
+        shapes = [o.shape for o in scene]
+        unique = {o.shape: o.color for o in scene if shapes.count(o.shape) == 1}
+        if not unique:
+            with pytest.raises(ValueError):
+                make_record(rng, kind="color", scene=scene)
+            refused += 1
+            continue
+        record = make_record(rng, kind="color", scene=scene)
+        shape = re.fullmatch(r"what color is the (\w+) \?", record["prompt"]).group(1)
+        assert shape in unique and record["chosen"] == f"the {shape} is {unique[shape]} ."
+        wrong = re.fullmatch(rf"the {shape} is (\w+) \.", record["rejected"]).group(1)
+        assert wrong in COLORS and wrong != unique[shape]
+        assert record["objects"] == [o.to_dict() for o in scene]
+        asked += 1
+    assert asked > 100 and refused > 0
 
 
 def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]):

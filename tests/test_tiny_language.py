@@ -53,14 +53,63 @@ def test_labelled_list_example_is_the_sequence_prompt_with_captions_for_images()
     assert seen == {1, 2, 3, 4}
 
 
+def _answer_nll(path, examples) -> float:
+    """Mean NLL per answer token (EOS included) of the checkpoint on text-only lists, one list at a time."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    tokenizer = processor.tokenizer
+    total, count = 0.0, 0
+    for example in examples:
+        messages = [{"role": "user", "content": [{"type": "text", "text": example["prompt"]}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(example["chosen"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
+        total -= torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(answer)[:, None]).sum().item()
+        count += len(answer)
+    return total / count
+
+
+def test_exact_match_counts_every_answer_token_and_ignores_the_prompt():
+    from types import SimpleNamespace
+
+    from mmpo.backbones.tiny_language import _exact
+
+    # 3 rows of 5 positions, answer tokens at positions 2..4 (the prompt's labels are -100)
+    labels = torch.tensor([[-100, -100, 3, 1, 4]] * 3)
+    logits = torch.zeros(3, 5, 6)
+    for row in range(3):
+        for t in range(1, 4):  # position t predicts the token at t + 1
+            logits[row, t, labels[row, t + 1]] = 1.0
+    logits[1, 3, 2] = 5.0  # row 1: the last answer token (EOS) predicted wrong
+    logits[2, 0, 5] = 5.0  # row 2: wrong only where the prompt is: not counted
+
+    class Model:
+        def __call__(self, input_ids, attention_mask):
+            return SimpleNamespace(logits=logits)
+
+    ids = torch.zeros(3, 5, dtype=torch.long)
+    assert _exact(Model(), ids, torch.ones_like(ids), labels).tolist() == [True, False, True]
+
+
 def test_pretraining_changes_only_the_language_model_and_is_reused(tmp_path):
-    from mmpo.backbones.tiny_language import pretrain_tiny_language_model
+    from mmpo.backbones.tiny_language import labelled_list_example, pretrain_tiny_language_model
 
     path = _tiny(tmp_path)
     before = _weights(path)
+    rng = random.Random(123)
+    held_out = [labelled_list_example(rng, max_items=4) for _ in range(16)]
+    nll_before = _answer_nll(path, held_out)
     kwargs = {"steps": 10, "batch_size": 8, "warmup_steps": 2, "eval_lists": 16, "progress": False}
     report = pretrain_tiny_language_model(path, **kwargs)
-    assert not report["reused"] and 0.0 <= report["accuracy"] <= 1.0 and report["steps"] == 10
+    assert not report["reused"] and report["steps"] == 10
+    # the language model learns: ten steps take the answers' NLL on unseen lists from about log(vocabulary)
+    # (4.1 nats) to about 2.6, and the last training batch's loss is below the untrained one as well
+    nll_after = _answer_nll(path, held_out)
+    assert nll_after < 0.75 * nll_before and report["loss"] < nll_before
     after = _weights(path)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and not any(".vision_tower." in n or "multi_modal_projector" in n for n in changed)

@@ -99,9 +99,25 @@ def test_vdpo_pairs_with_different_rejected_videos(video_llava, clips):
     assert pv.shape[0] == 2 and not torch.equal(pv[0], pv[1])
     assert torch.equal(batch.input_ids[0], batch.input_ids[1])  # same tokens, different pixels
     module = _module(video_llava, True)
-    out, policy, reference = module.compute(batch)
-    assert torch.isfinite(out.losses).all()
-    assert policy.chosen.item() != policy.rejected.item()  # the video changes the log-prob of the same text
+    with torch.no_grad():
+        out, policy, reference = module.compute(batch)
+    # Each side's log-probs are those of the same text on its own video alone: an ordinary pair per video,
+    # through the naive forward, gives them as its chosen row.
+    alone = _records(
+        clips,
+        [{"id": name, "videos": [f"{name}.mp4"], "prompt": "which way does the red square move ?", "chosen": text,
+          "rejected": "the red square moves up ."} for name in ("right", "left")],
+    )  # fmt: skip
+    with torch.no_grad():
+        _, naive_policy, naive_reference = _module(video_llava, False).compute(_collate(video_llava, alone))
+    torch.testing.assert_close(policy.chosen, naive_policy.chosen[:1], atol=1e-4, rtol=1e-5)  # right.mp4
+    torch.testing.assert_close(policy.rejected, naive_policy.chosen[1:], atol=1e-4, rtol=1e-5)  # left.mp4
+    torch.testing.assert_close(reference.chosen, naive_reference.chosen[:1], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(reference.rejected, naive_reference.chosen[1:], atol=1e-4, rtol=1e-5)
+    assert abs(policy.chosen.item() - policy.rejected.item()) > 1e-3  # the video changes the same text's log-prob
+    # and the loss is DPO's on those four numbers, by hand
+    margin = (policy.chosen - reference.chosen) - (policy.rejected - reference.rejected)
+    torch.testing.assert_close(out.losses, -torch.nn.functional.logsigmoid(0.1 * margin), atol=1e-6, rtol=1e-5)
 
 
 def test_broken_video_names_the_record_or_is_skipped(video_llava, clips):

@@ -249,4 +249,8 @@ def test_cli(tmp_path, capsys):
     summary = main(["--out", str(tmp_path / "cli"), "--n-train", "3", "--n-val", "1", "--seed", "2"])
     assert json.loads(capsys.readouterr().out) == summary
     assert summary["n_train"] == 3 and summary["vocab_size"] == len(vocabulary())
-    assert len(_records(tmp_path / "cli", "train")) == 3 and (tmp_path / "cli" / "world.json").is_file()
+    # the command line writes the world its arguments describe: the seed-2 records
+    world = VideoWorld(seed=2)
+    assert _records(tmp_path / "cli", "train") == [world.record("train", i) for i in range(3)]
+    assert _records(tmp_path / "cli", "val") == [world.record("val", 0)]
+    assert json.loads((tmp_path / "cli" / "world.json").read_text())["vocabulary"] == vocabulary()
