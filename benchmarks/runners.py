@@ -148,14 +148,14 @@ def run_mmpo(
         reference_cache_dir=cache_dir,
     )
     cache_time: dict[str, float] = {}
-    prepare = module._prepare_caches
+    prepare = module.reference.prepare  # the strategy's pass over the data (caching, for reference: cached)
 
-    def timed_prepare(splits):
+    def timed_prepare(owner, splits):
         t0 = clock._now()
-        prepare(splits)
+        prepare(owner, splits)
         cache_time["cache_seconds"] = cache_time.get("cache_seconds", 0.0) + clock._now() - t0
 
-    module._prepare_caches = timed_prepare
+    module.reference.prepare = timed_prepare
     dm = ImagePreferenceDataModule(
         processor=str(model_dir), train_file=str(data), batch_size=batch, max_length=None, num_workers=0, seed=0
     )
