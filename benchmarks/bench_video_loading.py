@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules import PreferenceDataset, VisionPreferenceCollator, load_preference_records
-from datamodules.video_world import vocabulary, write_video_world
+from datamodules.worlds.video import vocabulary, write_video_world
 
 
 def _first(items):
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    from mmpo.backbones.tiny import build_tiny_llava
+    from mmpo.tiny.llava import build_tiny_llava
 
     root = Path(args.workdir)
     world = write_video_world(root / "world", n_train=args.clips, n_val=1, num_frames=args.frames, size=args.size)

@@ -146,7 +146,7 @@ def words(n: int) -> list[str]:
 
 def build_model(preset: Preset, root: Path) -> Path:
     """Write (or reuse) the preset's random-init LLaVA checkpoint and processor under ``root``."""
-    from mmpo.backbones.tiny import build_tiny_llava
+    from mmpo.tiny.llava import build_tiny_llava
 
     out = root / preset.name / "model"
     if preset.family == "llama":
@@ -170,8 +170,8 @@ def _build_qwen2_llava(preset: Preset, out: Path) -> Path:
     import torch
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
-    from mmpo.backbones.tiny import build_tiny_processor
     from mmpo.io import atomic_directory
+    from mmpo.tiny.llava import build_tiny_processor
 
     stamp = out / "bench_preset.json"
     settings = {"version": 1, **asdict(preset)}

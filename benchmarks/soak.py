@@ -55,12 +55,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     from datamodules import ImagePreferenceDataModule
-    from datamodules.shapes_world import vocabulary, write_shapes_world
+    from datamodules.worlds.shapes import vocabulary, write_shapes_world
     from mmpo.backbones import LoraSettings, VisionLanguageBackbone
-    from mmpo.backbones.tiny import build_tiny_llava
     from mmpo.checkpoint_io import AtomicCheckpointIO
     from mmpo.losses import DPOLoss
     from mmpo.module import PreferenceModule
+    from mmpo.tiny.llava import build_tiny_llava
 
     root = Path(args.workdir)
     world = write_shapes_world(root / "data", n_train=1000, n_val=64, seed=0)

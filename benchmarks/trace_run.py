@@ -52,8 +52,8 @@ def _digest(tensors: list[Any]) -> list[str]:
 
 
 def prepare(workdir: Path) -> tuple[Path, Path]:
-    from datamodules.shapes_world import vocabulary, write_shapes_world
-    from mmpo.backbones.tiny import build_tiny_llava
+    from datamodules.worlds.shapes import vocabulary, write_shapes_world
+    from mmpo.tiny.llava import build_tiny_llava
 
     world, model = workdir / "world", workdir / "tiny-llava"
     if not (world / "train.jsonl").exists():

@@ -3,13 +3,13 @@
 Nothing here imports ``mmpo``: other projects can use these datamodules on their own.
 """
 
-from datamodules.batch import PreferenceBatch
-from datamodules.collator import PreferenceDataset, VisionPreferenceCollator, load_image
-from datamodules.diffusion import DiffusionPairRecord, DiffusionPreferenceBatch, load_diffusion_records
-from datamodules.diffusion_cache import build_latent_cache
-from datamodules.diffusion_module import DiffusionPreferenceDataModule, write_diffusion_pairs
-from datamodules.image_preference import ImagePreferenceDataModule
-from datamodules.ranked import (
+from datamodules.core.batch import PreferenceBatch
+from datamodules.core.records import BadSampleError, PreferenceRecord, load_preference_records, parse_record
+from datamodules.core.samplers import EpochShuffleSampler
+from datamodules.diffusion.cache import build_latent_cache
+from datamodules.diffusion.module import DiffusionPreferenceDataModule, write_diffusion_pairs
+from datamodules.diffusion.pairs import DiffusionPairRecord, DiffusionPreferenceBatch, load_diffusion_records
+from datamodules.ranked.lists import (
     RankedPair,
     RankedPreferenceDataset,
     RankedRecord,
@@ -17,12 +17,12 @@ from datamodules.ranked import (
     expand_pairs,
     load_ranked_records,
 )
-from datamodules.ranked_module import RankedPreferenceDataModule
-from datamodules.records import BadSampleError, PreferenceRecord, load_preference_records, parse_record
-from datamodules.samplers import EpochShuffleSampler
-from datamodules.shapes_world import ShapesWorld, objects_in_text, vocabulary, write_shapes_world
-from datamodules.video import read_video, sample_frame_indices, write_video
-from datamodules.video_module import VideoPreferenceDataModule
+from datamodules.ranked.module import RankedPreferenceDataModule
+from datamodules.vision_text.collator import PreferenceDataset, VisionPreferenceCollator, load_image
+from datamodules.vision_text.image_module import ImagePreferenceDataModule
+from datamodules.vision_text.video_io import read_video, sample_frame_indices, write_video
+from datamodules.vision_text.video_module import VideoPreferenceDataModule
+from datamodules.worlds.shapes import ShapesWorld, objects_in_text, vocabulary, write_shapes_world
 
 __all__ = [
     "BadSampleError",

@@ -35,9 +35,9 @@ class MMPOCLI(LightningCLI):
 
 
 _EXTRA = {
-    "quickstart": ("mmpo.quickstart", "SFT then DPO of a tiny LLaVA on the shapes world (CPU, no downloads)"),
+    "quickstart": ("mmpo.recipes.quickstart", "SFT then DPO of a tiny LLaVA on the shapes world (CPU, no downloads)"),
     "build-negatives": ("augment.mia.build", "MIA-DPO preference data from a single-image dataset (resumable)"),
-    "mia-demo": ("mmpo.mia_demo", "MIA-DPO end to end on the shapes world, hallucination before/after (CPU)"),
+    "mia-demo": ("mmpo.recipes.mia_demo", "MIA-DPO end to end on the shapes world, hallucination before/after (CPU)"),
 }
 
 

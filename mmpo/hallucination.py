@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image
 
-from datamodules.shapes_world import COLORS, SHAPES, caption_for, render_scene, sample_scene, tokenize
+from datamodules.worlds.shapes import COLORS, SHAPES, caption_for, render_scene, sample_scene, tokenize
 
 __all__ = [
     "COUNT_FIELDS",

@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from datamodules.batch import PreferenceBatch
+from datamodules.core.batch import PreferenceBatch
 from mmpo.allocator import DEFAULT_KEEP_BYTES, keep_freed_memory
 from mmpo.backbones.protocol import Backbone
 from mmpo.io import atomic_directory

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> Path:
-    from datamodules.shapes_world import write_shapes_world
+    from datamodules.worlds.shapes import write_shapes_world
 
     root = tmp_path_factory.mktemp("world")
     write_shapes_world(root, n_train=48, n_val=16, seed=0)
@@ -24,8 +24,8 @@ def world(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> Path:
-    from datamodules.shapes_world import vocabulary
-    from mmpo.backbones.tiny import build_tiny_llava
+    from datamodules.worlds.shapes import vocabulary
+    from mmpo.tiny.llava import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava", words=vocabulary(), seed=0)
 

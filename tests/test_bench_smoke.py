@@ -37,7 +37,7 @@ def _presets():
 def _tiny_preset_batch(root: Path, images: int, n_pairs: int = 4):
     """The tiny preset's benchmark data (``images`` per record) as mmpo's collator batches it."""
     from datamodules import PreferenceDataset, VisionPreferenceCollator, load_preference_records
-    from mmpo.backbones.tiny import build_tiny_processor
+    from mmpo.tiny.llava import build_tiny_processor
 
     presets = _presets()
     preset = presets.PRESETS["tiny"]

@@ -15,7 +15,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from datamodules.diffusion import (
+from datamodules.core.records import BadSampleError
+from datamodules.diffusion.cache import build_latent_cache
+from datamodules.diffusion.latent_cache import LatentCache, LatentCacheMissError
+from datamodules.diffusion.module import DiffusionPreferenceDataModule, write_diffusion_pairs
+from datamodules.diffusion.pairs import (
     DiffusionPreferenceBatch,
     DiffusionPreferenceCollator,
     DiffusionPreferenceDataset,
@@ -23,11 +27,7 @@ from datamodules.diffusion import (
     load_diffusion_records,
     pair_pixels,
 )
-from datamodules.diffusion_cache import build_latent_cache
-from datamodules.diffusion_module import DiffusionPreferenceDataModule, write_diffusion_pairs
-from datamodules.latent_cache import LatentCache, LatentCacheMissError
-from datamodules.records import BadSampleError
-from datamodules.shapes_world import COLORS, objects_in_text
+from datamodules.worlds.shapes import COLORS, objects_in_text
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

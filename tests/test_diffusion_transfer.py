@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.diffusion import DiffusionPreferenceBatch
-from datamodules.diffusion_module import DiffusionPreferenceDataModule, write_diffusion_pairs
+from datamodules.diffusion.module import DiffusionPreferenceDataModule, write_diffusion_pairs
+from datamodules.diffusion.pairs import DiffusionPreferenceBatch
 
 
 @pytest.fixture(scope="module")

@@ -130,8 +130,8 @@ def test_reference_names_resolve_to_strategies(tiny_llava):
 
 
 def test_separate_checkpoint_reference_is_that_models_statistics(world, tiny_llava, tmp_path):
-    from datamodules.shapes_world import vocabulary
-    from mmpo.backbones.tiny import build_tiny_llava
+    from datamodules.worlds.shapes import vocabulary
+    from mmpo.tiny.llava import build_tiny_llava
 
     other = build_tiny_llava(tmp_path / "other", words=vocabulary(), seed=1)  # same shapes, other weights
     dm = ImagePreferenceDataModule(str(tiny_llava), train_file=str(world / "train.jsonl"), batch_size=2, shuffle=False)

@@ -6,7 +6,7 @@ import pytest
 from helpers.trainers import quiet_trainer
 
 from augment import PIC_IN_PIC_PHRASINGS
-from datamodules.shapes_world import objects_in_text
+from datamodules.worlds.shapes import objects_in_text
 from mmpo.hallucination import (
     COUNT_FIELDS,
     HallucinationEval,
@@ -48,7 +48,7 @@ def test_probes_are_deterministic_and_point_at_the_target():
 def _colours_in(image) -> set[str]:
     import numpy as np
 
-    from datamodules.shapes_world import COLORS
+    from datamodules.worlds.shapes import COLORS
 
     present = {tuple(int(v) for v in px) for px in np.asarray(image.convert("RGB")).reshape(-1, 3)}
     return {name for name, rgb in COLORS.items() if tuple(rgb) in present}

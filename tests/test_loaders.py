@@ -3,8 +3,8 @@
 import torch
 from torch.utils.data import Dataset
 
-from datamodules.loaders import FirstBatchStatefulDataLoader
-from datamodules.samplers import EpochShuffleSampler
+from datamodules.core.loaders import FirstBatchStatefulDataLoader
+from datamodules.core.samplers import EpochShuffleSampler
 
 
 class _EpochEcho(Dataset):

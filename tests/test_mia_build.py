@@ -26,8 +26,8 @@ N_SOURCE = 12
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    from datamodules.shapes_world import vocabulary
-    from mmpo.backbones.tiny import build_tiny_llava
+    from datamodules.worlds.shapes import vocabulary
+    from mmpo.tiny.llava import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("mia-build") / "tiny-llava", vocabulary(), image_size=32)
 
@@ -65,7 +65,7 @@ def files(out: Path) -> dict[str, bytes]:
 
 
 def test_build_writes_a_dataset_the_datamodule_reads(world, tiny_path, loaded, tmp_path):
-    from datamodules.records import load_preference_records
+    from datamodules.core.records import load_preference_records
 
     model, processor = loaded
     result = build_negatives(make_config(world, tiny_path, tmp_path / "out"), model=model, processor=processor)

@@ -44,7 +44,7 @@ def test_training_configs_instantiate(tiny_llava, monkeypatch):
 def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys, monkeypatch):
     import augment.mia.build as mia_build
     from augment.mia.select import normalise_answer
-    from mmpo.mia_demo import main
+    from mmpo.recipes.mia_demo import main
 
     real = mia_build.generate_with_attention
 
@@ -96,8 +96,8 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys, monkeypatch):
 def test_sft_split_labels_a_share_of_single_image_prompts(tmp_path):
     import re
 
-    from datamodules.shapes_world import write_shapes_world
-    from mmpo.mia_demo import write_sft_split
+    from datamodules.worlds.shapes import write_shapes_world
+    from mmpo.recipes.mia_demo import write_sft_split
 
     write_shapes_world(tmp_path, n_train=200, n_val=4, seed=3, max_objects=1)
     out = write_sft_split(tmp_path, seed=3, fraction=0.5, text_lists=30)
@@ -128,8 +128,8 @@ def test_sft_split_labels_a_share_of_single_image_prompts(tmp_path):
 
 
 def test_replay_split_is_a_seeded_share_of_the_sft_records(tmp_path):
-    from datamodules.shapes_world import write_shapes_world
-    from mmpo.mia_demo import write_replay_split, write_sft_split
+    from datamodules.worlds.shapes import write_shapes_world
+    from mmpo.recipes.mia_demo import write_replay_split, write_sft_split
 
     write_shapes_world(tmp_path, n_train=100, n_val=4, seed=1, max_objects=1)
     sft = write_sft_split(tmp_path, seed=1, text_lists=20).read_text().splitlines()

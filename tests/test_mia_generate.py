@@ -18,8 +18,8 @@ GRID = {"num_tiles": 4, "tile_size": 32, "margin": 4, "square": True}
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    from datamodules.shapes_world import vocabulary
-    from mmpo.backbones.tiny import build_tiny_llava
+    from datamodules.worlds.shapes import vocabulary
+    from mmpo.tiny.llava import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("mia-gen") / "tiny-llava", vocabulary(), image_size=32)
 
@@ -40,7 +40,7 @@ def processor(tiny_path):
 
 @pytest.fixture(scope="module")
 def samples() -> dict[str, AugmentedSample]:
-    from datamodules.shapes_world import ShapesWorld
+    from datamodules.worlds.shapes import ShapesWorld
 
     world = ShapesWorld(seed=0)
     records = [world.record("train", i) for i in range(8)]

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from datamodules.collator import VisionPreferenceCollator
-from datamodules.ranked import (
+from datamodules.core.records import BadSampleError, PreferenceRecord
+from datamodules.ranked.lists import (
     RankedPreferenceDataset,
     RankedRecord,
     curriculum_order,
@@ -17,7 +17,7 @@ from datamodules.ranked import (
     load_ranked_records,
     parse_ranked_record,
 )
-from datamodules.records import BadSampleError, PreferenceRecord
+from datamodules.vision_text.collator import VisionPreferenceCollator
 
 # Four responses, 2 and 3 tied: scores 4.0 > 2.5 = 2.5 > 1.0.
 MIDDLE_TIE = [4.0, 2.5, 1.0, 2.5]
@@ -28,8 +28,8 @@ RESPONSES = ["a red circle .", "a blue square .", "a green triangle .", "a yello
 
 @pytest.fixture(scope="module")
 def tiny_processor():
-    from datamodules.shapes_world import vocabulary
-    from mmpo.backbones.tiny import build_tiny_processor
+    from datamodules.worlds.shapes import vocabulary
+    from mmpo.tiny.llava import build_tiny_processor
 
     return build_tiny_processor(vocabulary())
 

@@ -233,8 +233,8 @@ def test_fuzzed_videos_are_counted_not_fatal(tmp_path):
     import numpy as np
 
     from datamodules import PreferenceDataset, VisionPreferenceCollator, load_preference_records, write_video
-    from datamodules.shapes_world import vocabulary
-    from mmpo.backbones.tiny import build_tiny_llava
+    from datamodules.worlds.shapes import vocabulary
+    from mmpo.tiny.llava import build_tiny_llava
 
     rng = random.Random(1)
     frames = np.zeros((8, 32, 32, 3), dtype=np.uint8)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.shapes_world import (
+from datamodules.worlds.shapes import (
     BACKGROUND,
     COLORS,
     DEFAULT_TASK_WEIGHTS,

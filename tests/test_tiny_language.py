@@ -17,9 +17,9 @@ def _weights(path):
 
 def _tiny(tmp_path, **kwargs):
     from augment.mia.prompts import PIC_IN_PIC_PHRASINGS
-    from datamodules.shapes_world import tokenize, vocabulary
-    from mmpo.backbones.tiny import build_tiny_llava
-    from mmpo.mia_demo import MIA_WORDS
+    from datamodules.worlds.shapes import tokenize, vocabulary
+    from mmpo.recipes.mia_demo import MIA_WORDS
+    from mmpo.tiny.llava import build_tiny_llava
 
     words = set(vocabulary()) | set(MIA_WORDS)
     for phrasing in PIC_IN_PIC_PHRASINGS:
@@ -28,7 +28,7 @@ def _tiny(tmp_path, **kwargs):
 
 
 def test_labelled_list_example_is_the_sequence_prompt_with_captions_for_images():
-    from mmpo.backbones.tiny_language import labelled_list_example
+    from mmpo.tiny.language import labelled_list_example
 
     rng = random.Random(3)
     seen = set()
@@ -76,7 +76,7 @@ def _answer_nll(path, examples) -> float:
 def test_exact_match_counts_every_answer_token_and_ignores_the_prompt():
     from types import SimpleNamespace
 
-    from mmpo.backbones.tiny_language import _exact
+    from mmpo.tiny.language import _exact
 
     # 3 rows of 5 positions, answer tokens at positions 2..4 (the prompt's labels are -100)
     labels = torch.tensor([[-100, -100, 3, 1, 4]] * 3)
@@ -96,7 +96,7 @@ def test_exact_match_counts_every_answer_token_and_ignores_the_prompt():
 
 
 def test_pretraining_changes_only_the_language_model_and_is_reused(tmp_path):
-    from mmpo.backbones.tiny_language import labelled_list_example, pretrain_tiny_language_model
+    from mmpo.tiny.language import labelled_list_example, pretrain_tiny_language_model
 
     path = _tiny(tmp_path)
     before = _weights(path)
@@ -122,7 +122,7 @@ def test_pretraining_changes_only_the_language_model_and_is_reused(tmp_path):
     assert again["accuracy_by_items"] == report["accuracy_by_items"]
 
     # vision pretraining afterwards keeps the language pretraining's weights and stamp, and vice versa
-    from mmpo.backbones.tiny_vision import pretrain_tiny_vision_tower
+    from mmpo.tiny.vision import pretrain_tiny_vision_tower
 
     pretrain_tiny_vision_tower(path, steps=2, batch_size=4, warmup_steps=1, eval_scenes=4, progress=False)
     both = _weights(path)

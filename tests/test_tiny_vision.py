@@ -18,9 +18,9 @@ def _weights(path):
 def test_pretraining_changes_only_the_tower_and_is_reused(tmp_path):
     from transformers import AutoProcessor
 
-    from datamodules.shapes_world import vocabulary
-    from mmpo.backbones.tiny import build_tiny_llava
-    from mmpo.backbones.tiny_vision import pretrain_tiny_vision_tower
+    from datamodules.worlds.shapes import vocabulary
+    from mmpo.tiny.llava import build_tiny_llava
+    from mmpo.tiny.vision import pretrain_tiny_vision_tower
 
     path = build_tiny_llava(tmp_path / "tiny", words=vocabulary(), image_size=32, patch_size=8, seed=0)
     before = _weights(path)
@@ -55,9 +55,9 @@ def test_pretraining_changes_only_the_tower_and_is_reused(tmp_path):
 
 
 def test_pretraining_learns_to_recognise_scenes(tmp_path):
-    from datamodules.shapes_world import COLORS, vocabulary
-    from mmpo.backbones.tiny import build_tiny_llava
-    from mmpo.backbones.tiny_vision import _features, _scene_batch, pretrain_tiny_vision_tower
+    from datamodules.worlds.shapes import COLORS, vocabulary
+    from mmpo.tiny.llava import build_tiny_llava
+    from mmpo.tiny.vision import _features, _scene_batch, pretrain_tiny_vision_tower
 
     path = build_tiny_llava(tmp_path / "tiny", words=vocabulary(), image_size=32, patch_size=8, seed=0)
     report = pretrain_tiny_vision_tower(path, steps=400, batch_size=32, lr=3e-3, eval_scenes=128, progress=False)
@@ -83,7 +83,7 @@ def test_pretraining_learns_to_recognise_scenes(tmp_path):
 def test_pretraining_refuses_a_directory_that_is_not_a_tiny_llava(tmp_path):
     import pytest
 
-    from mmpo.backbones.tiny_vision import pretrain_tiny_vision_tower
+    from mmpo.tiny.vision import pretrain_tiny_vision_tower
 
     with pytest.raises(FileNotFoundError, match="mmpo_tiny.json"):
         pretrain_tiny_vision_tower(tmp_path)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules.records import BadSampleError
-from datamodules.video import read_video, sample_frame_indices, write_video
+from datamodules.core.records import BadSampleError
+from datamodules.vision_text.video_io import read_video, sample_frame_indices, write_video
 
 RED, BLUE, GREY = (220, 40, 40), (40, 80, 220), (200, 200, 200)
 T, SIZE, SIDE = 16, 64, 16

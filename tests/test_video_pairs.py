@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from datamodules import BadSampleError, PreferenceDataset, VisionPreferenceCollator, load_preference_records
-from datamodules.video import write_video
+from datamodules.vision_text.video_io import write_video
 from mmpo.backbones import LoraSettings, VisionLanguageBackbone
 from mmpo.losses import DPOLoss
 from mmpo.module import PreferenceModule
@@ -18,8 +18,8 @@ TOKENS_PER_FRAME = 4  # 32 px / patch 8 = 4x4 patches, 2x2-pooled
 
 @pytest.fixture(scope="module")
 def video_llava(tmp_path_factory):
-    from datamodules.shapes_world import vocabulary
-    from mmpo.backbones.tiny import build_tiny_llava
+    from datamodules.worlds.shapes import vocabulary
+    from mmpo.tiny.llava import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("vmodel") / "tiny", vocabulary(), image_size=32, video=True)
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from datamodules.shapes_world import BACKGROUND, COLORS, SHAPES, tokenize
-from datamodules.video import read_video
-from datamodules.video_world import (
+from datamodules.vision_text.video_io import read_video
+from datamodules.worlds.shapes import BACKGROUND, COLORS, SHAPES, tokenize
+from datamodules.worlds.video import (
     DIRECTIONS,
     KINDS,
     MovingObject,

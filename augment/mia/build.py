@@ -78,7 +78,7 @@ class BuildResult:
 
 def _text(value: Any, field: str, where: str) -> str:
     """A field's text: a string, or the text items of chat messages (the first user turn for a prompt)."""
-    from datamodules.records import BadSampleError
+    from datamodules.core.records import BadSampleError
 
     if isinstance(value, str):
         return value
@@ -99,7 +99,7 @@ def read_source(settings: Any) -> tuple[list[SourceRecord], Counter[str], list[s
     Raises:
         BadSampleError: naming file and line, on the first unusable record when ``on_bad_record="error"``.
     """
-    from datamodules.records import BadSampleError, default_root, iter_raw_records, resolve_media_path
+    from datamodules.core.records import BadSampleError, default_root, iter_raw_records, resolve_media_path
 
     root = default_root(settings.path, settings.data_root)
     records: list[SourceRecord] = []
@@ -388,7 +388,7 @@ def build_negatives(
         raise ValueError("pass the processor together with the model")
     selection = config.selection.build()
 
-    from datamodules.collator import load_image
+    from datamodules.vision_text.collator import load_image
 
     where = {s.image: s.where for s in sources}
     loader = functools.lru_cache(maxsize=512)(lambda key: load_image(key, where.get(key, key)))

@@ -93,7 +93,7 @@ class VisionGeometry:
 def prompt_messages(prompt: str, placeholder: str = IMAGE_PLACEHOLDER) -> list[dict[str, Any]]:
     """One user turn with each ``<image>`` of a plain-text prompt as an image item, in order.
 
-    The same split as the datamodules' plain-text prompts (``datamodules.records``).
+    The same split as the datamodules' plain-text prompts (``datamodules.core.records``).
     """
     content: list[dict[str, Any]] = []
     for piece in re.split(f"({re.escape(placeholder)})", prompt):

@@ -217,7 +217,7 @@ class VisionLanguageBackbone(Backbone):
         return ResponseStats.from_rows(self.token_logps(model, batch), batch.response_mask, batch.group_size)
 
     def token_logps(self, model: nn.Module, batch: Any) -> Tensor:
-        """Response-token log-probs (N, T) in the row layout of a :class:`~datamodules.batch.PreferenceBatch`.
+        """Response-token log-probs (N, T) in the row layout of a :class:`~datamodules.core.batch.PreferenceBatch`.
 
         Runs the inner model to its last hidden state and projects only response positions through
         the LM head, so no (2B, T, V) logits tensor is formed. Models whose head is not a plain

@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from datamodules.cache_source import ReferenceCacheData
+from datamodules.core.cache_source import ReferenceCacheData
 from mmpo.backbones.protocol import Backbone
 from mmpo.losses.base import PreferenceLoss, ResponseStats
 from mmpo.reference.cache import ReferenceCache, compute_reference_cache, data_fingerprint, model_fingerprint
@@ -176,7 +176,7 @@ class CachedReference(ReferenceStrategy):
         if not isinstance(dm, ReferenceCacheData):
             raise ValueError(
                 "reference 'cached' needs a datamodule with reference_cache_split(split) "
-                f"(datamodules.cache_source.ReferenceCacheData); {type(dm).__name__} has none"
+                f"(datamodules.core.cache_source.ReferenceCacheData); {type(dm).__name__} has none"
             )
         backbone = module.backbone
         root = Path(self.cache_dir or Path(trainer.default_root_dir) / "reference_cache")

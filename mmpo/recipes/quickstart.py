@@ -29,8 +29,8 @@ _ROWS = [
 
 def prepare(workdir: Path, n_train: int, n_val: int, seed: int) -> None:
     """Write the shapes world and the tiny LLaVA under ``workdir`` (reused when already there)."""
-    from datamodules.shapes_world import vocabulary, write_shapes_world
-    from mmpo.backbones.tiny import build_tiny_llava
+    from datamodules.worlds.shapes import vocabulary, write_shapes_world
+    from mmpo.tiny.llava import build_tiny_llava
 
     summary = write_shapes_world(workdir / "data", n_train=n_train, n_val=n_val, seed=seed, overwrite=True)
     state = "generated" if summary.get("generated", True) else "reused"

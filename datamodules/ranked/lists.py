@@ -6,11 +6,11 @@ A record holds one prompt and K >= 2 responses with either ``scores`` (higher is
     {"id": "q7", "images": ["a.png"], "prompt": "describe the image .",
      "responses": ["r1", "r2", "r3", "r4"], "scores": [4.0, 2.5, 1.0, 3.0]}
 
-Responses are strings or assistant-message lists, as ``chosen`` is in :mod:`datamodules.records`.
+Responses are strings or assistant-message lists, as ``chosen`` is in :mod:`datamodules.core.records`.
 Listwise losses (RankDPO, tree preference) read the :class:`RankedRecord` lists; pairwise losses get
 :class:`RankedPair` s from :func:`expand_pairs`, ordered for Curry-DPO by :func:`curriculum_order`,
 and :class:`RankedPreferenceDataset` serves them to the ordinary ``VisionPreferenceCollator``.
-Every problem names the file and line (or row) of the record, as in :mod:`datamodules.records`.
+Every problem names the file and line (or row) of the record, as in :mod:`datamodules.core.records`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from typing import Any, Literal, get_args
 
 from torch.utils.data import Dataset
 
-from datamodules.collator import load_image
-from datamodules.records import (
+from datamodules.core.records import (
     BadSampleError,
     PreferenceRecord,
     default_root,
@@ -34,6 +33,7 @@ from datamodules.records import (
     parse_prompt_and_images,
     response_text,
 )
+from datamodules.vision_text.collator import load_image
 
 __all__ = [
     "PairStrategy",

@@ -1,10 +1,10 @@
 """``mmpo mia-demo``: MIA-DPO end to end on the shapes world, on the CPU, no downloads.
 
 1. Write the shapes world and a random-init tiny LLaVA whose vocabulary covers MIA-DPO's prompts;
-   pretrain its vision tower on shapes-world scenes (a stand-in for CLIP: :mod:`mmpo.backbones.tiny_vision`)
+   pretrain its vision tower on shapes-world scenes (a stand-in for CLIP: :mod:`mmpo.tiny.vision`)
    and its language model on labelled caption lists, text only (a stand-in for an LLM's language
    pretraining, which is where a real model learns to follow "In Image2, ...":
-   :mod:`mmpo.backbones.tiny_language`).
+   :mod:`mmpo.tiny.language`).
 2. SFT on single images only (``configs/mia_dpo/sft.yaml``); half the prompts show their one image under a
    sequence label (``Image3: <image>\nIn Image3, ...``) so that the prompt's words are known, and 1,000
    text-only labelled caption lists are mixed in, as LLaVA mixes text conversations into its SFT data.
@@ -67,13 +67,13 @@ def write_sft_split(
     A labelled prompt shows the record's single image as ``Image{k}: <image>\nIn Image{k}, <question>``
     with k drawn from 1..``SFT_LABELLED["max_label"]``: the words of MIA-DPO's sequence prompt. Each record's
     draw depends only on (seed, record id). After them come ``text_lists`` text-only records, labelled
-    caption lists as in the language pretraining (:func:`mmpo.backbones.tiny_language.labelled_list_example`),
+    caption lists as in the language pretraining (:func:`mmpo.tiny.language.labelled_list_example`),
     as LLaVA's SFT mixes text-only conversations into its image data so that the language model keeps
     what it knew.
     """
     from augment.mia.prompts import labelled_image_prompt
-    from datamodules.world_writer import atomic_write_text
-    from mmpo.backbones.tiny_language import labelled_list_example
+    from datamodules.worlds.writer import atomic_write_text
+    from mmpo.tiny.language import labelled_list_example
 
     lines = []
     for line in (data / "train.jsonl").read_text().splitlines():
@@ -98,7 +98,7 @@ def write_replay_split(data: Path, seed: int, fraction: float = REPLAY_FRACTION)
     changed colour or shape, the opposite yes/no), so the preference stage keeps seeing single images next
     to the multi-image pairs it learns from.
     """
-    from datamodules.world_writer import atomic_write_text
+    from datamodules.worlds.writer import atomic_write_text
 
     lines = (data / "sft_train.jsonl").read_text().splitlines()
     rng = random.Random(f"mmpo-mia-demo/replay/{seed}")
@@ -123,10 +123,10 @@ def prepare(
     the splits are cheap and rewritten from the world each time.
     """
     from augment.mia.prompts import PIC_IN_PIC_PHRASINGS
-    from datamodules.shapes_world import tokenize, vocabulary, write_shapes_world
-    from mmpo.backbones.tiny import build_tiny_llava
-    from mmpo.backbones.tiny_language import pretrain_tiny_language_model
-    from mmpo.backbones.tiny_vision import pretrain_tiny_vision_tower
+    from datamodules.worlds.shapes import tokenize, vocabulary, write_shapes_world
+    from mmpo.tiny.language import pretrain_tiny_language_model
+    from mmpo.tiny.llava import build_tiny_llava
+    from mmpo.tiny.vision import pretrain_tiny_vision_tower
 
     write_shapes_world(workdir / "data", n_train=n_train, n_val=n_val, seed=seed, overwrite=True, **WORLD)
     write_sft_split(workdir / "data", seed, text_lists=sft_text_lists)
@@ -160,7 +160,7 @@ def resolve_config(config: Path, workdir: Path) -> Path:
 
 
 def _cli(config: Path, workdir: Path, extra: list[str]):
-    from mmpo.quickstart import run_config
+    from mmpo.recipes.quickstart import run_config
 
     return run_config(config, workdir, extra, placeholder=PLACEHOLDER)
 

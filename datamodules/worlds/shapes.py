@@ -12,7 +12,7 @@ listed by `vocabulary()`. Everything is a pure function of an explicit `random.R
 has its own generator seeded from (seed, split, index), so a record does not depend on how many
 others were generated, and the same seed gives byte-identical files.
 
-    python -m datamodules.shapes_world --out DIR --n-train 400 --n-val 100 --seed 0
+    python -m datamodules.worlds.shapes --out DIR --n-train 400 --n-val 100 --seed 0
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from datamodules.world_writer import world_cli, write_world
+from datamodules.worlds.writer import world_cli, write_world
 
 __all__ = [
     "BACKGROUND",
@@ -405,7 +405,7 @@ def write_shapes_world(
 def main(argv: Sequence[str] | None = None) -> dict:
     """Command line: write a shapes world and print its summary as JSON."""
     return world_cli(
-        argv, "python -m datamodules.shapes_world", __doc__.split("\n")[0], write_shapes_world, {"image-size": 64}
+        argv, "python -m datamodules.worlds.shapes", __doc__.split("\n")[0], write_shapes_world, {"image-size": 64}
     )
 
 

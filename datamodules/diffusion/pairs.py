@@ -33,10 +33,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from datamodules.collator import load_image
-from datamodules.latent_cache import TEXT_PREFIX, LatentCache
-from datamodules.records import BadSampleError, iter_raw_records, resolve_media_path
-from datamodules.samplers import EpochShuffleSampler
+from datamodules.core.records import BadSampleError, iter_raw_records, resolve_media_path
+from datamodules.core.samplers import EpochShuffleSampler
+from datamodules.diffusion.latent_cache import TEXT_PREFIX, LatentCache
+from datamodules.vision_text.collator import load_image
 
 __all__ = [
     "DiffusionPairRecord",
@@ -331,7 +331,7 @@ class DiffusionPreferenceBatch:
     """A batch of B image preference pairs, winners and losers stacked along the first axis.
 
     Rows ``0..B-1`` hold the preferred images, rows ``B..2B-1`` the dispreferred ones of the same
-    pairs in the same order (the convention of :class:`~datamodules.batch.PreferenceBatch`).
+    pairs in the same order (the convention of :class:`~datamodules.core.batch.PreferenceBatch`).
     The caption conditions both rows of a pair: repeat text embeddings (``torch.cat([e, e])``).
 
     Attributes:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from datamodules.records import BadSampleError
+from datamodules.core.records import BadSampleError
 
 __all__ = ["CACHE_VERSION", "TEXT_PREFIX", "LatentCache", "LatentCacheMissError"]
 

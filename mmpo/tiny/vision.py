@@ -1,6 +1,6 @@
 """Pretrain the tiny LLaVA's vision tower on shapes-world scenes: a stand-in for CLIP's pretraining.
 
-A real LLaVA starts from a CLIP tower that already sees; the tiny LLaVA of :mod:`mmpo.backbones.tiny` starts
+A real LLaVA starts from a CLIP tower that already sees; the tiny LLaVA of :mod:`mmpo.tiny.llava` starts
 from random weights, and learning shapes through the language model's loss alone is slow (after 10 SFT
 epochs on 3,000 scenes the tiny model named the right shape in a third of its captions). Here the tower
 learns directly: every step renders fresh scenes, the tower's feature layer (the one LLaVA reads) is
@@ -10,7 +10,7 @@ The tower is written back into the checkpoint and the run is recorded in ``mmpo_
 call with the same settings does nothing.
 
 Example:
-    >>> from mmpo.backbones.tiny_vision import pretrain_tiny_vision_tower
+    >>> from mmpo.tiny.vision import pretrain_tiny_vision_tower
     >>> report = pretrain_tiny_vision_tower("runs/mia_dpo/tiny-llava", steps=2000)
     >>> report["accuracy"]  # held-out scenes of k objects whose k best-scored pairs are those objects
 """
@@ -26,14 +26,14 @@ import torch
 from einops import reduce
 from torch import Tensor, nn
 
-from mmpo.backbones.tiny import pretraining_loop, read_tiny_stamp, reused_pretraining, save_tiny_weights
+from mmpo.tiny.llava import pretraining_loop, read_tiny_stamp, reused_pretraining, save_tiny_weights
 
 __all__ = ["pretrain_tiny_vision_tower"]
 
 
 def _scene_batch(rng: random.Random, n: int, image_size: int, max_objects: int, processor) -> tuple[Tensor, Tensor]:
     """``pixel_values`` (n, 3, H, W) through the checkpoint's own image processor, and targets (n, pairs)."""
-    from datamodules.shapes_world import COLORS, SHAPES, render_scene, sample_scene
+    from datamodules.worlds.shapes import COLORS, SHAPES, render_scene, sample_scene
 
     pairs = [(c, s) for s in SHAPES for c in COLORS]
     scenes = [sample_scene(rng, max_objects, image_size) for _ in range(n)]
@@ -64,7 +64,7 @@ def pretrain_tiny_vision_tower(
     """Train the vision tower of a tiny LLaVA checkpoint to recognise shapes-world objects; save it in place.
 
     Args:
-        checkpoint: a directory written by :func:`mmpo.backbones.tiny.build_tiny_llava` (image model).
+        checkpoint: a directory written by :func:`mmpo.tiny.llava.build_tiny_llava` (image model).
         steps: optimiser steps; each renders ``batch_size`` new scenes.
         batch_size: scenes per step.
         lr: peak AdamW learning rate (linear warm-up, then cosine decay to zero).
@@ -80,7 +80,7 @@ def pretrain_tiny_vision_tower(
     """
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
-    from datamodules.shapes_world import COLORS, SHAPES
+    from datamodules.worlds.shapes import COLORS, SHAPES
 
     out = Path(checkpoint)
     stamp = read_tiny_stamp(out)

@@ -1,6 +1,6 @@
 """Filling the latent cache of a diffusion preference dataset: the encoders run once per record.
 
-Entries, keys and reading are :mod:`datamodules.latent_cache`; this module runs the caller's image and
+Entries, keys and reading are :mod:`datamodules.diffusion.latent_cache`; this module runs the caller's image and
 text encoders over the records that have no valid entry yet and writes what they return. An interrupted
 build resumes where it stopped, as entries are only ever renamed into place.
 """
@@ -15,9 +15,9 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from datamodules.diffusion import DiffusionPreferenceDataset
-from datamodules.latent_cache import TEXT_PREFIX, LatentCache
-from datamodules.records import BadSampleError
+from datamodules.core.records import BadSampleError
+from datamodules.diffusion.latent_cache import TEXT_PREFIX, LatentCache
+from datamodules.diffusion.pairs import DiffusionPreferenceDataset
 
 __all__ = ["CacheStats", "build_latent_cache"]
 
@@ -111,7 +111,7 @@ def build_latent_cache(
             ``text_embeds`` and further (N, ...) tensors; None caches latents only.
         cache_dir: the cache directory.
         batch_size: pairs per encoder call (2 * batch_size images).
-        encoder_id: identity of the encoders, part of every key (see :mod:`datamodules.latent_cache`).
+        encoder_id: identity of the encoders, part of every key (see :mod:`datamodules.diffusion.latent_cache`).
         show_progress: show a tqdm progress bar.
 
     Returns:

@@ -11,12 +11,12 @@ its size, speed and starting box) is stored with a preference pair about the cli
 - ``order``: "which shape appears first ?"; the rejected answer names an object that appears later.
 - ``caption``: "describe the video ."; the rejected caption hallucinates an object.
 
-Clips are written as mp4 (`datamodules.video.write_video`, needs PyAV) with JSONL records in the image
+Clips are written as mp4 (`datamodules.vision_text.video_io.write_video`, needs PyAV) with JSONL records in the image
 preference format, ``videos`` in place of ``images``. Lower-case words, punctuation as separate
 tokens, every token listed by `vocabulary()`. Each record has its own generator seeded from
 (seed, split, index), so the same seed gives identical JSONL and identical clips.
 
-    python -m datamodules.video_world --out DIR --n-train 400 --n-val 100 --seed 0
+    python -m datamodules.worlds.video --out DIR --n-train 400 --n-val 100 --seed 0
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.shapes_world import BACKGROUND, COLORS, SHAPES, ShapeObject, render_scene, tokenize
-from datamodules.video import write_video
-from datamodules.world_writer import world_cli, write_world
+from datamodules.vision_text.video_io import write_video
+from datamodules.worlds.shapes import BACKGROUND, COLORS, SHAPES, ShapeObject, render_scene, tokenize
+from datamodules.worlds.writer import world_cli, write_world
 
 __all__ = [
     "DEFAULT_TASK_WEIGHTS",
@@ -435,7 +435,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     """Command line: write a video world and print its summary as JSON."""
     return world_cli(
         argv,
-        "python -m datamodules.video_world",
+        "python -m datamodules.worlds.video",
         __doc__.split("\n")[0],
         write_video_world,
         {"num-frames": 16, "size": 64, "fps": 8},

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from datamodules.collator import PreferenceDataset
-from datamodules.image_preference import ImagePreferenceDataModule
-from datamodules.records import load_preference_records
+from datamodules.core.records import load_preference_records
+from datamodules.vision_text.collator import PreferenceDataset
+from datamodules.vision_text.image_module import ImagePreferenceDataModule
 
 __all__ = ["VideoPreferenceDataModule"]
 

@@ -2,7 +2,7 @@
 
 A real LLaVA's language model has read the web before it meets an image: it can already follow "In Image2,
 ..." to the item labelled ``Image2`` in a list, and MIA-DPO's multi-image data relies on that. The tiny
-LLaVA of :mod:`mmpo.backbones.tiny` starts from random weights, and on ~2k multi-image preference pairs
+LLaVA of :mod:`mmpo.tiny.llava` starts from random weights, and on ~2k multi-image preference pairs
 alone its language model never learns which image a question points at (``docs/negatives.md``). Here it
 learns the skill from text only: each example is a labelled list of shapes-world captions standing where
 the images would be, in the words of MIA-DPO's sequence prompt, and a question about one item::
@@ -18,7 +18,7 @@ checkpoint and the run is recorded in ``mmpo_tiny.json``, so a second call with 
 nothing.
 
 Example:
-    >>> from mmpo.backbones.tiny_language import pretrain_tiny_language_model
+    >>> from mmpo.tiny.language import pretrain_tiny_language_model
     >>> report = pretrain_tiny_language_model("runs/mia_dpo/tiny-llava", steps=800)
     >>> report["accuracy"]  # held-out lists whose answer is reproduced exactly (teacher-forced argmax)
 """
@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from mmpo.backbones.tiny import pretraining_loop, read_tiny_stamp, reused_pretraining, save_tiny_weights
+from mmpo.tiny.llava import pretraining_loop, read_tiny_stamp, reused_pretraining, save_tiny_weights
 
 __all__ = ["labelled_list_example", "pretrain_tiny_language_model"]
 
@@ -52,7 +52,7 @@ def labelled_list_example(
     record the datamodules read.
     """
     from augment.mia.prompts import IMAGE_PLACEHOLDER, sequence_prompt
-    from datamodules.shapes_world import make_record
+    from datamodules.worlds.shapes import make_record
 
     items = rng.randint(1, max_items)
     records = [make_record(rng, task_weights=task_weights, max_objects=max_objects) for _ in range(items)]
@@ -113,7 +113,7 @@ def pretrain_tiny_language_model(
     """Train the language model of a tiny LLaVA on labelled caption lists (text only); save it in place.
 
     Args:
-        checkpoint: a directory written by :func:`mmpo.backbones.tiny.build_tiny_llava` (image model).
+        checkpoint: a directory written by :func:`mmpo.tiny.llava.build_tiny_llava` (image model).
         steps: optimiser steps; each samples ``batch_size`` new lists.
         batch_size: lists per step.
         lr: peak AdamW learning rate (linear warm-up, then cosine decay to zero).

@@ -10,11 +10,11 @@ from typing import Any, Literal
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.cache_source import CacheableSplit
-from datamodules.collator import PreferenceDataset, VisionPreferenceCollator
-from datamodules.loaders import FirstBatchStatefulDataLoader, pins_memory
-from datamodules.records import default_root, load_preference_records
-from datamodules.samplers import EpochShuffleSampler, ShardedEpochShuffleSampler
+from datamodules.core.cache_source import CacheableSplit
+from datamodules.core.loaders import FirstBatchStatefulDataLoader, pins_memory
+from datamodules.core.records import default_root, load_preference_records
+from datamodules.core.samplers import EpochShuffleSampler, ShardedEpochShuffleSampler
+from datamodules.vision_text.collator import PreferenceDataset, VisionPreferenceCollator
 
 __all__ = ["ImagePreferenceDataModule"]
 
@@ -158,7 +158,7 @@ class ImagePreferenceDataModule(L.LightningDataModule):
         }
 
     def reference_cache_split(self, split: str) -> CacheableSplit | None:
-        """The split as a reference cache sees it (see :class:`~datamodules.cache_source.ReferenceCacheData`)."""
+        """The split as a reference cache sees it (see :class:`~datamodules.core.cache_source.ReferenceCacheData`)."""
         if split not in self.datasets:
             return None
         dataset = self.datasets[split]

@@ -7,8 +7,8 @@ from typing import Literal
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.image_preference import ImagePreferenceDataModule
-from datamodules.ranked import PairStrategy, RankedListDataset, RankedPreferenceDataset, load_ranked_records
+from datamodules.ranked.lists import PairStrategy, RankedListDataset, RankedPreferenceDataset, load_ranked_records
+from datamodules.vision_text.image_module import ImagePreferenceDataModule
 
 __all__ = ["RankedPreferenceDataModule"]
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from datamodules.records import BadSampleError
+from datamodules.core.records import BadSampleError
 
 __all__ = ["SamplingStrategy", "read_video", "sample_frame_indices", "write_video"]
 

@@ -6,7 +6,7 @@ Everything downstream then loads it with ``from_pretrained`` exactly as it would
 ``llava-hf/llava-1.5-7b-hf``: the loading path under test is the real one.
 
 Example:
-    >>> from mmpo.backbones.tiny import build_tiny_llava
+    >>> from mmpo.tiny.llava import build_tiny_llava
     >>> path = build_tiny_llava("runs/tiny-llava", words=["a", "red", "circle", "."])
 """
 
@@ -143,7 +143,7 @@ def build_tiny_llava(
 
     Args:
         out_dir: destination directory.
-        words: the data's vocabulary (see ``datamodules.shapes_world.vocabulary``).
+        words: the data's vocabulary (see ``datamodules.worlds.shapes.vocabulary``).
         image_size: input resolution of the vision tower.
         patch_size: vision patch size.
         vision_width: hidden size of the CLIP vision tower.

@@ -14,16 +14,16 @@ import lightning as L
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from datamodules.diffusion import (
+from datamodules.core.loaders import FirstBatchStatefulDataLoader, pins_memory
+from datamodules.core.samplers import EpochShuffleSampler
+from datamodules.diffusion.cache import CacheStats, build_latent_cache
+from datamodules.diffusion.pairs import (
     DiffusionPreferenceCollator,
     DiffusionPreferenceDataset,
     EpochTaggedSampler,
     load_diffusion_records,
 )
-from datamodules.diffusion_cache import CacheStats, build_latent_cache
-from datamodules.loaders import FirstBatchStatefulDataLoader, pins_memory
-from datamodules.samplers import EpochShuffleSampler
-from datamodules.shapes_world import COLORS, ShapeObject, caption_for, render_scene, sample_scene
+from datamodules.worlds.shapes import COLORS, ShapeObject, caption_for, render_scene, sample_scene
 
 __all__ = ["DiffusionPreferenceDataModule", "write_diffusion_pairs"]
 
@@ -33,13 +33,13 @@ log = logging.getLogger(__name__)
 class DiffusionPreferenceDataModule(L.LightningDataModule):
     """Pick-a-Pic-style pairs (caption, two images, a label or two scores) for Diffusion-DPO.
 
-    Records are read from JSONL / JSON / Parquet (see :mod:`datamodules.diffusion`); batches are
-    :class:`~datamodules.diffusion.DiffusionPreferenceBatch`, winners first. Training pairs get a
+    Records are read from JSONL / JSON / Parquet (see :mod:`datamodules.diffusion.pairs`); batches are
+    :class:`~datamodules.diffusion.pairs.DiffusionPreferenceBatch`, winners first. Training pairs get a
     random crop (unless ``center_crop``) and flip shared by both images of a pair and drawn from
     (seed, epoch, index); validation and test pairs are centre-cropped and not flipped.
 
     With ``cache_dir`` the datasets return cached VAE latents and text embeddings instead of pixels.
-    Fill the cache once with :meth:`build_cache` (or :func:`~datamodules.diffusion_cache.build_latent_cache`);
+    Fill the cache once with :meth:`build_cache` (or :func:`~datamodules.diffusion.cache.build_latent_cache`);
     the cache holds the centre crop, so random crop and flip are off while it is used.
 
     Args:
@@ -146,7 +146,7 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         """Encode every configured split into ``cache_dir`` (entries already there are kept).
 
         Run it from one process (rank 0) before training; see
-        :func:`~datamodules.diffusion_cache.build_latent_cache` for the callables.
+        :func:`~datamodules.diffusion.cache.build_latent_cache` for the callables.
 
         Returns:
             What was written, reused and skipped, per split.

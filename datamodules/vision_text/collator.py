@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from datamodules.batch import PreferenceBatch
-from datamodules.records import BadSampleError, PreferenceRecord
+from datamodules.core.batch import PreferenceBatch
+from datamodules.core.records import BadSampleError, PreferenceRecord
 
 __all__ = ["PreferenceDataset", "VisionPreferenceCollator", "load_image"]
 
@@ -98,7 +98,7 @@ class PreferenceDataset(Dataset):
         return len(self.records)
 
     def _videos(self, paths: list[str], where: str, i: int) -> list[torch.Tensor]:
-        from datamodules.video import read_video
+        from datamodules.vision_text.video_io import read_video
 
         out = []
         for j, path in enumerate(paths):

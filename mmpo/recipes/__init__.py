@@ -1,0 +1,1 @@
+"""Runnable recipes built from the library's components: ``mmpo quickstart`` and ``mmpo mia-demo``."""
