@@ -17,7 +17,6 @@ from mmpo.losses import (
     IPOLoss,
     LDDPOLoss,
     LNDPOLoss,
-    LossOutput,
     PairLogps,
     PreferenceLoss,
     RobustDPOLoss,
@@ -322,7 +321,9 @@ def test_rewards_are_detached_and_helpers():
     assert out.losses.requires_grad and not out.chosen_rewards.requires_grad
     detached = policy.detach()
     assert not detached.chosen.requires_grad and detached.chosen_token_logps is None
-    assert policy.to("cpu").rejected.device.type == "cpu"
+    tokens = PairLogps(t(-3.0), t(-4.0), t(1), t(1), t(-3.0)[None], t(-4.0)[None], t(1)[None].bool(), t(1)[None].bool())
+    moved = tokens.to("meta")  # every tensor field moves, per-token log-probs and masks included
+    assert all(getattr(moved, f).device.type == "meta" for f in ("logps", "tokens", "token_logps", "mask"))
 
 
 # --------------------------------------------------------------------------- stability and gradients
@@ -436,7 +437,8 @@ def test_combined_flags_and_reward_source():
     assert torch.equal(out.chosen_rewards, IPOLoss(beta=0.5)(policy_pair(), reference_pair()).chosen_rewards)
     ref_free = CombinedLoss([SimPOLoss(beta=3.0), SFTLoss()])(policy_pair(), None)
     assert torch.equal(ref_free.chosen_rewards, SimPOLoss(beta=3.0)(policy_pair(), None).chosen_rewards)
-    assert isinstance(ref_free, LossOutput)
+    parts = SimPOLoss(beta=3.0)(policy_pair(), None).losses + SFTLoss()(policy_pair(), None).losses
+    assert torch.equal(ref_free.losses, parts)
 
 
 # --------------------------------------------------------------------------- selection by class_path
@@ -495,3 +497,5 @@ loss:
     assert isinstance(loss, CombinedLoss) and loss.weights == [1.0, 0.5]
     assert [type(c) for c in loss.losses] == [DPOLoss, SFTLoss] and loss.losses[0].beta == 0.2
     assert loss.requires_reference
+    want = DPOLoss(beta=0.2)(policy_pair(), reference_pair()).losses + 0.5 * SFTLoss()(policy_pair(), None).losses
+    torch.testing.assert_close(loss(policy_pair(), reference_pair()).losses, want)
