@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from helpers.trainers import quiet_trainer
@@ -87,15 +89,23 @@ def test_export_loads_with_standard_apis(tiny_llava, batch, tmp_path):
     module.policy.eval()
     want = module.backbone.token_logps(module.policy, batch)
     module.export(tmp_path / "adapter")
-    assert (tmp_path / "adapter" / "adapter_config.json").exists()
-    AutoProcessor.from_pretrained(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 8)
+    exported, original = AutoProcessor.from_pretrained(tmp_path / "adapter"), AutoProcessor.from_pretrained(tiny_llava)
+    text = "describe the image ."
+    assert exported.tokenizer(text)["input_ids"] == original.tokenizer(text)["input_ids"]
     base = AutoModelForImageTextToText.from_pretrained(tiny_llava)
     loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
     torch.testing.assert_close(module.backbone.token_logps(loaded, batch), want)
 
     full = _module(tiny_llava, lora=False)
+    with torch.no_grad():  # a changed language-model weight must survive the export
+        next(p for n, p in full.policy.named_parameters() if "language_model" in n and "q_proj" in n).add_(0.05)
+    full.policy.eval()
+    want = full.backbone.token_logps(full.policy, batch)
     full.export(tmp_path / "full")
-    AutoModelForImageTextToText.from_pretrained(tmp_path / "full")
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "full").eval()
+    torch.testing.assert_close(full.backbone.token_logps(reloaded, batch), want)
 
 
 def test_checkpoint_keeps_trainable_weights_only(tiny_llava):
@@ -131,3 +141,30 @@ def test_undecodable_images_in_workers_are_counted_and_reported_not_fatal(world,
         trainer.fit(module, datamodule=dm)
     assert sum(s for s, _ in seen) == 1 and sum(n for _, n in seen) == 7
     assert trainer.callback_metrics["train/data/skipped"] == 1
+
+
+def test_reference_strategies_compute_what_they_name(tiny_llava, batch):
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(tiny_llava).eval()
+    with torch.no_grad():
+        want = VisionLanguageBackbone(str(tiny_llava)).statistics(base, batch).logps
+    adapter = _module(tiny_llava, lora=True)
+    with torch.no_grad():
+        for n, p in adapter.policy.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # the policy now differs from its base model
+    adapter.policy.eval()
+    _, policy, reference = adapter.compute(batch)
+    torch.testing.assert_close(reference.logps, want)  # the disabled adapter is the base model
+    assert not torch.allclose(policy.logps, want)
+    copy = _module(tiny_llava, lora=False)
+    with torch.no_grad():
+        for p in copy.policy.parameters():
+            if p.requires_grad:
+                p.add_(0.01)  # a "trained" policy: the frozen copy keeps the weights it was made with
+    copy.policy.eval()
+    _, _, frozen = copy.compute(batch)
+    torch.testing.assert_close(frozen.logps, want)
+    _, _, none = _module(tiny_llava, lora=True, loss=SimPOLoss()).compute(batch)
+    assert none is None
