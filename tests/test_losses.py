@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from jsonargparse import ArgumentParser
+from helpers.pairs import CT, F64, LC, LR, RT, policy_pair, reference_pair, t
 
 from mmpo.losses import (
     ASFTLoss,
@@ -24,30 +24,10 @@ from mmpo.losses import (
     SimPOLoss,
 )
 
-F64 = torch.float64
-
-
-def t(*values: float) -> torch.Tensor:
-    return torch.tensor(values, dtype=F64)
-
 
 def log_sigmoid(x: float) -> float:
     """log σ(x) in plain math, stable for the small arguments used here."""
     return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
-
-
-# Two pairs with hand-picked statistics; logratio_chosen = [0.5, -1.0], logratio_rejected = [-1.0, 0.5],
-# so Δ = [1.5, -1.5]. Token counts: chosen [2, 4], rejected [5, 1].
-LC, LR = [0.5, -1.0], [-1.0, 0.5]
-CT, RT = [2.0, 4.0], [5.0, 1.0]
-
-
-def policy_pair() -> PairLogps:
-    return PairLogps(t(-3.0, -5.0), t(-4.0, -2.0), t(*CT), t(*RT))
-
-
-def reference_pair() -> PairLogps:
-    return PairLogps(t(-3.5, -4.0), t(-3.0, -2.5), t(*CT), t(*RT))
 
 
 def values(loss: PreferenceLoss, reference: PairLogps | None = None) -> list[float]:
@@ -439,63 +419,3 @@ def test_combined_flags_and_reward_source():
     assert torch.equal(ref_free.chosen_rewards, SimPOLoss(beta=3.0)(policy_pair(), None).chosen_rewards)
     parts = SimPOLoss(beta=3.0)(policy_pair(), None).losses + SFTLoss()(policy_pair(), None).losses
     assert torch.equal(ref_free.losses, parts)
-
-
-# --------------------------------------------------------------------------- selection by class_path
-
-
-def loss_parser() -> ArgumentParser:
-    parser = ArgumentParser()
-    parser.add_argument("--loss", type=PreferenceLoss)
-    return parser
-
-
-def instantiate(parser: ArgumentParser, cfg):
-    # jsonargparse ≥ 4.49 renamed instantiate_classes to instantiate.
-    return (getattr(parser, "instantiate", None) or parser.instantiate_classes)(cfg)
-
-
-@pytest.mark.parametrize(
-    ("cls", "init_args"),
-    [
-        (DPOLoss, {"beta": 0.2, "label_smoothing": 0.1}),
-        (RobustDPOLoss, {"beta": 0.3, "label_smoothing": 0.2}),
-        (IPOLoss, {"beta": 0.5}),
-        (HingeLoss, {"beta": 0.7}),
-        (SimPOLoss, {"beta": 2.5, "gamma": 1.25}),
-        (FDPOLoss, {"beta": 0.1, "divergence": "alpha", "alpha": 0.3}),
-        (ASFTLoss, {"beta": 1.0, "lam": 0.5}),
-        (LDDPOLoss, {"beta": 0.1, "alpha": 0.25}),
-        (LNDPOLoss, {"beta": 0.05}),
-        (SFTLoss, {}),
-    ],
-    ids=lambda v: v.__name__ if isinstance(v, type) else None,
-)
-def test_every_loss_selectable_by_class_path(cls, init_args):
-    parser = loss_parser()
-    cfg = parser.parse_object({"loss": {"class_path": f"mmpo.losses.{cls.__name__}", "init_args": init_args}})
-    loss = instantiate(parser, cfg).loss
-    assert type(loss) is cls
-    for name, value in init_args.items():
-        assert getattr(loss, name) == value
-
-
-def test_combined_loss_selectable_from_yaml():
-    yaml_text = """
-loss:
-  class_path: mmpo.losses.CombinedLoss
-  init_args:
-    losses:
-      - class_path: mmpo.losses.DPOLoss
-        init_args: {beta: 0.2}
-      - class_path: mmpo.losses.SFTLoss
-    weights: [1.0, 0.5]
-"""
-    parser = loss_parser()
-    cfg = parser.parse_string(yaml_text)
-    loss = instantiate(parser, cfg).loss
-    assert isinstance(loss, CombinedLoss) and loss.weights == [1.0, 0.5]
-    assert [type(c) for c in loss.losses] == [DPOLoss, SFTLoss] and loss.losses[0].beta == 0.2
-    assert loss.requires_reference
-    want = DPOLoss(beta=0.2)(policy_pair(), reference_pair()).losses + 0.5 * SFTLoss()(policy_pair(), None).losses
-    torch.testing.assert_close(loss(policy_pair(), reference_pair()).losses, want)
