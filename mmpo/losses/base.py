@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 import torch
 from torch import Tensor
 
+from mmpo.logprobs import sequence_stats
+
 __all__ = ["LossOutput", "PairLogps", "PreferenceLoss", "ResponseStats", "mean_token_logps"]
 
 
@@ -63,8 +65,7 @@ class ResponseStats:
         The (B, K) and (B, K, T) fields are views of the row tensors, so response k's column is a
         contiguous (B,) or (B, T) block.
         """
-        summed = (token_logps * mask.to(token_logps.dtype)).sum(-1)  # (K·B,)
-        counts = mask.to(token_logps.dtype).sum(-1)
+        summed, _, counts = sequence_stats(token_logps, mask)  # (K·B,) each
         k, t = group_size, token_logps.shape[-1]
         return cls(
             logps=summed.view(k, -1).t(),

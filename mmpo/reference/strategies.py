@@ -226,6 +226,9 @@ class CachedReference(ReferenceStrategy):
         return f"CachedReference(cache_dir={self.cache_dir!r})"
 
 
+_BY_NAME = {"adapter": DisabledAdapter, "copy": FrozenCopy, "none": NoReference}
+
+
 def resolve_reference(
     spec: ReferenceName | ReferenceStrategy, loss: PreferenceLoss, backbone: Backbone, cache_dir: str | None = None
 ) -> ReferenceStrategy:
@@ -236,15 +239,14 @@ def resolve_reference(
     """
     if isinstance(spec, ReferenceStrategy):
         strategy = spec
+    elif spec == "auto" and not loss.requires_reference:
+        strategy = NoReference()
     elif spec == "auto":
-        if not loss.requires_reference:
-            strategy = NoReference()
-        else:
-            strategy = DisabledAdapter() if backbone.uses_lora else FrozenCopy()
-    elif spec in REFERENCE_NAMES:
-        strategy = {"adapter": DisabledAdapter, "copy": FrozenCopy, "none": NoReference}.get(spec, CachedReference)()
-        if spec == "cached":
-            strategy = CachedReference(cache_dir)
+        strategy = DisabledAdapter() if backbone.uses_lora else FrozenCopy()
+    elif spec == "cached":
+        strategy = CachedReference(cache_dir)
+    elif spec in _BY_NAME:
+        strategy = _BY_NAME[spec]()
     else:
         raise ValueError(f"reference must be one of {REFERENCE_NAMES} or a ReferenceStrategy, got {spec!r}")
     strategy.check(loss, backbone)
