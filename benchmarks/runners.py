@@ -157,7 +157,10 @@ def run_mmpo(
 
     module.reference.prepare = timed_prepare
     dm = ImagePreferenceDataModule(
-        processor=str(model_dir), train_file=str(data), batch_size=batch, max_length=None, num_workers=0, seed=0
+        processor=str(model_dir),
+        train_file=str(data),
+        max_length=None,
+        loader={"batch_size": batch, "num_workers": 0, "seed": 0},
     )
     trainer = L.Trainer(
         accelerator="gpu" if cuda else "cpu",

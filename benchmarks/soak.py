@@ -72,7 +72,10 @@ def main(argv: list[str] | None = None) -> dict:
         keep_host_memory=not args.system_allocator,
     )
     dm = ImagePreferenceDataModule(
-        str(model), train_file=world["train"], val_file=world["val"], batch_size=args.batch_size, num_workers=1
+        str(model),
+        train_file=world["train"],
+        val_file=world["val"],
+        loader={"batch_size": args.batch_size, "num_workers": 1},
     )
     probe = MemoryProbe(every=50)
     trainer = L.Trainer(

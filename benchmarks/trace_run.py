@@ -46,6 +46,15 @@ def _hex(x: Any) -> str:
     return float(x).hex()
 
 
+def _loader_settings(**settings: Any) -> dict[str, Any]:
+    """Loader settings in the form the checked-out version takes (grouped since the settings groups)."""
+    try:
+        from datamodules import LoaderSettings
+    except ImportError:  # a version from before the groups: flat arguments
+        return settings
+    return {"loader": LoaderSettings(**settings)}
+
+
 def _digest(tensors: list[Any]) -> list[str]:
     """Sum and sum of squares of each tensor, in float64, as exact hex (order-independent of names)."""
     return [_hex(t.double().sum()) + "/" + _hex(t.double().pow(2).sum()) for t in tensors]
@@ -81,7 +90,10 @@ def run(name: str, world: Path, model: Path, workdir: Path, steps: int) -> dict[
     backbone = VisionLanguageBackbone(str(model), lora=settings, **bb_kw)
     module = PreferenceModule(backbone, loss, reference=reference, reference_cache_dir=str(workdir / f"cache-{name}"))
     dm = ImagePreferenceDataModule(
-        str(model), train_file=str(world / "train.jsonl"), val_file=str(world / "val.jsonl"), batch_size=4, seed=0
+        str(model),
+        train_file=str(world / "train.jsonl"),
+        val_file=str(world / "val.jsonl"),
+        **_loader_settings(batch_size=4, seed=0),
     )
     trace: dict[str, Any] = {"steps": []}
 

@@ -6,6 +6,7 @@ Nothing here imports ``mmpo``: other projects can use these datamodules on their
 from datamodules.core.batch import PreferenceBatch
 from datamodules.core.records import BadSampleError, PreferenceRecord, load_preference_records, parse_record
 from datamodules.core.samplers import EpochShuffleSampler
+from datamodules.core.settings import CurriculumSettings, FrameSettings, LoaderSettings
 from datamodules.diffusion.cache import build_latent_cache
 from datamodules.diffusion.module import DiffusionPreferenceDataModule, write_diffusion_pairs
 from datamodules.diffusion.pairs import DiffusionPairRecord, DiffusionPreferenceBatch, load_diffusion_records
@@ -26,11 +27,14 @@ from datamodules.worlds.shapes import ShapesWorld, objects_in_text, vocabulary, 
 
 __all__ = [
     "BadSampleError",
+    "CurriculumSettings",
     "DiffusionPairRecord",
     "DiffusionPreferenceBatch",
     "DiffusionPreferenceDataModule",
     "EpochShuffleSampler",
+    "FrameSettings",
     "ImagePreferenceDataModule",
+    "LoaderSettings",
     "PreferenceBatch",
     "PreferenceDataset",
     "PreferenceRecord",

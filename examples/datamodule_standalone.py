@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 
-from datamodules import ImagePreferenceDataModule, write_shapes_world
+from datamodules import ImagePreferenceDataModule, LoaderSettings, write_shapes_world
 
 
 def main(argv: list[str]) -> None:
@@ -23,7 +23,9 @@ def main(argv: list[str]) -> None:
         processor = os.environ["MMPO_EXAMPLE_PROCESSOR"]
         root = tempfile.mkdtemp(prefix="shapes-")
         train_file = write_shapes_world(root, n_train=8, n_val=4)["train"]
-    dm = ImagePreferenceDataModule(processor=processor, train_file=train_file, batch_size=4, on_bad_sample="skip")
+    dm = ImagePreferenceDataModule(
+        processor=processor, train_file=train_file, loader=LoaderSettings(batch_size=4), on_bad_sample="skip"
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     print("pairs:", batch.num_pairs, "ids:", batch.ids)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 import warnings
+from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -25,6 +27,15 @@ class MMPOCLI(LightningCLI):
             warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python")
             super().__init__(args=args, run=run, **kwargs)
 
+    def parse_arguments(self, parser, args) -> None:
+        if isinstance(args, (list, tuple)):
+            args = migrate_argv(list(args))
+        super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        link_processor(config)
+
     def _prepare_subcommand_kwargs(self, subcommand: str) -> dict:
         kwargs = super()._prepare_subcommand_kwargs(subcommand)
         # Checkpoints are read with torch.load(weights_only=True) unless the user sets weights_only:
@@ -44,8 +55,6 @@ _EXTRA = {
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in _EXTRA:
-        import importlib
-
         importlib.import_module(_EXTRA[argv[0]][0]).main(argv[1:])
         return
     if argv and argv[0] in ("-h", "--help"):
@@ -56,6 +65,95 @@ def main(argv: list[str] | None = None) -> None:
         print()
     _check_config_files(argv)
     MMPOCLI(args=argv)
+
+
+def link_processor(config: Any) -> None:
+    """Argument link: a datamodule whose ``processor`` is left out takes the backbone's
+    ``model_name_or_path``, so a config names the checkpoint once. A processor given explicitly is
+    kept (e.g. the base model's processor for a merged checkpoint)."""
+    key = "data.init_args.processor"
+    source = config.get("model.init_args.backbone.init_args.model_name_or_path")
+    init_args = config.get("data.init_args")
+    if source is None or init_args is None or "processor" not in init_args:
+        return
+    if config.get(key) is None:
+        config[key] = source
+
+
+def _settings_groups(class_path: Any) -> dict | None:
+    """The settings groups of a datamodule named by ``class_path`` (None: not an mmpo datamodule)."""
+    if not isinstance(class_path, str) or "." not in class_path:
+        return None
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None  # the parser reports it, with its own message
+    return getattr(cls, "settings_groups", None)
+
+
+def _data_class_path(argv: list[str], configs: dict[str, Any]) -> str | None:
+    """The datamodule's class path as the parser will see it: the last one given, config files first."""
+    found = None
+    for data in configs.values():
+        if isinstance(data, dict) and isinstance(data.get("class_path"), str):
+            found = data["class_path"]
+    for i, arg in enumerate(argv):
+        for flag in ("--data.class_path", "--data"):
+            if arg == flag and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                found = argv[i + 1] if flag == "--data.class_path" or "." in argv[i + 1] else found
+            elif arg.startswith(flag + "="):
+                found = arg.split("=", 1)[1]
+    return found
+
+
+def migrate_argv(argv: list[str]) -> list[str]:
+    """Move the datamodule's old flat settings (``batch_size``, ``num_frames``, ``curriculum_stages``,
+    ...) into their groups (``loader``, ``frames``, ``curriculum``) in config files and ``--data.*``
+    options, with one warning naming each file and key. Only mmpo datamodules (classes that declare
+    ``settings_groups``) are migrated; a config file that needs it is passed on as migrated text."""
+    import yaml
+
+    from datamodules.core.settings import flat_names, migrate_flat_settings, warn_grouped
+
+    positions = [i + 1 for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
+    configs: dict[str, Any] = {}
+    loaded: dict[int, dict] = {}
+    for i in positions:
+        try:
+            with open(argv[i], encoding="utf-8") as f:
+                content = yaml.safe_load(f)
+        except (OSError, yaml.YAMLError):
+            continue  # reported by _check_config_files or the parser
+        if isinstance(content, dict):
+            loaded[i] = content
+            configs[argv[i]] = content.get("data")
+    groups = _settings_groups(_data_class_path(argv, configs))
+    if not groups:
+        return argv
+    argv = list(argv)
+    messages = []
+    for i, content in loaded.items():
+        data = content.get("data")
+        if not (isinstance(data, dict) and isinstance(data.get("init_args"), dict)):
+            continue
+        old = data["init_args"]
+        new = migrate_flat_settings(f"{argv[i]}: data.init_args", groups, old, warn=False)
+        if new != old:
+            messages += [f"{argv[i]}: data.init_args.{k}" for k in old if k not in new]
+            argv[i] = yaml.safe_dump({**content, "data": {**data, "init_args": new}}, sort_keys=False)
+    names = flat_names(groups)
+    for i, arg in enumerate(argv):
+        for prefix in ("--data.init_args.", "--data."):
+            key, eq, value = arg[len(prefix) :].partition("=")
+            if arg.startswith(prefix) and key in names:
+                group, field = names[key]
+                argv[i] = f"--data.init_args.{group}.{field}{eq}{value}"
+                messages.append(f"{prefix}{key}")
+                break
+    if messages:
+        warn_grouped("datamodule", {m: ".".join(names[m.rsplit(".", 1)[1]]) for m in messages}, stacklevel=3)
+    return argv
 
 
 def _check_config_files(argv: list[str]) -> None:

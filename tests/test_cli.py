@@ -76,11 +76,16 @@ def _assert_built_as_written(cli, spec: dict) -> None:
         want_scheduler["class_path"].rsplit(".", 1)[1] if want_scheduler else None
     )
     data_args = dict(spec["data"]["init_args"])
-    assert cli.datamodule.processor_name == data_args.pop("processor")
+    # a config that names no processor gets the backbone's checkpoint (the CLI's argument link)
+    assert cli.datamodule.processor_name == data_args.pop("processor", backbone_args["model_name_or_path"])
     assert cli.datamodule.files["train"] == data_args.pop("train_file")
     assert cli.datamodule.files["val"] == data_args.pop("val_file", None)
     for key, value in data_args.items():
-        assert getattr(cli.datamodule, key) == value, key
+        if isinstance(value, dict):  # a settings group: each field as written, the others at their defaults
+            group = getattr(cli.datamodule, key)
+            assert {k: getattr(group, k) for k in value} == value, key
+        else:
+            assert getattr(cli.datamodule, key) == value, key
     trainer_args = spec["trainer"]
     assert cli.trainer.max_epochs == trainer_args["max_epochs"]
     assert cli.trainer.precision == trainer_args["precision"]
@@ -157,10 +162,9 @@ def _fit_args(world, tiny_llava, root, epochs, extra=()):
         str(REPO / "configs/quickstart.yaml"),
         f"--model.init_args.backbone.init_args.model_name_or_path={tiny_llava}",
         f"--model.init_args.save_dir={root}/adapter",
-        f"--data.init_args.processor={tiny_llava}",
         f"--data.init_args.train_file={world}/train.jsonl",
         f"--data.init_args.val_file={world}/val.jsonl",
-        "--data.init_args.batch_size=4",
+        "--data.init_args.loader.batch_size=4",
         f"--trainer.default_root_dir={root}",
         f"--trainer.max_epochs={epochs}",
         "--trainer.limit_train_batches=3",

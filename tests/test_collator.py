@@ -189,7 +189,7 @@ def test_in_memory_trl_format_dataset_with_pil_images_matches_the_file(processor
     ds = datasets.Dataset.from_list(with_paths).cast_column("images", datasets.Sequence(datasets.Image()))
     assert isinstance(ds[0]["images"][0], Image.Image)
 
-    kw = {"batch_size": 6, "shuffle": False}
+    kw = {"loader": {"batch_size": 6, "shuffle": False}}
     from_memory = ImagePreferenceDataModule(str(tiny_llava), train_dataset=ds, **kw)
     from_file = ImagePreferenceDataModule(str(tiny_llava), train_file=str(world / "train.jsonl"), **kw)
     from_memory.setup("fit")
@@ -224,14 +224,18 @@ def test_a_list_of_train_files_reads_each_with_its_own_media_root(world, tiny_ll
         files.append(tmp_path / folder / "train.jsonl")
         files[-1].write_text("".join(json.dumps(r) + "\n" for r in moved))
 
-    dm = ImagePreferenceDataModule(str(tiny_llava), train_file=[str(f) for f in files], batch_size=4, shuffle=False)
+    dm = ImagePreferenceDataModule(
+        str(tiny_llava), train_file=[str(f) for f in files], loader={"batch_size": 4, "shuffle": False}
+    )
     dm.setup("fit")
     records = dm.datasets["train"].records
     assert [r.id for r in records] == [f"a-{r['id']}" for r in rows[:3]] + [f"b-{r['id']}" for r in rows[3:]]
     assert [Path(r.images[0]).parent.parent.name for r in records] == ["a"] * 3 + ["b"] * 2
     batch = next(iter(dm.train_dataloader()))
     assert batch.ids == [r.id for r in records[:4]]
-    single = ImagePreferenceDataModule(str(tiny_llava), str(world / "train.jsonl"), batch_size=4, shuffle=False)
+    single = ImagePreferenceDataModule(
+        str(tiny_llava), str(world / "train.jsonl"), loader={"batch_size": 4, "shuffle": False}
+    )
     single.setup("fit")
     same = next(iter(single.train_dataloader()))
     torch.testing.assert_close(batch.media["pixel_values"], same.media["pixel_values"])  # the same images

@@ -84,7 +84,7 @@ def test_a_training_step_reads_back_only_the_two_checks(world, tiny_llava, tmp_p
         str(tiny_llava), lora=LoraSettings(r=4, alpha=8, dropout=0.0), shared_prefix=shared_prefix, pack_responses=pack
     )
     module = PreferenceModule(backbone, DPOLoss(beta=0.1), reference=reference, reference_cache_dir=str(tmp_path))
-    dm = ImagePreferenceDataModule(str(tiny_llava), train_file=str(world / "train.jsonl"), batch_size=4)
+    dm = ImagePreferenceDataModule(str(tiny_llava), train_file=str(world / "train.jsonl"), loader={"batch_size": 4})
     probe = _CountStep()
     trainer = quiet_trainer(max_steps=3, callbacks=[probe], default_root_dir=str(tmp_path))
     trainer.fit(module, datamodule=dm)
@@ -93,7 +93,7 @@ def test_a_training_step_reads_back_only_the_two_checks(world, tiny_llava, tmp_p
 
 
 def test_collator_records_row_lengths_and_batches_keep_them(world, tiny_llava):
-    dm = ImagePreferenceDataModule(str(tiny_llava), train_file=str(world / "train.jsonl"), batch_size=3)
+    dm = ImagePreferenceDataModule(str(tiny_llava), train_file=str(world / "train.jsonl"), loader={"batch_size": 3})
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     prompts, responses = batch.row_lengths
@@ -114,7 +114,7 @@ def test_collator_records_row_lengths_and_batches_keep_them(world, tiny_llava):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs a CUDA device")
 def test_batch_pins_every_tensor(world, tiny_llava):
-    dm = ImagePreferenceDataModule(str(tiny_llava), train_file=str(world / "train.jsonl"), batch_size=2)
+    dm = ImagePreferenceDataModule(str(tiny_llava), train_file=str(world / "train.jsonl"), loader={"batch_size": 2})
     dm.setup("fit")
     pinned = next(iter(dm.train_dataloader())).pin_memory()
     assert pinned.input_ids.is_pinned() and all(v.is_pinned() for v in pinned.media.values())
@@ -127,5 +127,5 @@ def test_loaders_pin_memory_when_training_on_cuda(tiny_llava):
         return types.SimpleNamespace(strategy=types.SimpleNamespace(root_device=torch.device(device)))
 
     assert dm._pins(trainer_on("cuda")) and not dm._pins(trainer_on("cpu")) and not dm._pins(None)
-    assert not ImagePreferenceDataModule(str(tiny_llava), pin_memory=False)._pins(trainer_on("cuda"))
-    assert ImagePreferenceDataModule(str(tiny_llava), pin_memory=True)._pins(None)
+    assert not ImagePreferenceDataModule(str(tiny_llava), loader={"pin_memory": False})._pins(trainer_on("cuda"))
+    assert ImagePreferenceDataModule(str(tiny_llava), loader={"pin_memory": True})._pins(None)

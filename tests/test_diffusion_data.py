@@ -405,7 +405,9 @@ def test_cache_marks_undecodable_pairs_and_keeps_text_extras(pairs_copy):
 def test_training_loader_resumes_mid_epoch(world_pairs):
     def make():
         dm = DiffusionPreferenceDataModule(
-            train_file=str(world_pairs / "train.jsonl"), resolution=32, batch_size=2, seed=3, num_workers=0
+            train_file=str(world_pairs / "train.jsonl"),
+            resolution=32,
+            loader={"batch_size": 2, "seed": 3, "num_workers": 0},
         )
         dm.setup("fit")
         return dm.train_dataloader()
@@ -426,8 +428,7 @@ def test_datamodule_setup_and_batches(world_pairs, tmp_path):
         train_file=str(world_pairs / "train.jsonl"),
         val_file=str(world_pairs / "val.jsonl"),
         resolution=32,
-        batch_size=4,
-        seed=1,
+        loader={"batch_size": 4, "seed": 1},
     )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -442,8 +443,8 @@ def test_datamodule_setup_and_batches(world_pairs, tmp_path):
         train_file=str(world_pairs / "train.jsonl"),
         val_file=str(world_pairs / "val.jsonl"),
         resolution=32,
-        batch_size=4,
         cache_dir=str(tmp_path / "cache"),
+        loader={"batch_size": 4},
     )
     stats = cached.build_cache(ToyVAE(), ToyTextEncoder(), encoder_id="toy", show_progress=False)
     assert {k: s.written for k, s in stats.items()} == {"train": 10, "val": 4}

@@ -54,4 +54,6 @@ def test_loaders_pin_memory_when_training_on_cuda(pairs):
         return dm.train_dataloader().pin_memory
 
     assert pins(trainer_on("cuda")) and not pins(trainer_on("cpu"))
-    assert not pins(trainer_on("cuda"), pin_memory=False) and pins(trainer_on("cpu"), pin_memory=True)
+    assert not pins(trainer_on("cuda"), loader={"pin_memory": False}) and pins(
+        trainer_on("cpu"), loader={"pin_memory": True}
+    )

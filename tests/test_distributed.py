@@ -28,7 +28,7 @@ def _fit(world, tiny_llava, out, devices, batch_size, steps=4, reference="auto")
     )
     dm = ImagePreferenceDataModule(
         str(tiny_llava), train_file=str(world / "train.jsonl"), val_file=str(world / "val.jsonl"),
-        batch_size=batch_size, eval_batch_size=batch_size,
+        loader={"batch_size": batch_size, "eval_batch_size": batch_size},
     )  # fmt: skip
     trainer = quiet_trainer(
         devices=devices, strategy="ddp_spawn" if devices > 1 else "auto", max_steps=steps, limit_val_batches=2,

@@ -49,7 +49,11 @@ def _lora_backbone(path):
 def test_ranked_lists_train_with_a_list_loss(world, tiny_llava, tmp_path, reference):
     path = write_ranked(world, tmp_path / "ranked.jsonl")
     dm = RankedPreferenceDataModule(
-        str(tiny_llava), train_file=str(path), data_root=str(world), batch_size=3, serve_lists=True, shuffle=False
+        str(tiny_llava),
+        train_file=str(path),
+        data_root=str(world),
+        serve_lists=True,
+        loader={"batch_size": 3, "shuffle": False},
     )
     torch.manual_seed(0)
     module = PreferenceModule(_lora_backbone(tiny_llava), PlackettLuceLoss(beta=0.1), reference=reference)
@@ -69,7 +73,7 @@ def test_ranked_lists_refuse_mixed_list_sizes_and_the_pair_curriculum(world, tin
     with pytest.raises(ValueError, match=r"one list size per file, found K in \[3, 4\]"):
         dm.setup("fit")
     with pytest.raises(ValueError, match="curriculum"):
-        RankedPreferenceDataModule(str(tiny_llava), train_file=str(path), serve_lists=True, curriculum_stages=2)
+        RankedPreferenceDataModule(str(tiny_llava), train_file=str(path), serve_lists=True, curriculum={"stages": 2})
 
 
 def test_cache_notices_other_rejected_images_under_the_same_names(world, tiny_llava, tmp_path):
@@ -84,7 +88,7 @@ def test_cache_notices_other_rejected_images_under_the_same_names(world, tiny_ll
     (data / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
 
     def first_loss():
-        dm = ImagePreferenceDataModule(str(tiny_llava), train_file=str(data / "train.jsonl"), batch_size=4)
+        dm = ImagePreferenceDataModule(str(tiny_llava), train_file=str(data / "train.jsonl"), loader={"batch_size": 4})
         torch.manual_seed(0)
         module = PreferenceModule(
             _lora_backbone(tiny_llava), DPOLoss(beta=0.1), reference="cached",
@@ -102,13 +106,13 @@ def test_cache_notices_other_rejected_images_under_the_same_names(world, tiny_ll
 def test_random_frame_windows_refuse_the_cache(tiny_llava):
     from datamodules import PreferenceDataset
 
-    dm = VideoPreferenceDataModule(str(tiny_llava), frame_sampling="random_segment", num_frames=4)
+    dm = VideoPreferenceDataModule(str(tiny_llava), frames={"frame_sampling": "random_segment", "num_frames": 4})
     dm.datasets["train"] = PreferenceDataset([], frame_sampling="random_segment", num_frames=4)
     with pytest.raises(ValueError, match="random_segment.*cannot be cached"):
         dm.reference_cache_split("train")
-    uniform = VideoPreferenceDataModule(str(tiny_llava), num_frames=4)
+    uniform = VideoPreferenceDataModule(str(tiny_llava), frames={"num_frames": 4})
     uniform.datasets["val"] = PreferenceDataset([], frame_sampling="uniform", num_frames=4)
-    eight = VideoPreferenceDataModule(str(tiny_llava), num_frames=8)
+    eight = VideoPreferenceDataModule(str(tiny_llava), frames={"num_frames": 8})
     eight.datasets["val"] = PreferenceDataset([], frame_sampling="uniform", num_frames=8)
     a, b = uniform.reference_cache_split("val").settings, eight.reference_cache_split("val").settings
     assert a["num_frames"] == 4 and b["num_frames"] == 8 and a["frame_sampling"] == "uniform"
@@ -134,7 +138,9 @@ def test_separate_checkpoint_reference_is_that_models_statistics(world, tiny_lla
     from mmpo.tiny.llava import build_tiny_llava
 
     other = build_tiny_llava(tmp_path / "other", words=vocabulary(), seed=1)  # same shapes, other weights
-    dm = ImagePreferenceDataModule(str(tiny_llava), train_file=str(world / "train.jsonl"), batch_size=2, shuffle=False)
+    dm = ImagePreferenceDataModule(
+        str(tiny_llava), train_file=str(world / "train.jsonl"), loader={"batch_size": 2, "shuffle": False}
+    )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     module = PreferenceModule(_lora_backbone(tiny_llava), DPOLoss(), reference=SeparateCheckpoint(str(other)))

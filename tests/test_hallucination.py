@@ -145,7 +145,9 @@ def test_validate_logs_the_probe_metrics(world, tiny_llava, processor):
 
     callback = HallucinationEval(settings=["single", "sequence2"], n_captions=3, n_questions=3, max_new_tokens=6)
     module = PreferenceModule(VisionLanguageBackbone(str(tiny_llava)), SFTLoss())
-    dm = ImagePreferenceDataModule(str(tiny_llava), world / "train.jsonl", world / "val.jsonl", batch_size=8)
+    dm = ImagePreferenceDataModule(
+        str(tiny_llava), world / "train.jsonl", world / "val.jsonl", loader={"batch_size": 8}
+    )
     trainer = quiet_trainer(callbacks=[callback])
     (results,) = trainer.validate(module, datamodule=dm, verbose=False)
     # The logged figures are those of the policy's own greedy answers, every one of them, scored by hand.

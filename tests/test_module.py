@@ -13,7 +13,9 @@ from mmpo.module import PreferenceModule
 
 @pytest.fixture(scope="module")
 def batch(world, tiny_llava):
-    dm = ImagePreferenceDataModule(str(tiny_llava), train_file=str(world / "train.jsonl"), batch_size=4, shuffle=False)
+    dm = ImagePreferenceDataModule(
+        str(tiny_llava), train_file=str(world / "train.jsonl"), loader={"batch_size": 4, "shuffle": False}
+    )
     dm.setup("fit")
     return next(iter(dm.train_dataloader()))
 
@@ -127,7 +129,10 @@ def test_undecodable_images_in_workers_are_counted_and_reported_not_fatal(world,
     rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()[:8]]
     (data / "small.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     dm = ImagePreferenceDataModule(
-        str(tiny_llava), train_file=str(data / "small.jsonl"), batch_size=4, num_workers=2, on_bad_sample="skip"
+        str(tiny_llava),
+        train_file=str(data / "small.jsonl"),
+        on_bad_sample="skip",
+        loader={"batch_size": 4, "num_workers": 2},
     )
     module = PreferenceModule(VisionLanguageBackbone(str(tiny_llava), lora=LoraSettings(r=4)), DPOLoss())
     seen = []

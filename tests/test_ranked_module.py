@@ -7,7 +7,9 @@ from datamodules import RankedPreferenceDataModule
 def test_ranked_datamodule_serves_pairs_and_curriculum_stages(world, tiny_llava, tmp_path):
     path = tmp_path / "ranked.jsonl"
     write_ranked(world, path)
-    dm = RankedPreferenceDataModule(str(tiny_llava), train_file=str(path), data_root=str(world), batch_size=32)
+    dm = RankedPreferenceDataModule(
+        str(tiny_llava), train_file=str(path), data_root=str(world), loader={"batch_size": 32}
+    )
     dm.setup("fit")
     ds = dm.datasets["train"]
     assert len(ds.lists) == 6 and len(ds) == 18  # best_vs_rest: 3 pairs per record
@@ -15,7 +17,7 @@ def test_ranked_datamodule_serves_pairs_and_curriculum_stages(world, tiny_llava,
     assert batch.num_pairs == 18 and all("#0>" in rid for rid in batch.ids)
 
     staged = RankedPreferenceDataModule(
-        str(tiny_llava), train_file=str(path), data_root=str(world), curriculum_stages=3, curriculum_stage=0
+        str(tiny_llava), train_file=str(path), data_root=str(world), curriculum={"stages": 3, "stage": 0}
     )
     staged.setup("fit")
     first = staged.datasets["train"]
@@ -29,8 +31,8 @@ def test_curriculum_schedule_follows_the_trainers_epoch(world, tiny_llava, tmp_p
 
     path = write_ranked(world, tmp_path / "ranked.jsonl")
     dm = RankedPreferenceDataModule(
-        str(tiny_llava), train_file=str(path), data_root=str(world), batch_size=4,
-        curriculum_stages=3, curriculum_epochs_per_stage=2,
+        str(tiny_llava), train_file=str(path), data_root=str(world), loader={"batch_size": 4},
+        curriculum={"stages": 3, "epochs_per_stage": 2},
     )  # fmt: skip
     dm.setup("fit")
     trainer = SimpleNamespace(current_epoch=0, reload_dataloaders_every_n_epochs=1, world_size=1, global_rank=0)
@@ -47,13 +49,11 @@ def test_curriculum_schedule_follows_the_trainers_epoch(world, tiny_llava, tmp_p
     trainer.reload_dataloaders_every_n_epochs = 0
     with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs=1"):
         dm.train_dataloader()
-    with pytest.raises(ValueError, match="needs curriculum_stages"):
-        RankedPreferenceDataModule(str(tiny_llava), train_file=str(path), curriculum_epochs_per_stage=1)
+    with pytest.raises(ValueError, match="needs curriculum.stages"):
+        RankedPreferenceDataModule(str(tiny_llava), train_file=str(path), curriculum={"epochs_per_stage": 1})
     with pytest.raises(ValueError, match="not both"):
         RankedPreferenceDataModule(
             str(tiny_llava),
             train_file=str(path),
-            curriculum_stages=3,
-            curriculum_stage=0,
-            curriculum_epochs_per_stage=1,
+            curriculum={"stages": 3, "stage": 0, "epochs_per_stage": 1},
         )

@@ -28,7 +28,10 @@ def _run(world, model_path, root, reference, lora=True, steps=3):
     bb = VisionLanguageBackbone(str(model_path), lora=LoraSettings(r=4, alpha=8, dropout=0.0) if lora else None)
     module = PreferenceModule(bb, DPOLoss(beta=0.1), reference=reference, reference_cache_dir=str(root / "cache"))
     dm = ImagePreferenceDataModule(
-        str(model_path), train_file=str(world / "train.jsonl"), val_file=str(world / "val.jsonl"), batch_size=4
+        str(model_path),
+        train_file=str(world / "train.jsonl"),
+        val_file=str(world / "val.jsonl"),
+        loader={"batch_size": 4},
     )
     rec = _Record()
     trainer = quiet_trainer(

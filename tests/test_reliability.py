@@ -46,7 +46,7 @@ def _trainer(tmp_path, steps=3, callbacks=()):
 def _setup(world, tiny_llava, on_nonfinite):
     backbone = VisionLanguageBackbone(str(tiny_llava), lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     module = PreferenceModule(backbone, DPOLoss(), on_nonfinite=on_nonfinite)
-    dm = ImagePreferenceDataModule(str(tiny_llava), train_file=str(world / "train.jsonl"), batch_size=4)
+    dm = ImagePreferenceDataModule(str(tiny_llava), train_file=str(world / "train.jsonl"), loader={"batch_size": 4})
     return module, dm
 
 
@@ -199,8 +199,8 @@ def test_fuzzed_records_never_crash_skip_mode_and_every_bad_one_is_counted(tiny_
     lines, good = _garbage_records(rng, tmp_path, 240)
     (tmp_path / "fuzz.jsonl").write_text("\n".join(lines) + "\n")
     dm = ImagePreferenceDataModule(
-        str(tiny_llava), train_file=str(tmp_path / "fuzz.jsonl"), batch_size=16, max_length=256,
-        on_bad_sample="skip", shuffle=False,
+        str(tiny_llava), train_file=str(tmp_path / "fuzz.jsonl"), max_length=256,
+        on_bad_sample="skip", loader={"batch_size": 16, "shuffle": False},
     )  # fmt: skip
     dm.setup("fit")
     rejected_at_load = len(dm.problems["train"])

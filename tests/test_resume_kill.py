@@ -21,7 +21,7 @@ def _run(world, tiny_llava, root: Path, extra: list[str], steps: int) -> subproc
         f"--data.init_args.processor={tiny_llava}",
         f"--data.init_args.train_file={world}/train.jsonl",
         "--data.init_args.val_file=null",
-        "--data.init_args.batch_size=4",
+        "--data.init_args.loader.batch_size=4",
         f"--trainer.default_root_dir={root}",
         f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false",
@@ -90,7 +90,7 @@ def test_sigkill_with_loader_workers_resumes_at_the_epoch_boundary_like_an_unint
     # after the first epoch's last batch. Lightning makes the training iterator before it advances the
     # epoch, and workers are handed indices as soon as they start: the loader must start them at the
     # first batch, or the second epoch replays the first one's order. (Mid-epoch with workers: below.)
-    extra = ["--data.init_args.num_workers=2", "--trainer.limit_train_batches=4"]
+    extra = ["--data.init_args.loader.num_workers=2", "--trainer.limit_train_batches=4"]
     _kill_resume_and_compare(world, tiny_llava, tmp_path, (5,), 6, extra)
 
 
@@ -103,8 +103,9 @@ def test_sigkill_mid_curriculum_resumes_the_stage_and_order_of_an_uninterrupted_
     ranked = write_ranked(world, tmp_path / "ranked.jsonl")
     extra = [
         "--data=datamodules.RankedPreferenceDataModule", f"--data.init_args.train_file={ranked}",
-        f"--data.init_args.data_root={world}", "--data.init_args.batch_size=2", "--data.init_args.num_workers=2",
-        "--data.init_args.curriculum_stages=3", "--data.init_args.curriculum_epochs_per_stage=1",
+        f"--data.init_args.data_root={world}",
+        "--data.init_args.loader.batch_size=2", "--data.init_args.loader.num_workers=2",
+        "--data.init_args.curriculum.stages=3", "--data.init_args.curriculum.epochs_per_stage=1",
         "--trainer.reload_dataloaders_every_n_epochs=1",
     ]  # fmt: skip
     want = _kill_resume_and_compare(world, tiny_llava, tmp_path, (5, 7), 8, extra)

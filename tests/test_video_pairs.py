@@ -153,8 +153,8 @@ def test_video_datamodule_batches_with_random_segments(video_llava, clips):
     ]  # fmt: skip
     path = _records(clips, rows)
     dm = VideoPreferenceDataModule(
-        str(video_llava), train_file=str(path), val_file=str(path), batch_size=4, num_frames=FRAMES,
-        frame_sampling="random_segment",
+        str(video_llava), train_file=str(path), val_file=str(path), loader={"batch_size": 4},
+        frames={"num_frames": FRAMES, "frame_sampling": "random_segment"},
     )  # fmt: skip
     dm.setup("fit")
     assert dm.datasets["train"].frame_sampling == "random_segment"

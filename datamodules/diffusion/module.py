@@ -8,7 +8,7 @@ import os
 import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 from torch import Tensor
@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.core.loaders import FirstBatchStatefulDataLoader, pins_memory
 from datamodules.core.samplers import EpochShuffleSampler
+from datamodules.core.settings import LoaderSettings, as_settings, migrate_flat_settings, settings_dict
 from datamodules.diffusion.cache import CacheStats, build_latent_cache
 from datamodules.diffusion.pairs import (
     DiffusionPreferenceCollator,
@@ -50,19 +51,18 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         resolution: side of the square training images in pixels (shorter side resized to it, then cropped).
         center_crop: centre-crop training images instead of cropping at random.
         random_flip: flip training pairs horizontally with probability 0.5 (both images alike).
-        batch_size: pairs per training batch.
-        eval_batch_size: pairs per validation/test batch (default: ``batch_size``).
-        num_workers: DataLoader worker processes.
-        pin_memory: collate batches into page-locked memory, so that their copy to the GPU does not
-            block (None: when the trainer trains on a CUDA device).
+        loader: batch sizes, workers, shuffling and the seed of shuffling and augmentation
+            (:class:`~datamodules.core.settings.LoaderSettings`; a mapping works too). The old flat
+            arguments (``batch_size=...``) are still accepted, with a warning.
         on_bad_sample: ``error`` stops with a message naming file and record; ``skip`` drops and counts.
         drop_ties: drop pairs labelled 0.5 (or with equal scores), as Diffusion-DPO does; kept, they
             carry label 0.5 for soft-label losses.
-        shuffle: shuffle the training set each epoch (seeded).
-        seed: seed of the shuffling and the augmentation.
         cache_dir: directory of cached latents and text embeddings (None decodes images every epoch).
         cache_encoder_id: the encoder id the cache was built with (default: the only one in ``cache_dir``).
     """
+
+    #: the settings groups this class takes, by argument name
+    settings_groups: ClassVar[dict[str, type]] = {"loader": LoaderSettings}
 
     def __init__(
         self,
@@ -73,19 +73,20 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         resolution: int = 512,
         center_crop: bool = False,
         random_flip: bool = True,
-        batch_size: int = 4,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
+        loader: LoaderSettings | None = None,
         on_bad_sample: Literal["error", "skip"] = "error",
         drop_ties: bool = True,
-        shuffle: bool = True,
-        seed: int = 0,
         cache_dir: str | None = None,
         cache_encoder_id: str | None = None,
+        **flat_settings: Any,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        groups = migrate_flat_settings(
+            type(self).__name__, {"loader": LoaderSettings}, {"loader": loader, **flat_settings}
+        )
+        self.loader = as_settings(LoaderSettings, groups.pop("loader"), "loader")
+        if groups:
+            raise TypeError(f"{type(self).__name__}: unexpected argument(s) {sorted(groups)}")
         if resolution < 1:
             raise ValueError(f"resolution must be positive, got {resolution}")
         self.files = {"train": train_file, "val": val_file, "test": test_file}
@@ -93,20 +94,30 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
         self.on_bad_sample = on_bad_sample
         self.drop_ties = drop_ties
-        self.shuffle = shuffle
-        self.seed = seed
         self.cache_dir = cache_dir
         self.cache_encoder_id = cache_encoder_id
         self.datasets: dict[str, DiffusionPreferenceDataset] = {}
         self.problems: dict[str, list[str]] = {}
         if cache_dir is not None and (random_flip or not center_crop):
             log.warning("cache_dir is set: training uses the cached centre crop, without random crop or flip")
+        self.save_hyperparameters(
+            {
+                "train_file": train_file,
+                "val_file": val_file,
+                "test_file": test_file,
+                "data_root": data_root,
+                "resolution": resolution,
+                "center_crop": center_crop,
+                "random_flip": random_flip,
+                "loader": settings_dict(self.loader),
+                "on_bad_sample": on_bad_sample,
+                "drop_ties": drop_ties,
+                "cache_dir": cache_dir,
+                "cache_encoder_id": cache_encoder_id,
+            }
+        )
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
@@ -128,7 +139,7 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
                 resolution=self.resolution,
                 random_crop=augment and not self.center_crop,
                 random_flip=augment and self.random_flip,
-                seed=self.seed,
+                seed=self.loader.seed,
                 on_bad_sample=self.on_bad_sample,
                 cache_dir=self.cache_dir,
                 cache_encoder_id=self.cache_encoder_id,
@@ -184,26 +195,28 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         return loader_cls(
             dataset,
             batch_size=batch_size,
-            sampler=sampler_cls(dataset, seed=self.seed, shuffle=train and self.shuffle, epoch_source=epoch),
-            num_workers=self.num_workers,
+            sampler=sampler_cls(
+                dataset, seed=self.loader.seed, shuffle=train and self.loader.shuffle, epoch_source=epoch
+            ),
+            num_workers=self.loader.num_workers,
             collate_fn=DiffusionPreferenceCollator(),
-            persistent_workers=self.num_workers > 0,
-            pin_memory=pins_memory(self.pin_memory, trainer),
+            persistent_workers=self.loader.num_workers > 0,
+            pin_memory=pins_memory(self.loader.pin_memory, trainer),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, True)
+        return self._loader("train", self.loader.batch_size, True)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.files["val"] is None:
             return []  # no validation set: Lightning skips validation
-        return self._loader("val", self.eval_batch_size, False)
+        return self._loader("val", self.loader.eval_size, False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, False)
+        return self._loader("test", self.loader.eval_size, False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, False)
+        return self._loader("test", self.loader.eval_size, False)
 
 
 def write_diffusion_pairs(

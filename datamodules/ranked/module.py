@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar
 
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.core.settings import (
+    CurriculumSettings,
+    as_settings,
+    migrate_flat_settings,
+    settings_dict,
+)
 from datamodules.ranked.lists import PairStrategy, RankedListDataset, RankedPreferenceDataset, load_ranked_records
 from datamodules.vision_text.image_module import ImagePreferenceDataModule
 
@@ -21,73 +27,42 @@ class RankedPreferenceDataModule(ImagePreferenceDataModule):
     Args:
         pair_strategy: ``best_vs_rest`` (Curry-DPO: the best against each other), ``best_vs_worst``,
             ``all_pairs`` or ``adjacent`` (neighbouring score levels).
-        curriculum_stages: split training pairs into this many easy-to-hard stages (largest score gap
-            first, Curry-DPO); None trains on every pair.
-        curriculum_stage: which stage the training split serves (0 = easiest); None for all pairs.
-        curriculum_epochs_per_stage: walk the stages in one run instead, this many epochs each: epoch e
-            serves stage ``min(e // curriculum_epochs_per_stage, curriculum_stages - 1)``. The stage is
-            a function of the trainer's epoch, which checkpoints restore, so a resumed run serves the
-            stage (and the order) an uninterrupted one does. Needs
-            ``trainer.reload_dataloaders_every_n_epochs: 1`` (a stage change is a new loader).
+        curriculum: easy-to-hard stages of the training pairs
+            (:class:`~datamodules.core.settings.CurriculumSettings`: ``stages``, ``stage``,
+            ``epochs_per_stage``; a mapping works too). The old flat ``curriculum_stages``,
+            ``curriculum_stage`` and ``curriculum_epochs_per_stage`` still work, with a warning.
+            ``epochs_per_stage`` needs ``trainer.reload_dataloaders_every_n_epochs: 1`` (a stage
+            change is a new loader).
         serve_lists: serve each record whole, as one group of its K responses best first with their
             (B, K) scores, for list losses (``mmpo.losses.PlackettLuceLoss``); every record of a
             file needs the same K. ``pair_strategy`` and the curriculum do not apply.
     """
 
+    settings_groups: ClassVar[dict[str, type]] = {
+        **ImagePreferenceDataModule.settings_groups,
+        "curriculum": CurriculumSettings,
+    }
+
     def __init__(
         self,
-        processor: str,
-        train_file: str | None = None,
-        val_file: str | None = None,
-        test_file: str | None = None,
-        data_root: str | None = None,
-        batch_size: int = 4,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        max_length: int | None = None,
-        on_bad_sample: Literal["error", "skip"] = "error",
-        shuffle: bool = True,
-        seed: int = 0,
-        trust_remote_code: bool = False,
-        image_placeholder: str = "<image>",
+        *args: Any,
         pair_strategy: PairStrategy = "best_vs_rest",
-        curriculum_stages: int | None = None,
-        curriculum_stage: int | None = None,
-        curriculum_epochs_per_stage: int | None = None,
-        pin_memory: bool | None = None,
+        curriculum: CurriculumSettings | None = None,
         serve_lists: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            processor,
-            train_file,
-            val_file,
-            test_file,
-            data_root,
-            batch_size,
-            eval_batch_size,
-            num_workers,
-            max_length,
-            on_bad_sample,
-            shuffle,
-            seed,
-            trust_remote_code,
-            image_placeholder,
-            pin_memory=pin_memory,
-        )
-        if curriculum_epochs_per_stage is not None:
-            if curriculum_epochs_per_stage < 1:
-                raise ValueError(f"curriculum_epochs_per_stage must be >= 1, got {curriculum_epochs_per_stage}")
-            if curriculum_stages is None:
-                raise ValueError("curriculum_epochs_per_stage needs curriculum_stages")
-            if curriculum_stage is not None:
-                raise ValueError("give curriculum_stage (one fixed stage) or curriculum_epochs_per_stage, not both")
-        if serve_lists and (curriculum_stages is not None or curriculum_stage is not None):
-            raise ValueError("serve_lists serves whole lists: the pair curriculum (curriculum_*) does not apply")
+        owner = type(self).__name__
+        kwargs = migrate_flat_settings(owner, {"curriculum": CurriculumSettings}, {"curriculum": curriculum, **kwargs})
+        self.curriculum = as_settings(CurriculumSettings, kwargs.pop("curriculum"), "curriculum")
+        if serve_lists and self.curriculum.active:
+            raise ValueError("serve_lists serves whole lists: the pair curriculum (curriculum.*) does not apply")
         self.serve_lists = serve_lists
         self.pair_strategy = pair_strategy
-        self.curriculum_stages = curriculum_stages
-        self.curriculum_stage = curriculum_stage
-        self.curriculum_epochs_per_stage = curriculum_epochs_per_stage
+        super().__init__(*args, **kwargs)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        extra = {"pair_strategy": self.pair_strategy, "curriculum": settings_dict(self.curriculum)}
+        return {**super().hyperparameters(), **extra, "serve_lists": self.serve_lists}
 
     def build_dataset(
         self, split: str, path: str, root: str
@@ -98,18 +73,19 @@ class RankedPreferenceDataModule(ImagePreferenceDataModule):
             if len(sizes) > 1:
                 raise ValueError(f"{path}: serve_lists needs one list size per file, found K in {sizes}")
             return RankedListDataset(records, self.on_bad_sample), problems
-        dataset = RankedPreferenceDataset(records, self.pair_strategy, self.curriculum_stages, self.on_bad_sample)
-        if split == "train" and self.curriculum_stage is not None:
-            dataset.set_stage(self.curriculum_stage)
+        dataset = RankedPreferenceDataset(records, self.pair_strategy, self.curriculum.stages, self.on_bad_sample)
+        if split == "train" and self.curriculum.stage is not None:
+            dataset.set_stage(self.curriculum.stage)
         return dataset, problems
 
     def scheduled_stage(self) -> int | None:
-        """The curriculum stage of the trainer's current epoch (None without ``curriculum_epochs_per_stage``)."""
-        if self.curriculum_epochs_per_stage is None:
+        """The curriculum stage of the trainer's current epoch (None without ``curriculum.epochs_per_stage``)."""
+        c = self.curriculum
+        if c.epochs_per_stage is None:
             return None
         trainer = getattr(self, "trainer", None)
         epoch = trainer.current_epoch if trainer is not None else 0
-        return min(epoch // self.curriculum_epochs_per_stage, self.curriculum_stages - 1)
+        return min(epoch // c.epochs_per_stage, c.stages - 1)
 
     def served_dataset(self, split: str) -> Dataset:
         # Scheduled stages are views: datasets["train"] keeps every pair (what a reference cache covers).
@@ -119,14 +95,14 @@ class RankedPreferenceDataModule(ImagePreferenceDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
-        if self.curriculum_epochs_per_stage is not None and trainer is not None:
+        if self.curriculum.epochs_per_stage is not None and trainer is not None:
             if trainer.reload_dataloaders_every_n_epochs != 1:
                 raise ValueError(
-                    "curriculum_epochs_per_stage needs trainer.reload_dataloaders_every_n_epochs=1: each stage "
+                    "curriculum.epochs_per_stage needs trainer.reload_dataloaders_every_n_epochs=1: each stage "
                     f"is a new training loader (it is {trainer.reload_dataloaders_every_n_epochs})"
                 )
         loader = super().train_dataloader()
-        if self.curriculum_epochs_per_stage is not None:
-            stage, n = self.scheduled_stage(), self.curriculum_stages
+        if self.curriculum.epochs_per_stage is not None:
+            stage, n = self.scheduled_stage(), self.curriculum.stages
             rank_zero_info(f"curriculum stage {stage} of {n} (0 = easiest): {len(loader.dataset)} training pairs")
         return loader

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
@@ -14,6 +14,12 @@ from datamodules.core.cache_source import CacheableSplit
 from datamodules.core.loaders import FirstBatchStatefulDataLoader, pins_memory
 from datamodules.core.records import default_root, load_preference_records
 from datamodules.core.samplers import EpochShuffleSampler, ShardedEpochShuffleSampler
+from datamodules.core.settings import (
+    LoaderSettings,
+    as_settings,
+    migrate_flat_settings,
+    settings_dict,
+)
 from datamodules.vision_text.collator import PreferenceDataset, VisionPreferenceCollator
 
 __all__ = ["ImagePreferenceDataModule"]
@@ -28,20 +34,20 @@ class ImagePreferenceDataModule(L.LightningDataModule):
     ``data_root``); see ``docs/data.md``. Images are decoded and processed in the DataLoader workers.
 
     Args:
-        processor: hub id or local directory of the model's processor (``AutoProcessor``).
+        processor: hub id or local directory of the model's processor (``AutoProcessor``). Through
+            ``mmpo fit`` it may be left out: it is then the backbone's ``model_name_or_path``, so a
+            config names the checkpoint once.
         train_file: training records: a file, or a list of files read one after another (e.g. a built
             dataset and a replay of the source data), each with media relative to its own folder.
         val_file: validation records (optional; a file or a list, as ``train_file``).
         test_file: test records (optional).
         data_root: directory image paths are relative to (default: each file's directory).
-        batch_size: pairs per training batch.
-        eval_batch_size: pairs per validation/test batch (default: ``batch_size``).
-        num_workers: DataLoader worker processes.
+        loader: batch sizes, workers, shuffling and seed (:class:`~datamodules.core.settings.LoaderSettings`;
+            a mapping works too). The old flat arguments (``batch_size=...``) are still accepted, with
+            a warning.
         max_length: maximum prompt + response tokens (None: no limit); prompts are never cut. With
             576 tokens per LLaVA-1.5 image, three images alone take 1,728.
         on_bad_sample: ``error`` stops with a message naming file and record; ``skip`` drops and counts.
-        shuffle: shuffle the training set each epoch (seeded).
-        seed: seed of the shuffling.
         trust_remote_code: allow custom processor code from the hub (off by default).
         image_placeholder: marks an image's position in plain-text prompts, whatever the model's own
             image token is (the processor's chat template inserts that).
@@ -49,57 +55,78 @@ class ImagePreferenceDataModule(L.LightningDataModule):
             TRL's vision format, images as PIL images or paths, or a list of dicts).
         val_dataset: in-memory validation data.
         test_dataset: in-memory test data.
-        pin_memory: collate batches into page-locked memory, so their copy to the GPU runs without
-            the host waiting for it. None (default): when training on a CUDA device.
     """
+
+    #: the settings groups this class takes, by argument name (subclasses add theirs)
+    settings_groups: ClassVar[dict[str, type]] = {"loader": LoaderSettings}
 
     def __init__(
         self,
-        processor: str,
+        processor: str | None = None,
         train_file: str | list[str] | None = None,
         val_file: str | list[str] | None = None,
         test_file: str | list[str] | None = None,
         data_root: str | None = None,
-        batch_size: int = 4,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        loader: LoaderSettings | None = None,
         max_length: int | None = None,
         on_bad_sample: Literal["error", "skip"] = "error",
-        shuffle: bool = True,
-        seed: int = 0,
         trust_remote_code: bool = False,
         image_placeholder: str = "<image>",
         train_dataset: Any = None,
         val_dataset: Any = None,
         test_dataset: Any = None,
-        pin_memory: bool | None = None,
+        **flat_settings: Any,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["train_dataset", "val_dataset", "test_dataset"])
+        groups = migrate_flat_settings(
+            type(self).__name__, {"loader": LoaderSettings}, {"loader": loader, **flat_settings}
+        )
+        self.loader = as_settings(LoaderSettings, groups.pop("loader"), "loader")
+        if groups:
+            raise TypeError(f"{type(self).__name__}: unexpected argument(s) {sorted(groups)}")
+        if on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
         self.processor_name = processor
         self.files = {"train": train_file, "val": val_file, "test": test_file}
         self.in_memory = {"train": train_dataset, "val": val_dataset, "test": test_dataset}
         self.data_root = data_root
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
         self.max_length = max_length
         self.on_bad_sample = on_bad_sample
-        self.shuffle = shuffle
-        self.seed = seed
         self.trust_remote_code = trust_remote_code
         self.image_placeholder = image_placeholder
         self.persistent_workers = True
-        self.pin_memory = pin_memory
         self.datasets: dict[str, PreferenceDataset] = {}
         self.problems: dict[str, list[str]] = {}
         self._processor = None
+        # plain values only (checkpoints are read with weights_only=True); enough to rebuild the module
+        self.save_hyperparameters(self.hyperparameters())
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The arguments that rebuild this datamodule, as plain values (settings groups as dicts);
+        subclasses add theirs. In-memory datasets are not included."""
+        return {
+            "processor": self.processor_name,
+            "train_file": self.files["train"],
+            "val_file": self.files["val"],
+            "test_file": self.files["test"],
+            "data_root": self.data_root,
+            "loader": settings_dict(self.loader),
+            "max_length": self.max_length,
+            "on_bad_sample": self.on_bad_sample,
+            "trust_remote_code": self.trust_remote_code,
+            "image_placeholder": self.image_placeholder,
+        }
 
     @property
     def processor(self) -> Any:
         if self._processor is None:
             from transformers import AutoProcessor
 
+            if self.processor_name is None:
+                raise ValueError(
+                    f"{type(self).__name__}: no processor: pass processor=... (a hub id or a local directory); "
+                    "mmpo fit fills it in from the backbone's model_name_or_path"
+                )
             self._processor = AutoProcessor.from_pretrained(
                 self.processor_name, trust_remote_code=self.trust_remote_code
             )
@@ -163,7 +190,7 @@ class ImagePreferenceDataModule(L.LightningDataModule):
             return None
         dataset = self.datasets[split]
         return CacheableSplit(
-            dataset, dataset.records, self.collator(), self.eval_batch_size, self.cache_settings(split)
+            dataset, dataset.records, self.collator(), self.loader.eval_size, self.cache_settings(split)
         )
 
     def served_dataset(self, split: str) -> Dataset:
@@ -179,10 +206,10 @@ class ImagePreferenceDataModule(L.LightningDataModule):
         if trainer is not None and trainer.world_size > 1:
             # each rank takes its share of the single-process order (see ShardedEpochShuffleSampler)
             sampler = ShardedEpochShuffleSampler(
-                dataset, trainer.world_size, trainer.global_rank, self.seed, shuffle, epoch_source=epoch
+                dataset, trainer.world_size, trainer.global_rank, self.loader.seed, shuffle, epoch_source=epoch
             )
         else:
-            sampler = EpochShuffleSampler(dataset, seed=self.seed, shuffle=shuffle, epoch_source=epoch)
+            sampler = EpochShuffleSampler(dataset, seed=self.loader.seed, shuffle=shuffle, epoch_source=epoch)
         # the training loader is stateful: a checkpoint taken mid-epoch records its position, and a
         # resumed run continues from the next batch instead of restarting the epoch; it starts its
         # workers at the first batch, after Lightning has set the epoch (see FirstBatchStatefulDataLoader)
@@ -191,25 +218,25 @@ class ImagePreferenceDataModule(L.LightningDataModule):
             dataset,
             batch_size=batch_size,
             sampler=sampler,
-            num_workers=self.num_workers,
+            num_workers=self.loader.num_workers,
             collate_fn=self.collator(),
-            persistent_workers=self.num_workers > 0 and self.persistent_workers,
+            persistent_workers=self.loader.num_workers > 0 and self.persistent_workers,
             pin_memory=self._pins(trainer),
         )
 
     def _pins(self, trainer: Any) -> bool:
-        return pins_memory(self.pin_memory, trainer)
+        return pins_memory(self.loader.pin_memory, trainer)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, self.shuffle)
+        return self._loader("train", self.loader.batch_size, self.loader.shuffle)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.files["val"] is None and self.in_memory["val"] is None:
             return []  # no validation set: Lightning skips validation
-        return self._loader("val", self.eval_batch_size, False)
+        return self._loader("val", self.loader.eval_size, False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, False)
+        return self._loader("test", self.loader.eval_size, False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, False)
+        return self._loader("test", self.loader.eval_size, False)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 from datamodules.core.records import load_preference_records
+from datamodules.core.settings import FrameSettings, as_settings, migrate_flat_settings, settings_dict
 from datamodules.vision_text.collator import PreferenceDataset
 from datamodules.vision_text.image_module import ImagePreferenceDataModule
 
@@ -19,65 +20,32 @@ class VideoPreferenceDataModule(ImagePreferenceDataModule):
     :class:`ImagePreferenceDataModule`, plus:
 
     Args:
-        num_frames: frames sampled per video.
-        frame_sampling: ``uniform`` (spread over the whole video), ``fps`` (one frame every
-            1/target_fps seconds from the start, at most ``num_frames``), or ``random_segment`` (a
-            random window per record and epoch, for training; validation and test always use
-            ``uniform``).
-        target_fps: frame rate of the ``fps`` strategy.
+        frames: which frames are decoded (:class:`~datamodules.core.settings.FrameSettings`:
+            ``num_frames``, ``frame_sampling``, ``target_fps``; a mapping works too). With
+            ``random_segment`` validation and test still use ``uniform``.
     """
 
-    def __init__(
-        self,
-        processor: str,
-        train_file: str | list[str] | None = None,
-        val_file: str | list[str] | None = None,
-        test_file: str | list[str] | None = None,
-        data_root: str | None = None,
-        batch_size: int = 2,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        max_length: int | None = None,
-        on_bad_sample: Literal["error", "skip"] = "error",
-        shuffle: bool = True,
-        seed: int = 0,
-        trust_remote_code: bool = False,
-        image_placeholder: str = "<image>",
-        num_frames: int = 8,
-        frame_sampling: Literal["uniform", "fps", "random_segment"] = "uniform",
-        target_fps: float | None = None,
-        pin_memory: bool | None = None,
-    ) -> None:
-        super().__init__(
-            processor,
-            train_file,
-            val_file,
-            test_file,
-            data_root,
-            batch_size,
-            eval_batch_size,
-            num_workers,
-            max_length,
-            on_bad_sample,
-            shuffle,
-            seed,
-            trust_remote_code,
-            image_placeholder,
-            pin_memory=pin_memory,
-        )
-        if frame_sampling == "fps" and not target_fps:
-            raise ValueError("frame_sampling='fps' needs target_fps")
-        self.num_frames = num_frames
-        self.frame_sampling = frame_sampling
-        self.target_fps = target_fps
+    settings_groups: ClassVar[dict[str, type]] = {
+        **ImagePreferenceDataModule.settings_groups,
+        "frames": FrameSettings,
+    }
+
+    def __init__(self, *args: Any, frames: FrameSettings | None = None, **kwargs: Any) -> None:
+        kwargs = migrate_flat_settings(type(self).__name__, {"frames": FrameSettings}, {"frames": frames, **kwargs})
+        self.frames = as_settings(FrameSettings, kwargs.pop("frames"), "frames")
+        super().__init__(*args, **kwargs)
         # workers must see each epoch's new random windows: no persistent copies of the dataset
-        self.persistent_workers = frame_sampling != "random_segment"
+        self.persistent_workers = self.frames.frame_sampling != "random_segment"
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {**super().hyperparameters(), "frames": settings_dict(self.frames)}
 
     def build_dataset(self, split: str, path: str, root: str) -> tuple[PreferenceDataset, list[str]]:
         records, problems = load_preference_records(path, root, self.on_bad_sample, self.image_placeholder)
-        sampling = self.frame_sampling if split == "train" else ("uniform" if self.frame_sampling != "fps" else "fps")
+        f = self.frames
+        sampling = f.frame_sampling if split == "train" else ("uniform" if f.frame_sampling != "fps" else "fps")
         dataset = PreferenceDataset(
-            records, self.on_bad_sample, self.num_frames, sampling, self.target_fps, seed=self.seed
+            records, self.on_bad_sample, f.num_frames, sampling, f.target_fps, seed=self.loader.seed
         )
         return dataset, problems
 
