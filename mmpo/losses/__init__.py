@@ -4,9 +4,19 @@ Select one in YAML by ``class_path`` (e.g. ``mmpo.losses.DPOLoss``) with its ``i
 see docs/losses.md for the table of formulas, defaults and papers.
 """
 
+from mmpo.losses.asymmetric import AsymmetricDPOLoss, asymmetric_dpo_loss
 from mmpo.losses.base import LossOutput, PairLogps, PreferenceLoss, ResponseStats, mean_token_logps
 from mmpo.losses.combined import CombinedLoss
-from mmpo.losses.listwise import PlackettLuceLoss, plackett_luce_loss
+from mmpo.losses.listwise import (
+    LambdaRankLoss,
+    PlackettLuceLoss,
+    TreePreferenceLoss,
+    dcg_pair_weights,
+    lambda_rank_loss,
+    plackett_luce_loss,
+    tree_ranking_loss,
+)
+from mmpo.losses.odds_ratio import ORPOLoss, log_odds, orpo_loss
 from mmpo.losses.pairwise import (
     DPOLoss,
     FDPOLoss,
@@ -25,9 +35,20 @@ from mmpo.losses.pairwise import (
     robust_dpo_loss,
 )
 from mmpo.losses.reference_free import ASFTLoss, SFTLoss, SimPOLoss, asft_loss, sft_loss, simpo_loss
+from mmpo.losses.scored import (
+    MADPOLoss,
+    MODPOLoss,
+    SoftLabelDPOLoss,
+    madpo_loss,
+    madpo_weights,
+    modpo_loss,
+    soft_label_dpo_loss,
+)
+from mmpo.losses.triple import TriplePreferenceLoss, triple_preference_loss
 
 __all__ = [
     "ASFTLoss",
+    "AsymmetricDPOLoss",
     "CombinedLoss",
     "DPOLoss",
     "FDPOLoss",
@@ -35,25 +56,43 @@ __all__ = [
     "IPOLoss",
     "LDDPOLoss",
     "LNDPOLoss",
+    "LambdaRankLoss",
     "LossOutput",
+    "MADPOLoss",
+    "MODPOLoss",
+    "ORPOLoss",
     "PairLogps",
     "PlackettLuceLoss",
-    "ResponseStats",
     "PreferenceLoss",
+    "ResponseStats",
     "RobustDPOLoss",
     "SFTLoss",
     "SimPOLoss",
+    "SoftLabelDPOLoss",
+    "TreePreferenceLoss",
+    "TriplePreferenceLoss",
     "asft_loss",
+    "asymmetric_dpo_loss",
+    "dcg_pair_weights",
     "dpo_loss",
     "f_divergence_link",
     "fdpo_loss",
     "hinge_loss",
     "ipo_loss",
+    "lambda_rank_loss",
     "length_desensitized_logps",
     "ln_dpo_loss",
-    "plackett_luce_loss",
+    "log_odds",
+    "madpo_loss",
+    "madpo_weights",
     "mean_token_logps",
+    "modpo_loss",
+    "orpo_loss",
+    "plackett_luce_loss",
     "robust_dpo_loss",
     "sft_loss",
     "simpo_loss",
+    "soft_label_dpo_loss",
+    "tree_ranking_loss",
+    "triple_preference_loss",
 ]
