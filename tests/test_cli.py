@@ -1,3 +1,4 @@
+import dataclasses
 import importlib.util
 import math
 import subprocess
@@ -81,11 +82,11 @@ def _assert_built_as_written(cli, spec: dict) -> None:
     assert cli.datamodule.files["train"] == data_args.pop("train_file")
     assert cli.datamodule.files["val"] == data_args.pop("val_file", None)
     for key, value in data_args.items():
-        if isinstance(value, dict):  # a settings group: each field as written, the others at their defaults
-            group = getattr(cli.datamodule, key)
-            assert {k: getattr(group, k) for k in value} == value, key
+        built = getattr(cli.datamodule, key)
+        if dataclasses.is_dataclass(built):  # a settings group: each field as written, the others at defaults
+            assert {k: getattr(built, k) for k in value} == value, key
         else:
-            assert getattr(cli.datamodule, key) == value, key
+            assert built == value, key
     trainer_args = spec["trainer"]
     assert cli.trainer.max_epochs == trainer_args["max_epochs"]
     assert cli.trainer.precision == trainer_args["precision"]

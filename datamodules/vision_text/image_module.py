@@ -37,8 +37,11 @@ class ImagePreferenceDataModule(L.LightningDataModule):
         processor: hub id or local directory of the model's processor (``AutoProcessor``). Through
             ``mmpo fit`` it may be left out: it is then the backbone's ``model_name_or_path``, so a
             config names the checkpoint once.
-        train_file: training records: a file, or a list of files read one after another (e.g. a built
-            dataset and a replay of the source data), each with media relative to its own folder.
+        train_file: training records: a .jsonl / .json / .parquet file, a directory written by
+            ``datasets``' ``save_to_disk``, or a hub dataset id (``owner/name``); the last two take
+            ``:SPLIT`` when they hold several splits. Or a list of files read one after another
+            (e.g. a built dataset and a replay of the source data), each with media relative to its
+            own folder.
         val_file: validation records (optional; a file or a list, as ``train_file``).
         test_file: test records (optional).
         data_root: directory image paths are relative to (default: each file's directory).
@@ -49,6 +52,9 @@ class ImagePreferenceDataModule(L.LightningDataModule):
             576 tokens per LLaVA-1.5 image, three images alone take 1,728.
         on_bad_sample: ``error`` stops with a message naming file and record; ``skip`` drops and counts.
         trust_remote_code: allow custom processor code from the hub (off by default).
+        processor_kwargs: keyword arguments of ``AutoProcessor.from_pretrained``, e.g. Qwen2-VL's image
+            token bounds ``{min_pixels: 200704, max_pixels: 1003520}``; they are part of the reference
+            cache's fingerprint.
         image_placeholder: marks an image's position in plain-text prompts, whatever the model's own
             image token is (the processor's chat template inserts that).
         train_dataset: in-memory training data instead of ``train_file`` (a ``datasets.Dataset`` in
@@ -71,6 +77,7 @@ class ImagePreferenceDataModule(L.LightningDataModule):
         max_length: int | None = None,
         on_bad_sample: Literal["error", "skip"] = "error",
         trust_remote_code: bool = False,
+        processor_kwargs: dict[str, Any] | None = None,
         image_placeholder: str = "<image>",
         train_dataset: Any = None,
         val_dataset: Any = None,
@@ -93,6 +100,7 @@ class ImagePreferenceDataModule(L.LightningDataModule):
         self.max_length = max_length
         self.on_bad_sample = on_bad_sample
         self.trust_remote_code = trust_remote_code
+        self.processor_kwargs = dict(processor_kwargs or {})
         self.image_placeholder = image_placeholder
         self.persistent_workers = True
         self.datasets: dict[str, PreferenceDataset] = {}
@@ -114,6 +122,7 @@ class ImagePreferenceDataModule(L.LightningDataModule):
             "max_length": self.max_length,
             "on_bad_sample": self.on_bad_sample,
             "trust_remote_code": self.trust_remote_code,
+            "processor_kwargs": self.processor_kwargs,
             "image_placeholder": self.image_placeholder,
         }
 
@@ -128,7 +137,7 @@ class ImagePreferenceDataModule(L.LightningDataModule):
                     "mmpo fit fills it in from the backbone's model_name_or_path"
                 )
             self._processor = AutoProcessor.from_pretrained(
-                self.processor_name, trust_remote_code=self.trust_remote_code
+                self.processor_name, trust_remote_code=self.trust_remote_code, **self.processor_kwargs
             )
         return self._processor
 
@@ -179,6 +188,7 @@ class ImagePreferenceDataModule(L.LightningDataModule):
         return {
             "split": split,
             "processor": self.processor_name,
+            **({"processor_kwargs": self.processor_kwargs} if self.processor_kwargs else {}),
             "processor_settings": to_json() if callable(to_json) else repr(self.processor),
             "max_length": self.max_length,
             "image_placeholder": self.image_placeholder,
