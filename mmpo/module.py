@@ -10,6 +10,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -19,6 +20,7 @@ from mmpo.backbones.protocol import Backbone
 from mmpo.io import atomic_directory
 from mmpo.losses import LossOutput, PreferenceLoss, ResponseStats
 from mmpo.reference.strategies import ReferenceName, ReferenceStrategy, resolve_reference
+from mmpo.rng_state import CHECKPOINT_KEY, TrainingRandomness, gather, restore
 
 __all__ = ["PreferenceModule", "reward_metrics"]
 
@@ -142,6 +144,7 @@ class PreferenceModule(L.LightningModule):
         self.policy: nn.Module | None = None
         self._share_media = False
         self._skipped: dict[str, int] = {}  # bad records dropped this epoch, per stage
+        self._training_rng = TrainingRandomness()  # what training steps draw from (dropout), kept in checkpoints
         self.strict_loading = not checkpoint_trainable_only
 
     @property
@@ -221,7 +224,8 @@ class PreferenceModule(L.LightningModule):
             p.grad = None  # parameters without a gradient are left untouched by the optimizer step
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor | None:
-        return self._step(batch, "train")
+        with self._training_rng.drawn(self.device):
+            return self._step(batch, "train")
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> None:
         self._step(batch, "val")
@@ -281,10 +285,23 @@ class PreferenceModule(L.LightningModule):
     # -- checkpoints and export ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._forget_finished_loader_position(checkpoint)
+        # every rank makes the checkpoint, rank 0 writes it: its entry holds each rank's random streams
+        trainer = getattr(self, "_trainer", None)
+        checkpoint[CHECKPOINT_KEY] = gather(self._training_rng, trainer.world_size if trainer else 1)
         if not self.checkpoint_trainable_only:
             return
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainer = getattr(self, "_trainer", None)
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        reason = restore(self._training_rng, checkpoint.get(CHECKPOINT_KEY), rank, world_size)
+        if reason and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            rank_zero_warn(
+                f"[mmpo] the random streams of the training steps (LoRA dropout) are not restored: {reason}. "
+                "The run resumes with fresh ones, so its losses differ slightly from an uninterrupted run's"
+            )
 
     def _forget_finished_loader_position(self, checkpoint: dict[str, Any]) -> None:
         # A checkpoint taken after an epoch's last batch must resume at the start of the next epoch.

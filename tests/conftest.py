@@ -35,3 +35,15 @@ def processor(tiny_llava):
     from transformers import AutoProcessor
 
     return AutoProcessor.from_pretrained(tiny_llava)
+
+
+@pytest.fixture(scope="module")
+def first_batch(world, tiny_llava):
+    """The world's first four training pairs, in file order, as one batch."""
+    from datamodules import ImagePreferenceDataModule
+
+    dm = ImagePreferenceDataModule(
+        str(tiny_llava), train_file=str(world / "train.jsonl"), loader={"batch_size": 4, "shuffle": False}
+    )
+    dm.setup("fit")
+    return next(iter(dm.train_dataloader()))

@@ -62,3 +62,30 @@ def test_adapters_come_back_on_after_an_error_and_nested_use():
         for out in inside:
             torch.testing.assert_close(out, base, rtol=0, atol=0)
         torch.testing.assert_close(model(x), adapted, rtol=0, atol=0)  # back on after the error
+
+
+def test_adapters_disabled_serves_the_original_module_to_save_like_peft():
+    torch.manual_seed(0)
+    model = get_peft_model(_Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["up"], modules_to_save=["down"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.normal_()  # a trained adapter and a trained copy of the output layer
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert any("modules_to_save" in n and g for n, g in grads.items())
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        adapted = model(x)
+        with model.disable_adapter():
+            base = model(x)
+        with adapters_disabled(model):
+            fast = model(x)
+            with adapters_disabled(model):
+                inner = model(x)
+            after_inner = model(x)  # leaving a nested block keeps the outer one's adapters off
+        after = model(x)
+    assert (adapted - base).abs().max() > 0.1
+    for out in (fast, inner, after_inner):
+        torch.testing.assert_close(out, base, rtol=0, atol=0)
+    torch.testing.assert_close(after, adapted, rtol=0, atol=0)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads  # gradients' switches untouched

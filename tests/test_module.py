@@ -12,12 +12,8 @@ from mmpo.module import PreferenceModule
 
 
 @pytest.fixture(scope="module")
-def batch(world, tiny_llava):
-    dm = ImagePreferenceDataModule(
-        str(tiny_llava), train_file=str(world / "train.jsonl"), loader={"batch_size": 4, "shuffle": False}
-    )
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
+def batch(first_batch):
+    return first_batch
 
 
 def _module(tiny_llava, lora=True, loss=None, **kw):
