@@ -1,0 +1,164 @@
+"""Every ``mmpo`` command the README and the config headers show, run on the tiny model.
+
+The real-model configs run as written except for what a CPU test must change: the checkpoint (the
+tiny LLaVA, or its video form), the device (CPU, one process, the default strategy), one step, and
+the output directories. The quickstart runs at toy size, then its two stage commands. The MIA-DPO
+commands are run by ``tests/test_mia_demo.py::test_demo_runs_end_to_end_at_toy_size`` (the demo
+drives those configs through the same CLI), which is named below so that a new command without a
+test fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmpo.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+PLACEHOLDER_DATA = ("YOUR/train.jsonl", "data/train.jsonl")
+MIA_DEMO_TEST = "tests/test_mia_demo.py::test_demo_runs_end_to_end_at_toy_size"
+RUN_ELSEWHERE = {
+    "mmpo mia-demo": MIA_DEMO_TEST,
+    "mmpo build-negatives --config configs/mia_dpo/build.yaml": MIA_DEMO_TEST,
+    "mmpo fit --config configs/mia_dpo/sft.yaml": MIA_DEMO_TEST,
+    "mmpo fit --config configs/mia_dpo/dpo.yaml": MIA_DEMO_TEST,
+    "mmpo validate --config configs/mia_dpo/dpo.yaml": MIA_DEMO_TEST,
+}
+QUICKSTART = (
+    "mmpo quickstart",
+    "mmpo fit --config configs/quickstart_sft.yaml",
+    "mmpo fit --config configs/quickstart.yaml",
+)
+
+
+def shown_commands() -> dict[str, list[str]]:
+    """Command → where it is shown: README code blocks and the comment header of every config."""
+    found: dict[str, list[str]] = {}
+
+    def add(line: str, where: str) -> None:
+        command = line.split(" #", 1)[0].strip()
+        found.setdefault(command, []).append(where)
+
+    in_block = False
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            in_block = not in_block
+        elif in_block and line.startswith("mmpo "):
+            add(line, "README.md")
+    for config in sorted((REPO / "configs").rglob("*.yaml")):
+        for line in config.read_text().splitlines():
+            if not line.startswith("#"):
+                break
+            match = re.match(r"#\s+(mmpo .*)", line)
+            if match:
+                add(match.group(1), str(config.relative_to(REPO)))
+    return found
+
+
+def _real_model_commands() -> list[str]:
+    return sorted(c for c in shown_commands() if c not in RUN_ELSEWHERE and c not in QUICKSTART)
+
+
+def test_every_shown_command_has_a_test():
+    commands = shown_commands()
+    assert "mmpo fit --config configs/llava15_7b_dpo_lora.yaml --data.init_args.train_file=data/train.jsonl" in commands
+    untested = {c: w for c, w in commands.items() if c not in RUN_ELSEWHERE and c not in QUICKSTART}
+    for command in untested:  # what test_real_model_command runs: a config of its own, trained or printed
+        argv = shlex.split(command)
+        assert argv[:3] == ["mmpo", "fit", "--config"] and (REPO / argv[3]).is_file(), command
+    assert set(QUICKSTART) <= set(commands)
+
+
+@pytest.fixture(scope="module")
+def video_world(tmp_path_factory):
+    from datamodules.worlds.video import write_video_world
+
+    return write_video_world(tmp_path_factory.mktemp("video-world"), n_train=4, n_val=2, num_frames=8, size=32)
+
+
+@pytest.fixture(scope="module")
+def video_llava(tmp_path_factory):
+    from datamodules.worlds.shapes import vocabulary
+    from mmpo.tiny.llava import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("vmodel") / "tiny", vocabulary(), image_size=32, video=True)
+
+
+@pytest.mark.slow
+def _command_id(command: str) -> str:
+    argv = shlex.split(command)
+    extra = "-print_config" if "--print_config" in argv else ("-readme" if "data/train.jsonl" in command else "")
+    return Path(argv[3]).stem + extra
+
+
+@pytest.mark.parametrize("command", _real_model_commands(), ids=_command_id)
+def test_real_model_command(command, world, tiny_llava, video_world, video_llava, tmp_path, monkeypatch, capsys):
+    argv = shlex.split(command)[1:]
+    config = yaml.safe_load((REPO / argv[2]).read_text())
+    monkeypatch.chdir(REPO)
+    if "--print_config" in argv:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code in (None, 0)
+        printed = yaml.safe_load(capsys.readouterr().out)
+        loss = config["model"]["init_args"]["loss"]
+        assert printed["model"]["init_args"]["loss"]["class_path"] == loss["class_path"]
+        assert printed["model"]["init_args"]["loss"]["init_args"]["beta"] == loss["init_args"]["beta"]
+        assert printed["data"]["init_args"]["max_length"] == config["data"]["init_args"]["max_length"]
+        return
+    video = "Video" in config["data"]["class_path"]
+    model = video_llava if video else tiny_llava
+    data = str(video_world["train"]) if video else str(world / "train.jsonl")
+    argv = [next((a.replace(p, data) for p in PLACEHOLDER_DATA if p in a), a) for a in argv]
+    overrides = [
+        f"--model.init_args.backbone.init_args.model_name_or_path={model}",
+        f"--model.init_args.save_dir={tmp_path / 'out'}",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.max_steps=1",  # an optimizer step: up to 8 batches where a config accumulates gradients
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+    ]
+    if "strategy" in config["trainer"]:
+        overrides.append("--trainer.strategy=auto")  # FSDP / DeepSpeed need GPUs; their configs are checked in test_cli
+    if "processor_kwargs" in config["data"]["init_args"]:
+        overrides.append("--data.init_args.processor_kwargs=null")  # Qwen2-VL's pixel bounds mean nothing to LLaVA
+    main(argv + overrides)
+    saved = tmp_path / "out"
+    assert (saved / "adapter_config.json").is_file() and (saved / "adapter_model.safetensors").is_file()
+    lora = config["model"]["init_args"]["backbone"]["init_args"]["lora"]["init_args"]
+    assert json.loads((saved / "adapter_config.json").read_text())["r"] == lora["r"]
+
+
+@pytest.mark.slow
+def test_quickstart_and_its_stage_commands(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").symlink_to(REPO / "configs")
+    main(["quickstart", "--n-train", "24", "--n-val", "8", "--sft-epochs", "1", "--dpo-epochs", "1"])
+    out = capsys.readouterr().out
+    table = out[out.index("mmpo quickstart: DPO on the shapes world") :]
+    for label in ("DPO loss", "reward accuracy", "reward margin", "log-prob chosen"):
+        assert re.search(rf"^{label} +-?\d+\.\d{{4}} +-?\d+\.\d{{4}}$", table, re.M), label
+    results = json.loads((tmp_path / "runs/quickstart/results.json").read_text())
+    before, after = results["before"], results["after"]
+    # before DPO the policy is its own reference (a fresh adapter): loss ln 2, rewards 0
+    assert before["val/loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert before["val/rewards/margins"] == pytest.approx(0.0, abs=1e-5)
+    assert after["val/loss"] != before["val/loss"] and math.isfinite(after["val/loss"])
+    assert (tmp_path / "runs/quickstart/dpo-adapter/adapter_config.json").is_file()
+    for command in QUICKSTART[1:]:
+        argv = shlex.split(command)[1:] + [
+            "--trainer.max_steps=2",
+            f"--trainer.default_root_dir={tmp_path / 'stage'}",
+            f"--model.init_args.save_dir={tmp_path / 'stage-out'}",
+            "--trainer.enable_progress_bar=false",
+        ]
+        main(argv)
+        assert (tmp_path / "stage-out").is_dir()
