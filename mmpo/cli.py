@@ -9,6 +9,8 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
+from mmpo.quiet import silence_library_noise
+
 __all__ = ["MMPOCLI", "main"]
 
 
@@ -16,6 +18,7 @@ class MMPOCLI(LightningCLI):
     """LightningCLI with mmpo's defaults: any LightningModule / LightningDataModule by ``class_path``."""
 
     def __init__(self, args=None, run: bool = True, **kwargs) -> None:
+        silence_library_noise()
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})

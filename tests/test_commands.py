@@ -138,7 +138,7 @@ def test_real_model_command(command, world, tiny_llava, video_world, video_llava
 
 
 @pytest.mark.slow
-def test_quickstart_and_its_stage_commands(tmp_path, monkeypatch, capsys):
+def test_quickstart_and_its_stage_commands(tmp_path, monkeypatch, capsys, recwarn, caplog):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "configs").symlink_to(REPO / "configs")
     main(["quickstart", "--n-train", "24", "--n-val", "8", "--sft-epochs", "1", "--dpo-epochs", "1"])
@@ -153,6 +153,10 @@ def test_quickstart_and_its_stage_commands(tmp_path, monkeypatch, capsys):
     assert before["val/rewards/margins"] == pytest.approx(0.0, abs=1e-5)
     assert after["val/loss"] != before["val/loss"] and math.isfinite(after["val/loss"])
     assert (tmp_path / "runs/quickstart/dpo-adapter/adapter_config.json").is_file()
+    # library messages a user cannot act on are silenced (mmpo.quiet, datamodules.core.loaders)
+    noise = ("LeafSpec", "is_gradient_checkpointing", "set_vital")
+    assert not [str(w.message) for w in recwarn if any(n in str(w.message) for n in noise)]
+    assert "litlogger" not in caplog.text and "litlogger" not in out
     for command in QUICKSTART[1:]:
         argv = shlex.split(command)[1:] + [
             "--trainer.max_steps=2",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -35,6 +36,11 @@ class FirstBatchStatefulDataLoader(StatefulDataLoader):
     to the first ``next`` draws the order and copies the dataset after ``set_epoch``, as in a run that
     never stopped. Positions restored by ``load_state_dict`` apply to that iterator as usual.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with warnings.catch_warnings():  # torchdata calls its own deprecated torch.set_vital: nothing to act on
+            warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
+            super().__init__(*args, **kwargs)
 
     def __iter__(self) -> Iterator:
         return _StartsAtFirstNext(lambda: StatefulDataLoader.__iter__(self))
