@@ -4,7 +4,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.core.loaders import FirstBatchStatefulDataLoader
-from datamodules.core.samplers import EpochShuffleSampler
+from datamodules.core.samplers import EpochShuffleSampler, ShardedEpochShuffleSampler
 
 
 class _EpochEcho(Dataset):
@@ -39,3 +39,14 @@ def test_iterator_made_before_set_epoch_serves_the_new_epoch_in_workers():
     # the next epoch, with the same (persistent or not) workers, follows set_epoch as well
     sampler.set_epoch(4)
     assert [i for batch in loader for _, i in batch] == _order(4)
+
+
+def test_shards_cover_the_single_process_order_and_pad_with_its_first_records():
+    # 7 records on 3 ranks: each rank takes 3, so the first 2 of the epoch's order are served twice
+    single = list(EpochShuffleSampler(range(7), seed=5))
+    shards = [list(ShardedEpochShuffleSampler(range(7), num_replicas=3, rank=r, seed=5)) for r in range(3)]
+    assert [len(s) for s in shards] == [3, 3, 3]
+    padded = single + single[:2]
+    assert shards == [padded[r::3] for r in range(3)]
+    served = sorted(i for s in shards for i in s)
+    assert served == sorted(single + single[:2])  # every record once, the first two twice

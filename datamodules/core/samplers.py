@@ -51,7 +51,9 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 class ShardedEpochShuffleSampler(DistributedSampler):
-    """This rank's share of :class:`EpochShuffleSampler`'s order (``rank::num_replicas``).
+    """This rank's share of :class:`EpochShuffleSampler`'s order (``rank::num_replicas``), padded like
+    ``DistributedSampler``: when the size does not divide by the ranks, the order's first records are
+    served again to even the shards out (at most ``num_replicas - 1`` of them an epoch).
 
     The permutation is the same ``randperm`` drawn from ``seed + epoch``, so with N ranks and a
     per-rank batch of b, the N batches of step k hold exactly the b*N records of a single process's
