@@ -15,28 +15,42 @@ No step reads a tensor back from the accelerator: widths come from the token cou
 recorded on the host (``PreferenceBatch.host_lengths``), and response tokens are selected by integer
 coordinates built on the device (a boolean-mask selection would wait for the device to count the
 mask). ``tests/test_device_syncs.py`` keeps it so.
+
+Under activation checkpointing a checkpointed layer runs again in the backward pass, on the arguments
+it was given, cache included. The cache here never changes what a layer's second run sees: the prompt
+pass records each layer's keys and values once (a rerun gets back the states it computed, as on an
+empty cache), and the response pass reads the prompt's states and writes nothing. So the decoder
+layers may keep it under checkpointing (transformers' ``_can_checkpoint_with_cache``, set only for
+the two passes), and the response pass's gradient reaches the prompt pass through the recorded
+states, which with ``use_reentrant=False`` carry the prompt layers' graph like any other output.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 
+from mmpo.backbones.module_scan import modules_found_once
 from mmpo.logprobs import head_logprobs, span_coordinates
 
-__all__ = ["shared_prefix_supported", "shared_prefix_token_logps"]
+__all__ = ["checkpointing_fallback_reason", "shared_prefix_supported", "shared_prefix_token_logps"]
 
 
 def shared_prefix_supported(base: nn.Module) -> bool:
     """Whether ``base`` can take the shared-prefix path.
 
-    Needs an inner model returning hidden states and a cache, a plain LM head, and ordinary 1-D
-    positions: models with multimodal rotary positions (Qwen2-VL's ``get_rope_index``) keep position
-    state between calls and take the naive path.
+    Needs an inner model returning hidden states and taking a key/value cache, a plain LM head, and
+    ordinary 1-D positions: models with multimodal rotary positions (Qwen2-VL's ``get_rope_index``)
+    keep position state between calls and take the naive path.
     """
     inner = getattr(base, "model", None)
     if inner is None or not hasattr(base, "get_output_embeddings"):
@@ -57,9 +71,105 @@ def _cache_keyword(model_type: type) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _returned_cache(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
+def _layers_of(inner: nn.Module) -> list[nn.Module]:
+    return modules_found_once(inner, "_mmpo_checkpointable_layers", lambda m: isinstance(m, GradientCheckpointingLayer))
+
+
+def checkpointing_fallback_reason(base: nn.Module) -> str | None:
+    """Why the activation checkpointing on in ``base`` keeps the shared prefix off, or None if it does not.
+
+    The prompt pass's keys and values must carry its graph out of each checkpointed layer: true of
+    ``torch.utils.checkpoint`` with ``use_reentrant=False`` (mmpo's setting), not of the reentrant
+    variant, which runs the layer without gradients. And the layer class must let a cache through
+    (``_can_checkpoint_with_cache``); a transformers that lacks the switch drops it.
+    """
+    for layer in _layers_of(getattr(base, "model", base)):
+        if not layer.gradient_checkpointing:
+            continue
+        if not hasattr(type(layer), "_can_checkpoint_with_cache"):
+            return f"this transformers' {type(layer).__name__} drops the key/value cache under checkpointing"
+        func = getattr(layer, "_gradient_checkpointing_func", None)
+        if not (isinstance(func, functools.partial) and func.keywords.get("use_reentrant") is False):
+            return "reentrant gradient checkpointing runs the prompt pass without gradients (use use_reentrant=False)"
+    return None
+
+
+class _PromptCache(DynamicCache):
+    """A key/value cache that a checkpointed layer's rerun in the backward pass finds unchanged.
+
+    As built, it records the prompt pass: a layer's first ``update`` stores its states as
+    ``DynamicCache`` does (sliding-window layers keep their window); a later one for the same layer is
+    the layer's rerun, whose past was empty, and gets back the states it passed. :meth:`reader` gives
+    the response pass a view that returns the prompt's states (repeated along the batch for the
+    repeated layout) followed by the new ones, and stores nothing. The view shares the layers, whose
+    lengths size the masks; the recording never changes once the response pass starts.
+    """
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config=config)
+        self.written: set[int] = set()
+        self.read: set[int] | None = None  # layers read, on a reader
+        self.repeats = 1
+
+    def reader(self, repeats: int = 1) -> _PromptCache:
+        view = copy.copy(self)
+        view.read, view.repeats = set(), repeats
+        return view
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        if self.read is not None:
+            self.read.add(layer_idx)
+            layer = self.layers[layer_idx]
+            keys, values = layer.keys, layer.values  # (B, heads, Tp, d), the last window for a sliding layer
+            if self.repeats > 1:
+                keys, values = keys.repeat_interleave(self.repeats, 0), values.repeat_interleave(self.repeats, 0)
+            return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+        if layer_idx in self.written:  # a checkpointed layer's rerun
+            return key_states, value_states
+        self.written.add(layer_idx)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _cache_kept_under_checkpointing(inner: nn.Module) -> Iterator[None]:
+    """Checkpointed layers keep the (replay-safe) cache inside the block instead of setting it to None."""
+    layers = [m for m in _layers_of(inner) if "_can_checkpoint_with_cache" not in m.__dict__]
+    for m in layers:
+        m._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m._can_checkpoint_with_cache
+
+
+def _run(inner: nn.Module, cache: _PromptCache, **inputs: Any) -> Tensor:
+    """``inner``'s last hidden state on ``inputs`` with ``cache``; the cache is ours, so ``use_cache=False``.
+
+    Asking for ``use_cache=True`` under checkpointing only earns transformers' warning that it is
+    switched off; the layers read and write the cache they are given either way.
+    """
+    with _cache_kept_under_checkpointing(inner):
+        out = inner(**inputs, use_cache=False, **{_cache_keyword(type(inner)): cache})
+    return out.last_hidden_state
+
+
+def _prompt_pass(inner: nn.Module, **inputs: Any) -> tuple[Tensor, _PromptCache]:
+    cache = _PromptCache(inner.config)
+    hidden = _run(inner, cache, **inputs)
+    if not cache.written:
+        raise RuntimeError("the decoder layers dropped the key/value cache; use the naive path (shared_prefix: false)")
+    return hidden, cache
+
+
+def _response_pass(inner: nn.Module, prompt: _PromptCache, repeats: int, **inputs: Any) -> Tensor:
+    reader = prompt.reader(repeats)
+    hidden = _run(inner, reader, **inputs)
+    if reader.read != prompt.written:  # a layer that dropped the cache would attend to the response alone
+        raise RuntimeError(f"layers {sorted(prompt.written - reader.read)} did not read the prompt's cache")
+    return hidden
 
 
 def _left_padded_prompts(batch: Any, pad_id: int, prompt_lengths: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -117,7 +227,7 @@ def _packing_pays(response_lengths: tuple[int, ...], prompt_width: int) -> bool:
 
 
 def _packed_responses(
-    inner: nn.Module, head: nn.Module, batch: Any, prompt_mask: Tensor, last: Tensor, cache: Any, pad_id: int,
+    inner: nn.Module, head: nn.Module, batch: Any, prompt_mask: Tensor, last: Tensor, cache: _PromptCache, pad_id: int,
     chunk_size: int, kind: str, response_lengths: tuple[int, ...],
 ) -> Tensor:  # fmt: skip
     """A group's K responses in one row on the group's (unrepeated) cache, under a block mask.
@@ -151,10 +261,7 @@ def _packed_responses(
     if kind == "eager":  # an additive mask in the model's dtype
         dtype = last.dtype
         visible = torch.zeros(visible.shape, dtype=dtype, device=dev).masked_fill(~visible, torch.finfo(dtype).min)
-    hidden = inner(
-        input_ids=ids, attention_mask=visible, position_ids=positions, use_cache=True,
-        **{_cache_keyword(type(inner)): cache},
-    ).last_hidden_state  # (B, W, H)  # fmt: skip
+    hidden = _response_pass(inner, cache, 1, input_ids=ids, attention_mask=visible, position_ids=positions)  # (B, W, H)
 
     # Token i of a response is predicted by the prompt's last state (i = 0) or its own state i-1.
     start = last[:, None]
@@ -196,17 +303,11 @@ def shared_prefix_token_logps(
     positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     # prompts of one length need no mask: plain causal attention, and no check of the mask's values
     same_length = len(set(prompt_lengths[:b])) == 1
-    out = inner(
-        input_ids=prompt_ids,
-        attention_mask=None if same_length else prompt_mask,
-        position_ids=positions,
-        use_cache=True,
+    prompt_hidden, cache = _prompt_pass(
+        inner, input_ids=prompt_ids, attention_mask=None if same_length else prompt_mask, position_ids=positions,
         **media,
-    )
-    cache = _returned_cache(out)
-    if cache is None:
-        raise RuntimeError("the model returned no cache (gradient checkpointing on?); use the naive path")
-    last = out.last_hidden_state[:, -1]  # (B, H): predicts each response's first token
+    )  # fmt: skip
+    last = prompt_hidden[:, -1]  # (B, H): predicts each response's first token
 
     kind = _attention_kind(inner)
     if pack_responses is None:
@@ -220,8 +321,8 @@ def shared_prefix_token_logps(
             inner, head, batch, prompt_mask, last, cache, pad_id, chunk_size, kind, response_lengths
         )
 
-    # 2. Responses on the repeated cache, interleaved rows: (group 0's responses 0..K-1, group 1's, ...).
-    cache.batch_repeat_interleave(k)
+    # 2. Responses on the cache repeated for each (layer by layer, inside the layer), interleaved rows:
+    # (group 0's responses 0..K-1, group 1's, ...).
     order = torch.arange(k * b, device=mask.device).view(k, b).t().reshape(-1)  # (N,): 0, B, .., (K-1)B, 1, ...
     counts = mask.sum(-1)[order]  # (N,)
     width = max(response_lengths)
@@ -229,13 +330,9 @@ def shared_prefix_token_logps(
     resp_ids = _response_ids(batch, order, width, counts, pad_id)
     full_mask = torch.cat([prompt_mask.repeat_interleave(k, dim=0), resp_valid.long()], dim=1)
     resp_pos = batch.prompt_lengths[order][:, None] + torch.arange(width, device=mask.device)
-    hidden = inner(
-        input_ids=resp_ids,
-        attention_mask=full_mask,
-        position_ids=resp_pos,
-        use_cache=True,
-        **{_cache_keyword(type(inner)): cache},
-    ).last_hidden_state  # (N, Tr, H)
+    hidden = _response_pass(
+        inner, cache, k, input_ids=resp_ids, attention_mask=full_mask, position_ids=resp_pos
+    )  # (N, Tr, H)
 
     # 3. Token i of a response is predicted by the prompt's last state (i = 0) or response state i-1.
     predictors = torch.cat([last.repeat_interleave(k, dim=0)[:, None], hidden[:, :-1]], dim=1)  # (N, Tr, H)

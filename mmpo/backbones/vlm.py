@@ -16,7 +16,11 @@ from mmpo.backbones.adapters import adapters_disabled
 from mmpo.backbones.media_reuse import media_features_shareable, reuse_media_features
 from mmpo.backbones.module_scan import modules_found_once
 from mmpo.backbones.protocol import Backbone
-from mmpo.backbones.shared_prefix import shared_prefix_supported, shared_prefix_token_logps
+from mmpo.backbones.shared_prefix import (
+    checkpointing_fallback_reason,
+    shared_prefix_supported,
+    shared_prefix_token_logps,
+)
 from mmpo.logprobs import response_logprobs, response_logprobs_from_hidden
 from mmpo.losses.base import ResponseStats
 
@@ -98,9 +102,10 @@ class VisionLanguageBackbone(Backbone):
         revision: hub revision (branch, tag or commit).
         logprob_chunk_size: positions projected through the LM head at once.
         shared_prefix: run each group's prompt and images once and its K responses on its key/value
-            cache (same losses and gradients as running the prompt K times). Falls back to the naive
-            path, with a one-time notice, for groups whose responses see different media, for models
-            with multimodal rotary positions (Qwen2-VL), and under gradient checkpointing.
+            cache (same losses and gradients as running the prompt K times), with or without gradient
+            checkpointing. Falls back to the naive path, with a one-time notice, for groups whose
+            responses see different media, for models with multimodal rotary positions (Qwen2-VL), and
+            under reentrant checkpointing (``use_reentrant=True``, not mmpo's setting).
         pack_responses: on the shared-prefix path, run a group's K responses in one row under a
             block mask on the prompt's cache (``True``), or on the cache repeated for each
             (``False``). None (default) packs with ``sdpa``/``eager`` attention and no
@@ -252,8 +257,8 @@ class VisionLanguageBackbone(Backbone):
             return "the responses of a group see different media"
         if not shared_prefix_supported(base):
             return f"{type(base).__name__} is not supported (multimodal rotary positions or a scaled LM head)"
-        if base.training and _checkpointing(base):
-            return "gradient checkpointing disables the key/value cache"
+        if base.training and torch.is_grad_enabled() and _checkpointing(base):
+            return checkpointing_fallback_reason(base)
         return None
 
     def save(self, model: nn.Module, out_dir: str | os.PathLike) -> None:

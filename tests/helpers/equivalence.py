@@ -50,3 +50,13 @@ def assert_same_logps_losses_and_gradients(shared, naive, batch) -> dict[str, to
     for n, g in grads_s.items():
         torch.testing.assert_close(g, grads_n[n], atol=1e-6, rtol=1e-4, msg=n)
     return grads_s
+
+
+def training_comparison_module(model_dir, lora: bool, loss=None, **backbone_kw) -> PreferenceModule:
+    """:func:`comparison_module` with its policy in training mode, where activation checkpointing acts.
+
+    The tiny models and the r=4 adapter have no dropout, so training mode computes what eval mode does.
+    """
+    module = comparison_module(model_dir, lora, loss, **backbone_kw)
+    module.policy.train()
+    return module
