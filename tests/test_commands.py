@@ -30,6 +30,13 @@ RUN_ELSEWHERE = {
     "mmpo fit --config configs/mia_dpo/sft.yaml": MIA_DEMO_TEST,
     "mmpo fit --config configs/mia_dpo/dpo.yaml": MIA_DEMO_TEST,
     "mmpo validate --config configs/mia_dpo/dpo.yaml": MIA_DEMO_TEST,
+    # the partial logging configs, each after the quickstart's (W&B offline, MLflow to a local folder)
+    "mmpo fit --config configs/quickstart.yaml --config configs/logging/mlflow.yaml": (
+        "tests/test_loggers.py::test_mlflow_config_logs_a_run_offline"
+    ),
+    "mmpo fit --config configs/quickstart.yaml --config configs/logging/wandb.yaml": (
+        "tests/test_loggers.py::test_wandb_config_logs_a_run_offline"
+    ),
 }
 QUICKSTART = (
     "mmpo quickstart",
