@@ -88,11 +88,79 @@ def test_prompt_that_would_cut_image_tokens_is_an_error_or_a_counted_skip(proces
     assert batch.skipped == 1 and batch.ids == ["ok"]
 
 
-def test_long_responses_are_shortened_and_counted(processor, tmp_path):
-    rec = {"prompt": "describe the image .", "chosen": "a red circle and a blue square .", "rejected": "no ."}
-    batch, _ = _batch(processor, _write(tmp_path, [rec]), max_length=12)
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_truncation_keeps_the_prompt_and_its_image_whole_and_the_first_response_tokens(processor, tmp_path):
+    img = _image(tmp_path)
+    chosen, rejected = "a red circle and a blue square .", "no ."
+    rec = {"id": "t", "images": [img], "prompt": "describe the image .", "chosen": chosen, "rejected": rejected}
+    path = _write(tmp_path, [rec])
+    tok = processor.tokenizer
+    whole, _ = _batch(processor, path)  # no limit
+    p = whole.prompt_lengths[0].item()
+    prompt = whole.input_ids[0, :p].tolist()
+    assert prompt.count(tok.convert_tokens_to_ids("<image>")) == N_IMAGE_TOKENS
+    long, short = _ids(tok, chosen), _ids(tok, rejected)  # 9 and 3 tokens, EOS included
+    room = len(short)  # the rejected response fits exactly; the chosen one loses its last tokens and its EOS
+    assert len(long) > room
+    with pytest.warns(UserWarning, match="shortened"):
+        batch, _ = _batch(processor, path, max_length=p + room)
     assert batch.truncated == 1
-    assert batch.attention_mask.sum(-1).max() <= 12
+    assert batch.prompt_lengths.tolist() == [p, p] and batch.row_lengths == ((p, p), (room, room))
+    for row, kept in ((0, long[:room]), (1, short)):
+        assert batch.input_ids[row, :p].tolist() == prompt  # prompt and image tokens never cut
+        assert batch.input_ids[row, p:].tolist() == kept  # the response's first tokens, in order
+        assert batch.response_mask[row].tolist() == [False] * p + [True] * room
+        assert batch.attention_mask[row].tolist() == [1] * (p + room)
+    torch.testing.assert_close(batch.media["pixel_values"], whole.media["pixel_values"], rtol=0, atol=0)
+
+
+def test_responses_of_different_lengths_are_cut_to_the_same_room_and_padded(processor, tmp_path):
+    tok = processor.tokenizer
+    rec = {
+        "id": "a",
+        "prompt": "describe the image .",
+        "chosen": "a red circle and a blue square .",
+        "rejected": "no .",
+    }
+    path = _write(tmp_path, [rec, {**rec, "id": "b", "prompt": "is there a red circle in the image ?"}])
+    whole, _ = _batch(processor, path)
+    p = whole.prompt_lengths.tolist()  # rows: chosen a, chosen b, rejected a, rejected b
+    assert p[0] < p[1]
+    limit = p[1] + 3  # record b's prompt leaves 3 tokens, record a's 8: both too few for the 9-token chosen
+    with pytest.warns(UserWarning, match="shortened"):
+        batch, _ = _batch(processor, path, max_length=limit)
+    long, short = _ids(tok, rec["chosen"]), _ids(tok, rec["rejected"])
+    assert len(long) > limit - p[0] > limit - p[1] >= len(short)
+    expected = [long[: limit - p[0]], long[: limit - p[1]], short, short]
+    assert batch.truncated == 2  # both chosen responses; "no ." fits everywhere
+    assert batch.input_ids.shape[1] == limit
+    for row, kept in enumerate(expected):
+        n = p[row] + len(kept)
+        assert batch.input_ids[row, : p[row]].tolist() == whole.input_ids[row, : p[row]].tolist()
+        assert batch.input_ids[row, p[row] : n].tolist() == kept
+        assert (batch.input_ids[row, n:] == tok.pad_token_id).all()
+        assert batch.response_mask[row].nonzero().flatten().tolist() == list(range(p[row], n))
+        assert batch.attention_mask[row].sum().item() == n and batch.attention_mask[row, :n].all()
+
+
+def test_room_for_min_response_tokens_is_the_boundary(processor, tmp_path):
+    rec = {"id": "x", "prompt": "describe the image .", "chosen": "a red circle .", "rejected": "no ."}
+    path = _write(tmp_path, [rec])
+    p = _batch(processor, path)[0].prompt_lengths[0].item()
+    tok = processor.tokenizer
+    exact, _ = _batch(processor, path, max_length=p + len(_ids(tok, "a red circle .")))
+    assert exact.truncated == 0 and exact.input_ids[0, p:].tolist() == _ids(tok, "a red circle .")  # fits: whole
+    one, _ = _batch(processor, path, max_length=p + 1)
+    assert one.truncated == 2 and one.input_ids[:, p:].tolist() == [_ids(tok, "a")[:1], _ids(tok, "no")[:1]]
+    two, _ = _batch(processor, path, max_length=p + 2, min_response_tokens=2)
+    assert two.truncated == 2 and two.input_ids[:, p:].tolist() == [_ids(tok, "a red")[:2], _ids(tok, "no .")[:2]]
+    with pytest.raises(BadSampleError, match=f"leaves 1 of max_length={p + 1}"):
+        _batch(processor, path, max_length=p + 1, min_response_tokens=2)
+    with pytest.raises(BadSampleError, match=f"leaves 0 of max_length={p}"):
+        _batch(processor, path, max_length=p)
 
 
 @pytest.mark.parametrize(

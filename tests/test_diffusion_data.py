@@ -25,7 +25,6 @@ from datamodules.diffusion.pairs import (
     DiffusionPreferenceDataset,
     EpochTaggedSampler,
     load_diffusion_records,
-    pair_pixels,
 )
 from datamodules.worlds.shapes import COLORS, objects_in_text
 
@@ -137,10 +136,16 @@ def test_pixel_range_shapes_and_centre_crop(tmp_path):
     records, _ = load_diffusion_records(path)
     batch = collate(DiffusionPreferenceDataset(records, resolution=16), [0])
     assert batch.pixel_values.shape == (2, 3, 16, 16) and batch.pixel_values.dtype == torch.float32
-    assert batch.pixel_values.min() >= -1 and batch.pixel_values.max() <= 1
-    raw = torch.from_numpy(np.array(Image.open(tmp_path / "a.png"))).permute(2, 0, 1).float() / 127.5 - 1
+
+    def scaled(image: Image.Image) -> torch.Tensor:  # uint8 (H, W, 3) -> (3, H, W) in [-1, 1]
+        return torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 127.5 - 1
+
+    raw = scaled(Image.open(tmp_path / "a.png"))
     torch.testing.assert_close(batch.pixel_values[0], raw[:, 4:20, :], rtol=0, atol=0)  # centre rows 4..19 of 24
-    assert pair_pixels((Image.open(tmp_path / "b.png"),) * 2, 16).shape == (2, 3, 16, 16)  # 50x30 -> 27x16 -> 16x16
+    # 50x30: the shorter side resized to 16 (bilinear) -> 27x16, then the centre 16 columns (from round(5.5) = 6)
+    small = Image.open(tmp_path / "b.png").resize((27, 16), Image.Resampling.BILINEAR)
+    torch.testing.assert_close(batch.pixel_values[1], scaled(small)[:, :, 6:22], rtol=0, atol=0)
+    assert batch.pixel_values.min() == -1 and batch.pixel_values.max() == 1  # random pixels span 0..255
 
 
 def test_pair_gets_one_crop_and_flip(tmp_path):
@@ -394,9 +399,13 @@ def test_cache_marks_undecodable_pairs_and_keeps_text_extras(pairs_copy):
     assert (again.written, again.reused, again.skipped) == (0, 9, 1)
     cached = DiffusionPreferenceDataset(records, resolution=32, on_bad_sample="skip", cache_dir=pairs_copy / "cache")
     batch = collate(cached, range(4))
-    assert batch.skipped == 1 and batch.num_pairs == 3
-    assert batch.text_embeds.shape == (3, 4, 8) and batch.text_extra["pooled"].shape == (3, 8)
-    torch.testing.assert_close(batch.text_extra["pooled"], batch.text_embeds.mean(1))
+    assert batch.skipped == 1 and batch.num_pairs == 3 and batch.ids == [records[i].id for i in (0, 2, 3)]
+    # the cached values are the encoders' outputs for the pairs that decoded (record 1 did not)
+    embeds = torch.stack([ToyTextEncoder.embed(records[i].caption) for i in (0, 2, 3)])
+    torch.testing.assert_close(batch.text_embeds, embeds)
+    torch.testing.assert_close(batch.text_extra["pooled"], embeds.mean(1))
+    plain = collate(DiffusionPreferenceDataset(records, resolution=32), [0, 2, 3])
+    torch.testing.assert_close(batch.latents, F.avg_pool2d(plain.pixel_values, 8))
 
 
 # --- DataModule ------------------------------------------------------------------------------------------------
@@ -434,10 +443,17 @@ def test_datamodule_setup_and_batches(world_pairs, tmp_path):
     batch = next(iter(dm.train_dataloader()))
     assert isinstance(batch, DiffusionPreferenceBatch) and batch.num_pairs == 4
     assert batch.pixel_values.shape == (8, 3, 32, 32) and batch.label.tolist() == [1.0] * 4
-    assert dm.datasets["train"].random_crop and dm.datasets["train"].random_flip
+    train = dm.datasets["train"]
+    assert train.random_crop and train.random_flip
     assert not dm.datasets["val"].random_crop and not dm.datasets["val"].random_flip
     assert [b.ids for b in dm.val_dataloader()] == [[f"val-{i:06d}" for i in range(4)]]
-    assert batch.to("cpu").pixel_values.shape == (8, 3, 32, 32)
+    # the loader serves each pair's epoch-0 crop and flip, winners in rows 0-3 and their losers in rows 4-7
+    index = {r.id: i for i, r in enumerate(train.records)}
+    pairs = torch.stack([train[(index[rid], 0)]["pixel_values"] for rid in batch.ids])  # (4, 2, 3, R, R)
+    torch.testing.assert_close(batch.pixel_values, torch.cat([pairs[:, 0], pairs[:, 1]]), rtol=0, atol=0)
+    moved = batch.to("cpu")
+    torch.testing.assert_close(moved.pixel_values, batch.pixel_values, rtol=0, atol=0)
+    assert moved.ids == batch.ids and moved.captions == batch.captions and torch.equal(moved.label, batch.label)
 
     cached = DiffusionPreferenceDataModule(
         train_file=str(world_pairs / "train.jsonl"),
@@ -450,7 +466,14 @@ def test_datamodule_setup_and_batches(world_pairs, tmp_path):
     assert {k: s.written for k, s in stats.items()} == {"train": 10, "val": 4}
     assert not cached.datasets["train"].random_crop and not cached.datasets["train"].random_flip
     batch = next(iter(cached.train_dataloader()))
-    assert batch.pixel_values is None and batch.latents.shape == (8, 3, 4, 4) and batch.text_embeds.shape == (4, 4, 8)
+    assert batch.pixel_values is None and batch.latents.shape == (8, 3, 4, 4)
+    # latents and text embeddings cached are the encoders' outputs for this batch's pairs (centre crop, winner first)
+    centre = cached.datasets["train"]
+    plain = DiffusionPreferenceDataset(centre.records, resolution=32)
+    index = {r.id: i for i, r in enumerate(centre.records)}
+    ref = collate(plain, [index[rid] for rid in batch.ids])
+    torch.testing.assert_close(batch.latents, F.avg_pool2d(ref.pixel_values, 8))
+    torch.testing.assert_close(batch.text_embeds, torch.stack([ToyTextEncoder.embed(c) for c in ref.captions]))
 
 
 def test_datamodule_signature_parses_for_lightning_cli(world_pairs):

@@ -19,28 +19,52 @@ def pairs(tmp_path_factory) -> Path:
     return root
 
 
-def test_batch_to_and_pin_memory_keep_every_field():
-    batch = DiffusionPreferenceBatch(
-        pixel_values=None,
+def _filled_batch(with_pixels: bool) -> DiffusionPreferenceBatch:
+    """Every field set, each to its own random values, so a dropped or swapped field shows."""
+    g = torch.Generator().manual_seed(0)
+    return DiffusionPreferenceBatch(
+        pixel_values=torch.rand(4, 3, 8, 8, generator=g) * 2 - 1 if with_pixels else None,
         captions=["a", "b"],
         label=torch.tensor([1.0, 0.75]),
         scores=torch.tensor([[2.0, 1.0], [float("nan"), float("nan")]]),
         ids=["p0", "p1"],
         skipped=3,
-        latents=torch.randn(4, 3, 2, 2),
-        text_embeds=torch.randn(2, 5, 8),
-        text_extra={"pooled": torch.randn(2, 8)},
+        latents=None if with_pixels else torch.randn(4, 3, 2, 2, generator=g),
+        text_embeds=None if with_pixels else torch.randn(2, 5, 8, generator=g),
+        text_extra={} if with_pixels else {"pooled": torch.randn(2, 8, generator=g), "ids": torch.arange(2)},
     )
+
+
+def _assert_same_batch(moved: DiffusionPreferenceBatch, batch: DiffusionPreferenceBatch) -> None:
+    for name in ("pixel_values", "label", "scores", "latents", "text_embeds"):
+        a, b = getattr(moved, name), getattr(batch, name)
+        assert (a is None) == (b is None), name
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)  # same numbers, same dtype
+    assert moved.text_extra.keys() == batch.text_extra.keys()
+    for name, value in batch.text_extra.items():
+        torch.testing.assert_close(moved.text_extra[name], value, rtol=0, atol=0)
+    assert (moved.captions, moved.ids, moved.skipped, moved.num_pairs) == (
+        batch.captions,
+        batch.ids,
+        batch.skipped,
+        batch.num_pairs,
+    )
+
+
+@pytest.mark.parametrize("with_pixels", [True, False], ids=["pixels", "cached"])
+def test_batch_to_and_pin_memory_keep_every_field(with_pixels):
+    batch = _filled_batch(with_pixels)
     moved = batch.to("cpu", non_blocking=False)
-    assert moved.pixel_values is None and moved.ids == ["p0", "p1"] and moved.skipped == 3
-    assert torch.equal(moved.latents, batch.latents) and torch.equal(
-        moved.text_extra["pooled"], batch.text_extra["pooled"]
-    )
-    assert torch.equal(moved.scores.isnan(), batch.scores.isnan()) and moved.captions == batch.captions
+    _assert_same_batch(moved, batch)
+    moved.ids.append("p2")  # the lists are the moved batch's own
+    assert batch.ids == ["p0", "p1"]
     if torch.cuda.is_available():  # page-locked memory needs a CUDA device
         pinned = batch.pin_memory()
-        assert pinned.label.is_pinned() and pinned.latents.is_pinned() and pinned.text_extra["pooled"].is_pinned()
-        assert torch.equal(pinned.to("cuda").latents.cpu(), batch.latents)
+        assert pinned.label.is_pinned() and all(t.is_pinned() for t in pinned.text_extra.values())
+        on_device = pinned.to("cuda")  # non-blocking copies from pinned memory
+        assert on_device.label.device.type == "cuda"
+        _assert_same_batch(on_device.to("cpu"), batch)
 
 
 def test_loaders_pin_memory_when_training_on_cuda(pairs):

@@ -37,10 +37,18 @@ def test_probes_are_deterministic_and_point_at_the_target():
     for p in single:
         assert len(p.images) == 1 and p.prompt.startswith("<image>\n")
         assert {c for c, _ in p.truth} == _colours_in(p.images[0])
-    grid = make_probes("grid4", 1, 0, image_size=32)[0]
     # a 2 x 2 collage of 32 px tiles under 8 px label bands (a quarter of a tile), 8 px apart, padded
-    # square: 2 * 32 + 8 = 72 wide, 2 * (8 + 32) = 80 high -> 80 x 80
-    assert len(grid.images) == 1 and grid.images[0].size == (80, 80)
+    # square: 2 * 32 + 8 = 72 wide, 2 * (8 + 32) = 80 high -> 80 x 80, 4 px of padding left and right
+    targets = set()
+    for grid in make_probes("grid4", 4, 4, image_size=32):
+        assert len(grid.images) == 1 and grid.images[0].size == (80, 80)
+        k = int(grid.prompt.split("In Image")[1].split(",")[0])
+        targets.add(k)
+        row, col = divmod(k - 1, 2)
+        x, y = 4 + 40 * col, 8 + 40 * row
+        # the tile the prompt names holds the target scene, unresized (32 px into a 32 px tile): its colours
+        assert {c for c, _ in grid.truth} == _colours_in(grid.images[0].crop((x, y, x + 32, y + 32)))
+    assert len(targets) > 1
     pic = make_probes("pic_in_pic", 1, 0)[0]
     assert pic.prompt in {f"<image>\n{phrasing}, describe the image ." for phrasing in PIC_IN_PIC_PHRASINGS}
 

@@ -64,7 +64,53 @@ def files(out: Path) -> dict[str, bytes]:
     return {name: (out / name).read_bytes() for name in ("train.jsonl", "decisions.jsonl")}
 
 
+def grid_tile_box(n_tiles: int, index: int, tile: int = 32, margin: int = 4) -> tuple[tuple[int, int, int, int], int]:
+    """Tile ``index`` of a square-padded collage, from the layout documented in augment.mia.formats, and its side."""
+    rows, cols = {2: (1, 2), 4: (2, 2)}[n_tiles]
+    width, height = cols * tile + (cols - 1) * margin, rows * (tile + margin)
+    side = max(width, height)
+    r, c = divmod(index, cols)
+    x, y = c * (tile + margin) + (side - width) // 2, r * (tile + margin) + margin + (side - height) // 2
+    return (x, y, x + tile, y + tile), side
+
+
+def rgb(image):
+    """(H, W, 3) uint8 pixels of an image file or a PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray((image if isinstance(image, Image.Image) else Image.open(image)).convert("RGB"))
+
+
+def assert_shows_source(images: list[str], mia: dict, source_image: Path, world_images: set[bytes]) -> None:
+    """A training record's images show its source image where its prompt points, resized as documented.
+
+    ``world_images``: the RGB bytes of every image of the source dataset.
+    """
+    from PIL import Image
+
+    source = rgb(source_image)  # one of the world's 64 px scenes
+    if mia["format"] == "sequence":  # the source image where the prompt points, other source images elsewhere
+        shown = [rgb(p) for p in images]
+        assert [(x.shape == source.shape and (x == source).all()) for x in shown] == [
+            i == mia["target_index"] for i in range(len(shown))
+        ]
+        assert all(x.tobytes() in world_images for x in shown)
+        return
+    (image,) = (rgb(p) for p in images)
+    if mia["format"] == "grid":
+        box, side = grid_tile_box(mia["n_images"], mia["target_index"])
+        assert image.shape == (side, side, 3)
+    else:  # pic-in-pic: the source fitted into 0.7 x 64 = 45 px, centred on a 64 px companion
+        box = (9, 9, 54, 54)
+        assert image.shape == (64, 64, 3)
+    x0, y0, x1, y1 = box
+    expected = Image.fromarray(source).resize((x1 - x0, y1 - y0), Image.Resampling.BICUBIC)
+    assert (image[y0:y1, x0:x1] == rgb(expected)).all()
+
+
 def test_build_writes_a_dataset_the_datamodule_reads(world, tiny_path, loaded, tmp_path):
+    from augment.mia.select import normalise_answer
     from datamodules.core.records import load_preference_records
 
     model, processor = loaded
@@ -72,30 +118,116 @@ def test_build_writes_a_dataset_the_datamodule_reads(world, tiny_path, loaded, t
     summary = result.summary
     decisions = [json.loads(line) for line in (tmp_path / "out" / "decisions.jsonl").read_text().splitlines()]
     assert len(decisions) == summary["total"] == N_SOURCE
-    assert summary["kept"] == sum(d["kept"] for d in decisions) > 0
+    assert summary["kept"] == sum(d["kept"] for d in decisions)
     assert set(summary["per_format"]) == {d["format"] for d in decisions}
+    # With thresholds of 1 and no minimum perplexity, exactly the non-empty answers that differ from the truth are kept.
     for d in decisions:
-        assert d["kept"] or d["reason"]
+        answer, truth = normalise_answer(d["answer"]), normalise_answer(d["ground_truth"])
+        reason = "empty_response" if not answer else "matches_ground_truth" if answer == truth else ""
+        reason = reason or ("attention_above_threshold" if d["ratio"] is None else "")
+        assert (d["kept"], d["reason"]) == (not reason, reason), d
+    assert 0 < summary["kept"]
     records, problems = load_preference_records(tmp_path / "out" / "train.jsonl")
-    assert not problems and len(records) == summary["kept"]
+    assert not problems and [r.id for r in records] == [d["id"] for d in decisions if d["kept"]]
     source = {json.loads(line)["id"]: json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()}
+    world_images = {rgb(world / r["images"][0]).tobytes() for r in source.values()}
     raw = [json.loads(line) for line in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    answers = {d["id"]: d["answer"] for d in decisions}
     for rec, r in zip(records, raw, strict=True):
-        assert rec.chosen == source[r["source_id"]]["chosen"]  # chosen = ground truth
-        assert rec.rejected != rec.chosen and rec.rejected.strip()
-        assert (
-            len(rec.images)
-            == r["prompt"].count("<image>")
-            == (r["mia"]["n_images"] if r["mia"]["format"] == "sequence" else 1)
-        )
-        assert all(Path(p).is_file() for p in rec.images)
+        mia, origin = r["mia"], source[r["source_id"]]
+        assert rec.chosen == origin["chosen"] and rec.rejected == answers[rec.id]  # truth vs the model's answer
+        n = mia["n_images"] if mia["format"] == "sequence" else 1
+        assert len(rec.images) == r["prompt"].count("<image>") == n
+        if mia["format"] != "pic_in_pic":
+            assert f"In Image{mia['target_index'] + 1}," in r["prompt"]
+        assert_shows_source(rec.images, mia, world / origin["images"][0], world_images)
     # A complete build is not redone.
     again = build_negatives(make_config(world, tiny_path, tmp_path / "out"), model=model, processor=processor)
     assert again.already_complete and again.summary["kept"] == summary["kept"]
 
 
+# Per format and image count, thresholds unlike the paper's defaults: the build must use the configured ones.
+THRESHOLDS = {"sequence": {2: 0.3, 3: 0.4}, "grid": {2: 0.45, 4: 0.25}, "pic_in_pic": {1: 0.6}}
+MIN_PERPLEXITY = 1.5
+
+
+def scripted_answer(i: int, threshold: float, truth: str) -> tuple[str, float, float, str]:
+    """The scripted answer, ratio and perplexity for source record i, and the reason selection gives ("" = kept)."""
+    return [
+        ("a purple diamond .", threshold, 2.0, ""),  # at the threshold: kept
+        ("a purple diamond .", threshold + 0.01, 2.0, "attention_above_threshold"),
+        ("a purple diamond .", 0.0, MIN_PERPLEXITY, "low_perplexity"),  # not above the minimum
+        (truth.upper().rstrip(" .") + "!", 0.0, 2.0, "matches_ground_truth"),
+        ("  . ", 0.0, 2.0, "empty_response"),
+        ("a purple diamond .", float("nan"), 2.0, "attention_above_threshold"),
+        ("no no no .", 0.0, MIN_PERPLEXITY + 0.01, ""),
+    ][i % 7]
+
+
+def test_kept_records_are_exactly_those_the_selection_rule_keeps(world, tiny_path, loaded, tmp_path, monkeypatch):
+    from augment.mia.generate import GenerationResult
+
+    model, processor = loaded
+    rows = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()[:N_SOURCE]]
+    index = {str(world / r["images"][0]): i for i, r in enumerate(rows)}
+
+    def scripted(model, processor, samples, **kwargs):
+        out = []
+        for s in samples:
+            threshold = THRESHOLDS[s.format][s.n_images]
+            answer, ratio, ppl, _ = scripted_answer(index[s.target_key], threshold, s.answer)
+            out.append(GenerationResult(s, answer, ratio, ppl, n_generated=3, layer=2))
+        return out
+
+    monkeypatch.setattr(mia_build, "generate_with_attention", scripted)
+    selection = SelectionSettings(thresholds=THRESHOLDS, min_perplexity=MIN_PERPLEXITY)
+    result = build_negatives(
+        make_config(world, tiny_path, tmp_path / "out", selection=selection), model=model, processor=processor
+    )
+    decisions = [json.loads(line) for line in (tmp_path / "out" / "decisions.jsonl").read_text().splitlines()]
+    assert [d["source_id"] for d in decisions] == [r["id"] for r in rows]
+    expected = []
+    for i, d in enumerate(decisions):
+        threshold = THRESHOLDS[d["format"]][d["n_images"]]
+        answer, _, _, reason = scripted_answer(i, threshold, rows[i]["chosen"])
+        assert (d["kept"], d["reason"], d["threshold"], d["answer"]) == (not reason, reason, threshold, answer)
+        expected.append(reason)
+    train = [json.loads(line) for line in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    kept = [d for d, reason in zip(decisions, expected, strict=True) if not reason]
+    assert [r["id"] for r in train] == [d["id"] for d in kept] and len(kept) == 3
+    assert [(r["chosen"], r["rejected"]) for r in train] == [(d["ground_truth"], d["answer"]) for d in kept]
+    assert result.summary["by_reason"] == {
+        "unknown_format_or_count": 0,
+        "empty_response": 2,
+        "empty_ground_truth": 0,
+        "matches_ground_truth": 2,
+        "low_perplexity": 2,
+        "attention_above_threshold": 3,
+    }
+
+
+def test_every_format_shows_the_source_image_where_the_prompt_points(world, tiny_path, loaded, tmp_path, monkeypatch):
+    from augment.mia.generate import GenerationResult
+
+    model, processor = loaded
+
+    def always_kept(model, processor, samples, **kwargs):  # a hallucination the model never looked away from
+        return [GenerationResult(s, "a purple diamond .", 0.0, 2.0, n_generated=4, layer=2) for s in samples]
+
+    monkeypatch.setattr(mia_build, "generate_with_attention", always_kept)
+    build_negatives(make_config(world, tiny_path, tmp_path / "out"), model=model, processor=processor)
+    source = {json.loads(line)["id"]: json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()}
+    world_images = {rgb(world / r["images"][0]).tobytes() for r in source.values()}
+    raw = [json.loads(line) for line in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    assert len(raw) == N_SOURCE and {r["mia"]["format"] for r in raw} == {"sequence", "grid", "pic_in_pic"}
+    for r in raw:
+        images = [str(tmp_path / "out" / p) for p in r["images"]]
+        assert_shows_source(images, r["mia"], world / source[r["source_id"]]["images"][0], world_images)
+
+
 def test_training_images_are_clean_unless_asked(world, tiny_path, loaded, tmp_path):
-    from PIL import Image, ImageChops
+    import numpy as np
+    from PIL import Image
 
     model, processor = loaded
     config = make_config(
@@ -110,13 +242,22 @@ def test_training_images_are_clean_unless_asked(world, tiny_path, loaded, tmp_pa
     noisy = make_config(world, tiny_path, tmp_path / "noisy", formats=config.formats, train_on_corrupted=True)
     build_negatives(noisy, model=model, processor=processor)
     clean_recs = [json.loads(x) for x in (tmp_path / "clean" / "train.jsonl").read_text().splitlines()]
-    assert clean_recs
-    rec = clean_recs[0]
-    clean = Image.open(tmp_path / "clean" / rec["images"][0]).convert("RGB")
-    corrupted = Image.open(tmp_path / "noisy" / rec["images"][0]).convert("RGB")
-    # Same layout, but only the corrupted one has noise: white margins stay white only in the clean collage.
-    assert clean.size == corrupted.size and ImageChops.difference(clean, corrupted).getbbox() is not None
-    assert clean.getpixel((0, 0)) == (255, 255, 255)
+    noisy_recs = [json.loads(x) for x in (tmp_path / "noisy" / "train.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in clean_recs] == [r["id"] for r in noisy_recs] and clean_recs
+    source = {json.loads(x)["id"]: json.loads(x) for x in (world / "train.jsonl").read_text().splitlines()}
+    for rec in clean_recs:
+        clean = np.asarray(Image.open(tmp_path / "clean" / rec["images"][0]).convert("RGB"), dtype=np.int16)
+        corrupted = np.asarray(Image.open(tmp_path / "noisy" / rec["images"][0]).convert("RGB"), dtype=np.int16)
+        (x0, y0, x1, y1), side = grid_tile_box(2, rec["mia"]["target_index"])
+        assert clean.shape == corrupted.shape == (side, side, 3)
+        # the clean target tile is the source image resized; the corrupted one is that plus noise (std 0.5 · 255)
+        target = Image.open(world / source[rec["source_id"]]["images"][0]).convert("RGB")
+        expected = np.asarray(target.resize((32, 32), Image.Resampling.BICUBIC), dtype=np.int16)
+        assert (clean[y0:y1, x0:x1] == expected).all()
+        assert np.abs(corrupted[y0:y1, x0:x1] - expected).mean() > 40
+        # everything else (the companion tile, margins, labels) is the same in both
+        clean[y0:y1, x0:x1] = corrupted[y0:y1, x0:x1] = 0
+        assert (clean == corrupted).all()
 
 
 def test_interrupted_build_resumes_to_identical_files(world, tiny_path, loaded, tmp_path, monkeypatch):

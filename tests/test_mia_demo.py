@@ -12,10 +12,10 @@ CONFIGS = REPO / "configs" / "mia_dpo"
 
 
 def test_build_config_parses():
-    from augment.mia.build import _parser
+    from augment.mia.build import command_line_parser
     from augment.mia.build_config import BuildConfig
 
-    parser = _parser()
+    parser = command_line_parser()
     init = parser.instantiate(parser.parse_args(["--config", str(CONFIGS / "build.yaml")]))
     config = BuildConfig(**{k: init[k] for k in ("source", "output", "generation", "formats", "selection")})
     assert config.generation.model.endswith("sft-model")

@@ -51,6 +51,17 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.int16)
 
 
+def texture(size: tuple[int, int], seed: int) -> Image.Image:
+    """Random pixels: any shift, flip, crop or other resampling of them shows."""
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def resized(image: Image.Image, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The image resized (bicubic, as documented) to fill ``box``."""
+    x0, y0, x1, y1 = box
+    return pixels(image.resize((x1 - x0, y1 - y0), Image.Resampling.BICUBIC))
+
+
 @pytest.fixture
 def target() -> SourceSample:
     return SourceSample("target", solid((30, 20), RED), "<image>\nWhat is the man holding?", "A kite.")
@@ -81,7 +92,6 @@ def test_prompt_rewriting():
     assert sequence_prompt("<image>\nWhat is this?", 3, 2) == (
         "Image1: <image>\nImage2: <image>\nImage3: <image>\nIn Image3, what is this?"
     )
-    assert len(set(PIC_IN_PIC_PHRASINGS)) >= 6
     with pytest.raises(ValueError):
         sequence_prompt("What?", 2, 2)
 
@@ -136,6 +146,42 @@ def test_grid_tiles_pixels_and_labels():
         band = p[y0:y1, x0:x1]
         assert (band.sum(-1) < 200).sum() > 10  # some dark label pixels above every tile
         assert (band.max(-1) - band.min(-1) < 8).all()  # grey levels only: no image pixels in the band
+
+
+def test_grid_tiles_hold_each_image_fitted_and_centred():
+    images = [texture((60, 30), 0), texture((20, 40), 1), texture((32, 32), 2), texture((50, 50), 3)]
+    canvas, g = compose_grid(images, tile_size=32, margin=8, square=True)
+    # 2 x 2 tiles of 32 px, 8 px apart under 8 px label bands: 72 x 80, padded square to 80 x 80 (4 px each side)
+    assert canvas.size == g["canvas_size"] == (80, 80)
+    assert g["tile_boxes"] == [(4, 8, 36, 40), (44, 8, 76, 40), (4, 48, 36, 80), (44, 48, 76, 80)]
+    # aspect kept: 60 x 30 -> 32 x 16 centred vertically, 20 x 40 -> 16 x 32 centred horizontally, 50 x 50 -> 32 x 32
+    assert g["content_boxes"] == [(4, 16, 36, 32), (52, 8, 68, 40), (4, 48, 36, 80), (44, 48, 76, 80)]
+    p = pixels(canvas)
+    for image, (tx0, ty0, tx1, ty1), box in zip(images, g["tile_boxes"], g["content_boxes"], strict=True):
+        x0, y0, x1, y1 = box
+        assert (p[y0:y1, x0:x1] == resized(image, box)).all()  # the tile holds this image, resized, not flipped
+        tile = p[ty0:ty1, tx0:tx1].copy()
+        tile[y0 - ty0 : y1 - ty0, x0 - tx0 : x1 - tx0] = WHITE
+        assert (tile == WHITE).all()  # the rest of the tile is white
+
+
+def test_pic_in_pic_pastes_the_resized_inset_on_the_background():
+    background, inset = texture((100, 60), 0), texture((30, 30), 1)
+    canvas, box = compose_pic_in_pic(background, inset)
+    assert box == (29, 9, 71, 51)  # 0.7 x 60 = 42 px square, centred
+    p, expected = pixels(canvas), pixels(background).copy()
+    expected[9:51, 29:71] = resized(inset, box)
+    assert (p == expected).all()  # the inset where the box is, the background's own pixels everywhere else
+    assert (pixels(background) == pixels(texture((100, 60), 0))).all()  # the pool's image is untouched
+
+
+def test_sequence_images_are_the_source_images_in_key_order(target):
+    pool = [(f"t{i}", texture((20 + i, 24), i)) for i in range(6)]
+    sample = build_sequence(target, pool, random.Random(4), num_images=4)
+    images = dict(pool) | {"target": target.image}
+    for key, image in zip(sample.keys, sample.images, strict=True):
+        assert image.size == images[key].size and (pixels(image) == pixels(images[key])).all()
+    assert sample.geometry["image_sizes"] == [images[k].size for k in sample.keys]
 
 
 def test_grid_padded_to_square():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from augment.mia.formats import AugmentedSample, SourceSample, build_augmented
-from augment.mia.generate import _answer_mask, generate_with_attention, prompt_messages, vision_geometry
+from augment.mia.generate import generate_with_attention, prompt_messages, vision_geometry
 from augment.mia.tokens import augmented_token_groups
 
 NEW_TOKENS = 8
@@ -63,6 +63,22 @@ def prompt_length(processor, sample: AugmentedSample) -> int:
     return processor(text=[text], images=list(sample.images), return_tensors="pt")["input_ids"].shape[1]
 
 
+def generate_alone(model, processor, sample: AugmentedSample):
+    """Greedy generation of one sample with every attention map: (its prompt's token ids, generate's output)."""
+    text = processor.apply_chat_template(prompt_messages(sample.prompt), add_generation_prompt=True, tokenize=False)
+    enc = processor(text=[text], images=list(sample.images), return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(
+            **enc,
+            do_sample=False,
+            max_new_tokens=NEW_TOKENS,
+            output_attentions=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    return enc["input_ids"][0], out
+
+
 def assert_same(a, b, tol=1e-4):
     assert a.answer == b.answer and a.n_generated == b.n_generated
     assert a.ratio == pytest.approx(b.ratio, abs=tol)
@@ -82,24 +98,18 @@ def test_vision_geometry_from_processor_and_config(model, processor):
     assert geometry.image_token_id == processor.tokenizer.convert_tokens_to_ids("<image>")
 
 
-def test_answer_mask_stops_after_first_eos():
-    generated = torch.tensor([[5, 3, 3, 0], [5, 6, 7, 8], [3, 0, 0, 0]])
-    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
-    assert torch.equal(_answer_mask(generated, [3]), expected)
-
-
-def test_every_format_gives_valid_results(model, processor, samples):
+def test_every_format_in_one_batch_gets_its_own_results(model, processor, samples):
     batch = list(samples.values())
     side = processor.tokenizer.padding_side
     results = run(model, processor, batch, batch_size=4)
     assert processor.tokenizer.padding_side == side  # restored
     assert [r.sample for r in results] == batch
-    for r in results:
-        assert isinstance(r.answer, str)
-        assert 0.0 <= r.ratio <= 1.0
-        assert r.perplexity >= 1.0 and math.isfinite(r.perplexity)
-        assert 1 <= r.n_generated <= NEW_TOKENS
-        assert r.layer == 2  # 4 decoder layers → the middle one
+    # four prompts of different lengths and image counts, left-padded together: each result is the one the
+    # sample gets alone (layer 2: the middle of the 4 decoder layers)
+    for sample, result in zip(batch, results, strict=True):
+        alone = run(model, processor, [sample], batch_size=1)[0]
+        assert_same(alone, result)
+        assert result.layer == alone.layer == 2
 
 
 def test_left_padding_does_not_change_results(model, processor, samples):
@@ -114,24 +124,34 @@ def test_left_padding_does_not_change_results(model, processor, samples):
 
 def test_eos_masks_later_tokens_and_padding_rows(model, processor, samples):
     """A row that ends early in a batch that goes on: its later rows and log-probs must not count."""
-    early, other = samples["seq2"], samples["grid"]
+    early, other, layer = samples["seq2"], samples["grid"], 2
     reference = model.generation_config.eos_token_id
     # pick as "EOS" the first token of `early`'s answer that is new, so its answer stops right after it
-    text = processor.apply_chat_template(prompt_messages(early.prompt), add_generation_prompt=True, tokenize=False)
-    enc = processor(text=[text], images=list(early.images), return_tensors="pt")
-    with torch.no_grad():
-        ids = model.generate(**enc, do_sample=False, max_new_tokens=NEW_TOKENS)[0, enc["input_ids"].shape[1] :]
+    prompt_ids, out = generate_alone(model, processor, early)
+    prompt = len(prompt_ids)
+    ids = out.sequences[0, prompt:]
     stop = next(i for i in range(1, len(ids)) if ids[i] not in ids[:i])
     try:
         model.generation_config.eos_token_id = int(ids[stop])
-        alone = run(model, processor, [early], batch_size=1)[0]
-        batch = run(model, processor, [other, early], batch_size=2)
+        alone = run(model, processor, [early], batch_size=1, layer=layer)[0]
+        batch = run(model, processor, [other, early], batch_size=2, layer=layer)
     finally:
         model.generation_config.eos_token_id = reference
     assert alone.n_generated == stop + 1
     assert alone.answer == processor.tokenizer.decode(ids[:stop], skip_special_tokens=True).strip()
     assert batch[0].n_generated > alone.n_generated  # the batch really generated past `early`'s EOS
     assert_same(alone, batch[1])
+    # by hand: the answer is the tokens up to and including the EOS, none after it, for both statistics
+    answer = range(stop + 1)
+    logps = [float(torch.log_softmax(out.logits[s][0].float(), -1)[ids[s]]) for s in answer]
+    assert alone.perplexity == pytest.approx(math.exp(-sum(logps) / len(logps)), rel=1e-5)
+    attn = torch.stack([out.attentions[s][layer][0, :, -1, :prompt] for s in answer]).mean(dim=(0, 1))  # (P,)
+    geometry = vision_geometry(model, processor)
+    groups = augmented_token_groups(
+        early, prompt_ids, geometry.image_token_id, tokens_per_image=16, patch_grid=(4, 4), input_size=32
+    )
+    means = [float(attn[g].mean()) for g in groups]
+    assert alone.ratio == pytest.approx(means[early.target_index] / sum(means), abs=1e-6)
 
 
 def test_layer_choice(model, processor, samples):
@@ -145,28 +165,18 @@ def test_layer_choice(model, processor, samples):
         run(model, processor, [sample], layer=4)
 
 
-@pytest.mark.parametrize("name", ["grid", "seq3"])
+@pytest.mark.parametrize("name", ["seq2", "seq3", "grid", "pip"])
 def test_ratio_and_perplexity_match_a_hand_computation(model, processor, samples, name):
     sample, layer = samples[name], 2
-    text = processor.apply_chat_template(prompt_messages(sample.prompt), add_generation_prompt=True, tokenize=False)
-    enc = processor(text=[text], images=list(sample.images), return_tensors="pt")
-    prompt = enc["input_ids"].shape[1]
-    with torch.no_grad():
-        out = model.generate(
-            **enc,
-            do_sample=False,
-            max_new_tokens=NEW_TOKENS,
-            output_attentions=True,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
+    prompt_ids, out = generate_alone(model, processor, sample)
+    prompt = len(prompt_ids)
     # the row that produced token s is the last query of step s; keep the prompt's keys only
     rows = torch.stack([step[layer][0, :, -1, :prompt] for step in out.attentions])  # (S, heads, P)
     attn = rows.mean(dim=(0, 1))  # (P,)
     geometry = vision_geometry(model, processor)
     groups = augmented_token_groups(
         sample,
-        enc["input_ids"][0],
+        prompt_ids,
         geometry.image_token_id,
         tokens_per_image=16,
         patch_grid=(4, 4),
@@ -180,6 +190,7 @@ def test_ratio_and_perplexity_match_a_hand_computation(model, processor, samples
 
     result = run(model, processor, [sample], layer=layer)[0]
     assert len(generated) == NEW_TOKENS == result.n_generated  # the random model emits no EOS here
+    assert result.answer == processor.tokenizer.decode(generated, skip_special_tokens=True).strip()
     assert result.ratio == pytest.approx(expected_ratio, abs=1e-6)
     assert result.perplexity == pytest.approx(expected_ppl, rel=1e-5)
 

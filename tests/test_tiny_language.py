@@ -31,11 +31,12 @@ def test_labelled_list_example_is_the_sequence_prompt_with_captions_for_images()
     from mmpo.tiny.language import labelled_list_example
 
     rng = random.Random(3)
-    seen = set()
+    seen, kinds = set(), set()
     for _ in range(200):
         example = labelled_list_example(rng, max_items=4)
         prompt, answer, items = example["prompt"], example["chosen"], example["items"]
-        assert example["rejected"] != answer and example["kind"] in ("caption", "color", "presence")
+        assert example["rejected"] != answer
+        kinds.add(example["kind"])
         lines = prompt.split("\n")
         assert 1 <= items <= 4 and len(lines) == items + 1 and "<image>" not in prompt
         for i, line in enumerate(lines[:-1], start=1):
@@ -44,13 +45,17 @@ def test_labelled_list_example_is_the_sequence_prompt_with_captions_for_images()
         assert 1 <= target <= items
         question = lines[-1].split(", ", 1)[1]
         caption = lines[target - 1].split(": ", 1)[1]
-        if question == "describe the image .":
-            assert answer == caption
-        elif question.startswith("is there a "):
+        # the answer is about the item the question points at (one object per item: "a red circle .")
+        _, colour, shape, _ = caption.split()
+        if example["kind"] == "caption":
+            assert question == "describe the image ." and answer == caption
+        elif example["kind"] == "color":
+            assert question == f"what color is the {shape} ?" and answer == f"the {shape} is {colour} ."
+        else:
             named = question.removeprefix("is there ").removesuffix(" in the image ?")
-            assert answer == ("yes ." if named + " ." == caption else "no .")
+            assert question.startswith("is there a ") and answer == ("yes ." if named + " ." == caption else "no .")
         seen.add(items)
-    assert seen == {1, 2, 3, 4}
+    assert seen == {1, 2, 3, 4} and kinds == {"caption", "color", "presence"}
 
 
 def _answer_nll(path, examples) -> float:
@@ -76,7 +81,7 @@ def _answer_nll(path, examples) -> float:
 def test_exact_match_counts_every_answer_token_and_ignores_the_prompt():
     from types import SimpleNamespace
 
-    from mmpo.tiny.language import _exact
+    from mmpo.tiny.language import exact_answer_match
 
     # 3 rows of 5 positions, answer tokens at positions 2..4 (the prompt's labels are -100)
     labels = torch.tensor([[-100, -100, 3, 1, 4]] * 3)
@@ -92,7 +97,7 @@ def test_exact_match_counts_every_answer_token_and_ignores_the_prompt():
             return SimpleNamespace(logits=logits)
 
     ids = torch.zeros(3, 5, dtype=torch.long)
-    assert _exact(Model(), ids, torch.ones_like(ids), labels).tolist() == [True, False, True]
+    assert exact_answer_match(Model(), ids, torch.ones_like(ids), labels).tolist() == [True, False, True]
 
 
 def test_pretraining_changes_only_the_language_model_and_is_reused(tmp_path):

@@ -30,8 +30,7 @@ def test_pretraining_changes_only_the_tower_and_is_reused(tmp_path):
     # Binary cross-entropy over the 24 (colour, shape) pairs of one-object scenes: a head that knows nothing
     # (zero logits) scores log 2 = 0.693, one that knows only that 1 pair in 24 is present scores the
     # entropy H(1/24) = 0.173. Twelve steps learn at least most of that base rate.
-    base_rate = -(math.log(1 / 24) / 24 + (23 / 24) * math.log(23 / 24))
-    assert base_rate < 0.18 and report["loss"] < 0.5 * math.log(2)
+    assert report["loss"] < 0.5 * math.log(2)
     after = _weights(path)
     assert before.keys() == after.keys()
     changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -55,29 +54,33 @@ def test_pretraining_changes_only_the_tower_and_is_reused(tmp_path):
 
 
 def test_pretraining_learns_to_recognise_scenes(tmp_path):
-    from datamodules.worlds.shapes import COLORS, vocabulary
+    from datamodules.worlds.shapes import render_scene, sample_scene, vocabulary
     from mmpo.tiny.llava import build_tiny_llava
-    from mmpo.tiny.vision import _features, _scene_batch, pretrain_tiny_vision_tower
+    from mmpo.tiny.vision import pretrain_tiny_vision_tower
 
     path = build_tiny_llava(tmp_path / "tiny", words=vocabulary(), image_size=32, patch_size=8, seed=0)
     report = pretrain_tiny_vision_tower(path, steps=400, batch_size=32, lr=3e-3, eval_scenes=128, progress=False)
     # 24 (colour, shape) pairs: guessing is right 1 time in 24; colours come first, shapes later
     assert report["accuracy"] > 0.3, report
 
-    # the features LLaVA reads separate colours after pretraining: same-colour scenes are closer
+    # the features LLaVA reads (the mean of the last layer's patch tokens) separate colours after pretraining:
+    # scenes of one object of the same colour are closer than scenes of different colours
     import random
 
     from transformers import AutoImageProcessor, AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(path)
-    pixels, targets = _scene_batch(random.Random(5), 64, 32, 1, AutoImageProcessor.from_pretrained(path))
+    rng = random.Random(5)
+    scenes = [sample_scene(rng, 1, 32) for _ in range(64)]
+    pixels = AutoImageProcessor.from_pretrained(path)([render_scene(s, 32) for s in scenes], return_tensors="pt")
     with torch.no_grad():
-        f = torch.nn.functional.normalize(_features(model.model.vision_tower, pixels, -1), dim=-1)
-    colour = targets.argmax(1) % len(COLORS)  # pairs are ordered shape-major, colour-minor
-    same = colour[:, None] == colour[None, :]
+        hidden = model.model.vision_tower(pixel_values=pixels["pixel_values"]).last_hidden_state  # (64, 1 + P, D)
+    f = torch.nn.functional.normalize(hidden[:, 1:].mean(1), dim=-1)
+    colours = [scene[0].color for scene in scenes]
+    same = torch.tensor([[a == b for b in colours] for a in colours])
     sim = f @ f.T
     off = ~torch.eye(64, dtype=torch.bool)
-    assert sim[same & off].mean() > sim[~same].mean()
+    assert sim[same & off].mean() > sim[~same].mean() + 0.2  # about 0.98 against 0.55
 
 
 def test_pretraining_refuses_a_directory_that_is_not_a_tiny_llava(tmp_path):

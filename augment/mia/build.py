@@ -47,7 +47,7 @@ from augment.mia.formats import AugmentedSample, ImagePool, SourceSample, build_
 from augment.mia.generate import GenerationResult, generate_with_attention, num_layers
 from augment.mia.select import SelectionConfig, SelectionSummary, select_rejected
 
-__all__ = ["BuildResult", "SourceRecord", "build_negatives", "main", "read_source"]
+__all__ = ["BuildResult", "SourceRecord", "build_negatives", "command_line_parser", "main", "read_source"]
 
 _PROGRESS, _TRAIN, _DECISIONS, _SUMMARY = "progress.json", "train.jsonl", "decisions.jsonl", "summary.json"
 _FORMAT_ORDER = ("sequence", "grid", "pic_in_pic")
@@ -438,7 +438,16 @@ def build_negatives(
     return BuildResult(out, summary, already_complete=False)
 
 
-def _parser() -> Any:
+def command_line_parser() -> Any:
+    """The jsonargparse parser of ``mmpo build-negatives``: ``--config`` (a YAML file) and every
+    :class:`~augment.mia.build_config.BuildConfig` field as ``--group.key`` options.
+
+    Use it to check or load a build configuration without running the build::
+
+        parser = command_line_parser()
+        init = parser.instantiate(parser.parse_args(["--config", "configs/mia_dpo/build.yaml"]))
+        config = BuildConfig(**{f.name: init[f.name] for f in dataclasses.fields(BuildConfig)})
+    """
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     parser = ArgumentParser(prog="mmpo build-negatives", description=__doc__.splitlines()[0])
@@ -466,7 +475,7 @@ def print_summary(result: BuildResult, file: Any = None) -> None:
 
 def main(argv: list[str] | None = None) -> BuildResult:
     """Command line: ``mmpo build-negatives --config build.yaml [--key value ...]``."""
-    parser = _parser()
+    parser = command_line_parser()
     init = parser.instantiate(parser.parse_args(argv))
     config = BuildConfig(**{f.name: init[f.name] for f in fields(BuildConfig)})
     try:

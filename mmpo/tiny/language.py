@@ -36,7 +36,7 @@ from torch import Tensor
 
 from mmpo.tiny.llava import pretraining_loop, read_tiny_stamp, reused_pretraining, save_tiny_weights
 
-__all__ = ["labelled_list_example", "pretrain_tiny_language_model"]
+__all__ = ["exact_answer_match", "labelled_list_example", "pretrain_tiny_language_model"]
 
 _IGNORE = -100
 
@@ -89,8 +89,21 @@ def _batch(examples: list[dict], processor) -> tuple[Tensor, Tensor, Tensor, Ten
     return ids, mask, labels, torch.tensor([e["items"] for e in examples])
 
 
-def _exact(model, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
-    """Per row: every answer token (EOS included) is the argmax of the model's next-token distribution."""
+def exact_answer_match(model, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+    """Whether a causal language model reproduces each row's answer token for token (teacher-forced argmax).
+
+    The accuracy :func:`pretrain_tiny_language_model` reports, usable to score any checkpoint on labelled rows.
+
+    Args:
+        model: a causal LM (or image-text-to-text model) called as ``model(input_ids=..., attention_mask=...)``.
+        ids: (B, T) token ids, prompt then answer (EOS included), right-padded.
+        mask: (B, T) attention mask.
+        labels: (B, T) the ids where the answer is and ``-100`` elsewhere (prompt, padding), as for a
+            transformers loss: position ``t`` is predicted from the positions before it.
+
+    Returns:
+        (B,) bool: True where the argmax of the next-token distribution is the label at every answer position.
+    """
     with torch.no_grad():
         predicted = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
     target = labels[:, 1:]
@@ -173,7 +186,7 @@ def pretrain_tiny_language_model(
     examples = [labelled_list_example(held_out, *sample) for _ in range(eval_lists)]
     ids, mask, labels, items = _batch(examples, processor)
     chunks = zip(ids.split(128), mask.split(128), labels.split(128), strict=True)
-    exact = torch.cat([_exact(model, *chunk) for chunk in chunks])
+    exact = torch.cat([exact_answer_match(model, *chunk) for chunk in chunks])
     accuracy = exact.float().mean().item()
     by_items = {str(k): round(exact[items == k].float().mean().item(), 4) for k in sorted(set(items.tolist()))}
     seconds = round(time.perf_counter() - start, 1)
