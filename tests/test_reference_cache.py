@@ -184,12 +184,6 @@ def _adapter_checkpoint(base, out, seed):
     return out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="model_fingerprint hashes an adapter directory's own files only, not the base checkpoint its "
-    "adapter_config.json names; with LoRA the cached reference of such a model is that base (adapters "
-    "disabled), so a base changed in place silently reuses a stale cache",
-)
 def test_an_adapter_checkpoint_fingerprint_covers_its_base_model(tiny_llava, tmp_path):
     # a PEFT adapter directory loads as a model (transformers reads the base it names); its cached reference
     # depends on that base's weights, so they must be part of the model's identity

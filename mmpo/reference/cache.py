@@ -43,15 +43,27 @@ def model_fingerprint(name_or_path: str, revision: str | None = None, settings: 
     """
     h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
     h.update(json.dumps(settings or {}, sort_keys=True, default=str).encode())
-    path = Path(name_or_path)
-    if path.is_dir():
-        for f in sorted(path.iterdir()):
-            if f.suffix in (".json", ".safetensors", ".bin") and f.is_file():
-                h.update(f.name.encode())
-                _file_digest(f, h)
-    else:
-        h.update(f"{name_or_path}@{revision or 'main'}".encode())
+    _model_digest(name_or_path, revision, h)
     return h.hexdigest()[:16]
+
+
+def _model_digest(name_or_path: str, revision: str | None, h: Any, depth: int = 0) -> None:
+    path = Path(name_or_path)
+    if not path.is_dir():
+        h.update(f"{name_or_path}@{revision or 'main'}".encode())
+        return
+    for f in sorted(path.iterdir()):
+        if f.suffix in (".json", ".safetensors", ".bin") and f.is_file():
+            h.update(f.name.encode())
+            _file_digest(f, h)
+    adapter = path / "adapter_config.json"
+    if adapter.is_file() and depth < 4:
+        # a PEFT adapter directory loads its base model too (transformers reads the base it names): the
+        # base's weights change the log-probs, the reference's in particular (the base, adapters off)
+        config = json.loads(adapter.read_text(encoding="utf-8"))
+        base = config.get("base_model_name_or_path")
+        if base:
+            _model_digest(str(base), config.get("revision"), h, depth + 1)
 
 
 def _media_digest(item: Any, h: Any) -> None:
