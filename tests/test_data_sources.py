@@ -3,7 +3,9 @@ errors that name the file and row, saved and hub datasets by name, and processor
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -162,3 +164,71 @@ def test_processor_kwargs_reach_the_processor_and_the_cache_fingerprint(world, t
     assert raw.cache_settings("train")["processor_kwargs"] == {"do_normalize": False}
     assert "processor_kwargs" not in plain.cache_settings("train")  # caches written before stay valid
     assert raw.hparams["processor_kwargs"] == {"do_normalize": False}
+
+
+def test_pair_records_carry_their_side_information_into_the_batch(world, tiny_llava, tmp_path):
+    rows = _rows(world, 4)
+    rows[0].update(scores=[2.5, -1.0], weight=0.5, dimension_id=3, soft_label=0.9)
+    rows[1].update(scores=[0.0, 1.0], weight=2.0, dimension_id=0, soft_label=0.25)
+    path = tmp_path / "side.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n")
+    dm = ImagePreferenceDataModule(
+        str(tiny_llava), train_file=str(path), data_root=str(world), loader={"batch_size": 2, "shuffle": False}
+    )
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.scores.tolist() == [[2.5, -1.0], [0.0, 1.0]]
+    assert batch.weights.tolist() == [0.5, 2.0] and batch.dimension_ids.tolist() == [3, 0]
+    assert batch.soft_labels.tolist() == [0.8999999761581421, 0.25]  # float32
+    plain = ImagePreferenceDataModule(str(tiny_llava), train_file=str(world / "train.jsonl"), loader={"batch_size": 2})
+    plain.setup("fit")
+    assert next(iter(plain.train_dataloader())).side_info() == {}
+    # side information reaches the loss only: the reference cache's data fingerprint ignores it
+    from mmpo.reference.cache import data_fingerprint
+
+    records = dm.datasets["train"].records
+    bare = [dataclasses.replace(r, side={}) for r in records]
+    assert data_fingerprint(records, {}) == data_fingerprint(bare, {})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("scores", [1.0], "'scores' must be two finite numbers"),
+        ("scores", [1.0, float("nan")], "'scores' must be two finite numbers"),
+        ("weight", -1, "'weight' must be a finite number >= 0"),
+        ("dimension_id", 1.5, "'dimension_id' must be an integer >= 0"),
+        ("soft_label", 1.5, r"'soft_label' must be a number in \[0, 1\]"),
+    ],
+)
+def test_bad_side_information_is_a_bad_record_naming_the_field(world, tmp_path, field, value, message):
+    row = {**_rows(world, 1)[0], field: value}
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(BadSampleError, match=rf"bad\.jsonl:1: {message}"):
+        load_preference_records(path, data_root=world)
+    assert load_preference_records(path, data_root=world, on_bad_sample="skip")[0] == []
+
+
+def test_scores_from_the_data_steer_madpo_in_the_module(world, tiny_llava, tmp_path):
+    from mmpo.backbones import LoraSettings, VisionLanguageBackbone
+    from mmpo.losses import MADPOLoss, madpo_weights
+    from mmpo.module import PreferenceModule
+
+    rows = _rows(world, 2)
+    rows[0]["scores"], rows[1]["scores"] = [3.0, -0.5], [0.0, 4.0]  # an easy pair, and one the labels dispute
+    path = tmp_path / "scored.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    dm = ImagePreferenceDataModule(
+        str(tiny_llava), train_file=str(path), data_root=str(world), loader={"batch_size": 2, "shuffle": False}
+    )
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module = PreferenceModule(VisionLanguageBackbone(str(tiny_llava), lora=LoraSettings(r=4)), MADPOLoss())
+    module.configure_model()
+    with torch.no_grad():
+        out, _, _ = module.compute(batch)
+    # a fresh adapter is its own reference: each pair's DPO loss is ln 2, weighted by MADPO's w(h)
+    weights = madpo_weights(torch.tensor([3.5, -4.0]), c_max=2.0, c_min=0.5, lam=1.0, tau=MADPOLoss().tau)
+    torch.testing.assert_close(out.losses, weights * math.log(2), rtol=1e-5, atol=1e-6)
+    assert weights[0] != weights[1]

@@ -10,6 +10,7 @@ Every problem is reported with the file and line (or row) it came from.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -27,6 +28,7 @@ __all__ = [
     "parse_prompt_and_images",
     "parse_prompt_and_media",
     "parse_record",
+    "parse_side_information",
     "resolve_media_path",
     "response_text",
     "source_kind",
@@ -54,6 +56,9 @@ class PreferenceRecord:
         rejected_images: images the rejected response is paired with, when they differ from ``images``
             (VDPO-style pairs: same response, different media); None when shared.
         rejected_videos: likewise for videos.
+        side: side information from the record, under the batch's field names (see
+            :func:`parse_side_information`): ``scores`` ([chosen, rejected]), ``weights``,
+            ``dimension_ids``, ``soft_labels``; empty when the record has none.
     """
 
     id: str
@@ -65,6 +70,7 @@ class PreferenceRecord:
     videos: list[str] = field(default_factory=list)
     rejected_images: list[str] | None = None
     rejected_videos: list[str] | None = None
+    side: dict[str, Any] = field(default_factory=dict)
 
     @property
     def shared_media(self) -> bool:
@@ -424,6 +430,55 @@ def split_implicit_prompt(chosen: Any, rejected: Any, where: str) -> dict[str, A
     return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 
+#: record field → batch field of the side information a pair record may carry
+SIDE_INFORMATION = {
+    "scores": "scores",
+    "weight": "weights",
+    "dimension_id": "dimension_ids",
+    "soft_label": "soft_labels",
+}
+
+
+def parse_side_information(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """A pair record's side information, checked, under the batch's field names.
+
+    Record fields: ``scores`` (two finite numbers, the chosen then the rejected response's score from
+    a reward model or another objective; MADPO, MODPO), ``weight`` (a finite number ≥ 0), ``dimension_id``
+    (an integer ≥ 0, the preference dimension the pair was labelled on), ``soft_label`` (a number in
+    [0, 1], the probability that the chosen response is preferred; soft-label DPO). Absent or null
+    fields are left out.
+
+    Raises:
+        BadSampleError: a field of the wrong kind or out of range, naming ``where`` and the field.
+    """
+    out: dict[str, Any] = {}
+    scores = raw.get("scores")
+    if scores is not None:
+        if not (isinstance(scores, list) and len(scores) == 2 and all(_finite(x) for x in scores)):
+            raise BadSampleError(f"{where}: 'scores' must be two finite numbers (chosen, rejected), got {scores!r}")
+        out["scores"] = [float(x) for x in scores]
+    weight = raw.get("weight")
+    if weight is not None:
+        if not (_finite(weight) and weight >= 0):
+            raise BadSampleError(f"{where}: 'weight' must be a finite number >= 0, got {weight!r}")
+        out["weights"] = float(weight)
+    dimension = raw.get("dimension_id")
+    if dimension is not None:
+        if not (isinstance(dimension, int) and not isinstance(dimension, bool) and dimension >= 0):
+            raise BadSampleError(f"{where}: 'dimension_id' must be an integer >= 0, got {dimension!r}")
+        out["dimension_ids"] = dimension
+    label = raw.get("soft_label")
+    if label is not None:
+        if not (_finite(label) and 0 <= label <= 1):
+            raise BadSampleError(f"{where}: 'soft_label' must be a number in [0, 1], got {label!r}")
+        out["soft_labels"] = float(label)
+    return out
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def parse_record(raw: dict[str, Any], where: str, data_root: Path, image_token: str = "<image>") -> PreferenceRecord:
     """Validate one raw record and resolve its media paths.
 
@@ -443,6 +498,7 @@ def parse_record(raw: dict[str, Any], where: str, data_root: Path, image_token: 
         chosen=response_text(raw["chosen"], "chosen", where),
         rejected=response_text(raw["rejected"], "rejected", where),
         **media,
+        side=parse_side_information(raw, where),
     )
 
 

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from datamodules.core.batch import PreferenceBatch
 from datamodules.core.records import BadSampleError, PreferenceRecord
 
-__all__ = ["PreferenceDataset", "VisionPreferenceCollator", "load_image"]
+__all__ = ["TOKEN_ALIGNED_MEDIA", "PreferenceDataset", "VisionPreferenceCollator", "load_image"]
 
 # Side information a sample may carry (see VisionPreferenceCollator), with its tensor dtype.
 _SIDE_KEYS = {
@@ -24,8 +24,18 @@ _SIDE_KEYS = {
     "soft_labels": torch.float32,
 }
 
-# Keys of a processor's output that describe text, not media.
-_TEXT_KEYS = frozenset({"input_ids", "attention_mask", "token_type_ids"})
+# Keys of a processor's output that describe text, not media (PaliGemma's processor also returns labels).
+_TEXT_KEYS = frozenset({"input_ids", "attention_mask", "labels"})
+
+# Media inputs with one entry per prompt token, (1, Tp, ...): the collator extends them over the row's
+# width T. Response (and padding) tokens take the value given here, or with None the prompt's last
+# token's: token types mark image tokens (Qwen2-VL's place its multimodal rotary positions, Gemma 3's
+# let an image's tokens attend to each other), and Llama 3.2 Vision's cross-attention mask lets a
+# token see the images the end of its prompt sees.
+TOKEN_ALIGNED_MEDIA: dict[str, int | None] = {"mm_token_type_ids": 0, "token_type_ids": 0, "cross_attention_mask": None}
+# Processors whose token types mean something else: PaliGemma's mark the prefix it attends to
+# bidirectionally (image and prompt, 0) and the suffix it predicts causally (the response, 1).
+_RESPONSE_TOKEN_TYPE = {"PaliGemmaProcessor": 1}
 
 
 def load_image(path: Any, where: str) -> Image.Image:
@@ -120,6 +130,7 @@ class PreferenceDataset(Dataset):
                 videos = rec.rejected_videos if rec.rejected_videos is not None else rec.videos
                 item["rejected_images"] = [load_image(p, rec.where) for p in images]
                 item["rejected_videos"] = self._videos(videos, rec.where, i)
+            item.update(rec.side)
         except BadSampleError:
             if self.on_bad_sample == "skip":
                 return None
@@ -160,7 +171,8 @@ class VisionPreferenceCollator:
     The prompt (chat template, image placeholders expanded by the processor) and each response are
     tokenised separately, so the response boundary is exact. Prompts are never truncated: a prompt
     that alone does not fit ``max_length`` (which would cut image tokens) is a bad sample. Responses
-    that do not fit are shortened and counted in ``batch.truncated``.
+    that do not fit are shortened and counted in ``batch.truncated``. Media inputs with a value per
+    prompt token (``TOKEN_ALIGNED_MEDIA``) are extended over the whole row.
 
     A sample is a dict with ``record`` (its ``prompt``, ``chosen``, ``rejected`` and ``where``),
     decoded ``images`` and ``videos``, and optionally:
@@ -198,6 +210,8 @@ class VisionPreferenceCollator:
         self.append_eos = append_eos
         self.on_bad_sample = on_bad_sample
         self._warned_truncation = False
+        token_type = _RESPONSE_TOKEN_TYPE.get(type(processor).__name__, 0)
+        self._response_values = {**TOKEN_ALIGNED_MEDIA, "token_type_ids": token_type}
 
     def _encode_prompt(
         self, rec: PreferenceRecord, images: list[Image.Image], videos: list[torch.Tensor]
@@ -292,7 +306,10 @@ class VisionPreferenceCollator:
         media: dict[str, torch.Tensor] = {}
         for key in sorted({key for e in encoded for m in e.media for key in m}):
             blocks = range(1 if shared else k)
-            media[key] = torch.cat([e.media[j][key] for j in blocks for e in encoded if key in e.media[j]], dim=0)
+            parts = [e.media[j][key] for j in blocks for e in encoded if key in e.media[j]]
+            if key in self._response_values:
+                parts = [_over_row(p, width, self._response_values[key]) for p in parts]
+            media[key] = torch.cat(parts, dim=0)
 
         truncated = sum(e.truncated for e in encoded)
         if truncated and not self._warned_truncation:
@@ -316,6 +333,12 @@ class VisionPreferenceCollator:
             group_size=k,
             **_side_tensors(encoded, ids),
         )
+
+
+def _over_row(values: torch.Tensor, width: int, fill: int | None) -> torch.Tensor:
+    """(1, Tp, ...) per-prompt-token values extended to (1, width, ...) (see ``TOKEN_ALIGNED_MEDIA``)."""
+    tail = values[:, -1:] if fill is None else torch.full_like(values[:, -1:], fill)
+    return torch.cat([values, tail.expand(-1, width - values.shape[1], *values.shape[2:])], dim=1)
 
 
 def _side_tensors(encoded: list[_Encoded], ids: list[str]) -> dict[str, torch.Tensor]:

@@ -86,7 +86,7 @@ def _is_media_field(name: str) -> bool:
 def data_fingerprint(records: Iterable[Any], settings: dict[str, Any]) -> str:
     """Identity of a record list as the collator sees it.
 
-    Every field of every record (a dataclass) but ``where`` is hashed; fields whose name ends in ``images``,
+    Every field of every record (a dataclass) but ``where`` and ``side`` is hashed; fields whose name ends in ``images``,
     ``videos`` or ``media`` (``rejected_images``, per-response media, ...) are hashed by the bytes of
     the files they name, so replacing an image under the same name changes the fingerprint.
     ``settings`` holds what else changes a log-prob (processor, max_length, frame sampling, ...).
@@ -94,8 +94,9 @@ def data_fingerprint(records: Iterable[Any], settings: dict[str, Any]) -> str:
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for rec in records:
         values = {f.name: getattr(rec, f.name) for f in dataclasses.fields(rec)}
-        # ``where`` (file and line) only locates the record for messages: moving the data keeps the cache
-        text = {k: v for k, v in values.items() if not _is_media_field(k) and k != "where"}
+        # ``where`` (file and line) only locates the record for messages, and a pair's ``side`` information
+        # (scores, weights, labels) only reaches the loss: changing either keeps the cache
+        text = {k: v for k, v in values.items() if not _is_media_field(k) and k not in ("where", "side")}
         h.update(json.dumps(text, sort_keys=True, default=str).encode())
         for name in sorted(k for k in values if _is_media_field(k)):
             h.update(name.encode())
