@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -19,6 +20,7 @@ from mmpo.allocator import DEFAULT_KEEP_BYTES, keep_freed_memory
 from mmpo.backbones.protocol import Backbone
 from mmpo.io import atomic_directory
 from mmpo.losses import LossOutput, PreferenceLoss, ResponseStats
+from mmpo.prediction import JsonlPredictionWriter, PredictSettings, decode_prompt, generate_from_batch
 from mmpo.reference.strategies import ReferenceName, ReferenceStrategy, resolve_reference
 from mmpo.rng_state import CHECKPOINT_KEY, TrainingRandomness, gather, restore
 
@@ -84,6 +86,12 @@ def _grads_finite(grads: list[Tensor]) -> bool:
     return True
 
 
+def _loss_scaler(trainer: Any) -> Any:
+    """The precision plugin's loss scaler (``precision: 16-mixed``: a GradScaler), or None."""
+    plugin = getattr(trainer, "precision_plugin", None) if trainer is not None else None
+    return getattr(plugin, "scaler", None)
+
+
 class PreferenceModule(L.LightningModule):
     """Preference optimisation of any backbone with any loss of ``mmpo.losses``.
 
@@ -109,10 +117,15 @@ class PreferenceModule(L.LightningModule):
         on_nonfinite: what a NaN/inf training loss or gradient does: ``stop`` raises with the batch's
             record ids; ``skip`` drops that optimizer step (no update), warns with the ids and counts
             it in ``train/nonfinite_steps``. Validation losses are always checked and stop the run.
+            With several ranks every rank takes the same decision (``docs/reliability.md``). Under a
+            loss scaler (``precision: 16-mixed``) only the loss is checked: the scaler itself skips
+            the steps whose gradients overflow, and lowers its scale, by design.
         keep_host_memory: on a CPU run, let glibc keep freed blocks of up to 64 MiB mapped for the
             next step instead of returning them to the kernel and faulting them back in each step
             (``mmpo.allocator.keep_freed_memory``; process-wide, until exit). No effect on GPU runs
             or outside glibc.
+        predict: what ``mmpo predict`` generates (greedy, ``max_new_tokens``) and where it writes the
+            responses (``output_file``, JSONL; default ``<trainer.default_root_dir>/predictions.jsonl``).
     """
 
     def __init__(
@@ -127,6 +140,7 @@ class PreferenceModule(L.LightningModule):
         checkpoint_trainable_only: bool = True,
         on_nonfinite: Literal["stop", "skip"] = "stop",
         keep_host_memory: bool = True,
+        predict: PredictSettings | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -137,7 +151,10 @@ class PreferenceModule(L.LightningModule):
         self.checkpoint_trainable_only = checkpoint_trainable_only
         self.on_nonfinite = on_nonfinite
         self.keep_host_memory = keep_host_memory
+        self.predict = predict if predict is not None else PredictSettings()
         self._last_ids: list[str] = []
+        self._drop_step = False  # set when every rank agreed to skip this step (several ranks only)
+        self._tokenizer: Any = None  # for predict
         # the strategy is not a module: a frozen reference model it holds stays out of the state dict
         self.reference = resolve_reference(reference, loss, backbone, reference_cache_dir)
         self.reference_cache_dir = reference_cache_dir
@@ -182,23 +199,89 @@ class PreferenceModule(L.LightningModule):
         return self.loss(policy, reference), policy, reference
 
     def _step(self, batch: PreferenceBatch, stage: str) -> Tensor | None:
-        if batch.skipped:
-            self._skipped[stage] = self._skipped.get(stage, 0) + batch.skipped
-        if batch.skipped or batch.truncated:
-            self.log(f"{stage}/data/skipped", float(batch.skipped), reduce_fx="sum", on_step=False, on_epoch=True)
-            self.log(f"{stage}/data/truncated_responses", float(batch.truncated), reduce_fx="sum", on_epoch=True)
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            return self._agreed_step(batch, stage, trainer.world_size)
+        self._count_data(stage, batch.skipped, batch.truncated)
         if batch.num_groups == 0:
             return None  # every record of this batch was skipped
         out, policy, _ = self.compute(batch, stage)
         loss = out.losses.mean()
         if not torch.isfinite(loss):
-            message = f"non-finite {stage} loss {loss.item()} on records {batch.ids}"
-            if stage != "train" or self.on_nonfinite == "stop":
-                raise FloatingPointError(message + " (on_nonfinite='skip' skips such training steps)")
-            self._skip_nonfinite(message)
+            self._nonfinite(stage, f"non-finite {stage} loss {loss.item()} on records {batch.ids}")
             return None  # Lightning runs no backward and no optimizer step for this batch
         self._last_ids = batch.ids
-        n = batch.num_groups
+        self._log_metrics(stage, loss, out, policy, batch.num_groups)
+        return loss
+
+    def _agreed_step(self, batch: PreferenceBatch, stage: str, world_size: int) -> Tensor | None:
+        """The step with several ranks, where every rank must take the same decision.
+
+        Lightning refuses a training step that returns None under DDP, and a NaN on one rank reaches
+        every rank through the gradient all-reduce. So the ranks gather one small table per step (one
+        collective, read back once, in place of the single-process finiteness read): each rank's
+        non-finite flag, groups, skipped and truncated records. A non-finite loss anywhere stops every
+        rank with the same message, or (``skip``) makes every rank return a zero-weighted loss and drop
+        the optimizer step (:meth:`on_before_optimizer_step`), as when no rank has a record. A rank
+        whose records were all skipped while others have some returns a zero-weighted loss, and the
+        others scale theirs so that the averaged gradient is the mean over the ranks with data. With
+        gradient accumulation a skip drops the whole optimizer step the batch belongs to.
+        """
+        out = policy = loss = None
+        flags = torch.zeros(4, device=self.device)  # [non-finite loss, groups, skipped, truncated]
+        if batch.num_groups:
+            out, policy, _ = self.compute(batch, stage)
+            loss = out.losses.mean()
+            flags[0] = (~torch.isfinite(loss.detach())).float()
+        flags[1:] = torch.tensor([batch.num_groups, batch.skipped, batch.truncated], dtype=flags.dtype)
+        table = self.all_gather(flags).tolist()  # (world_size, 4): the one read back of the step
+        self._count_data(stage, int(sum(row[2] for row in table)), int(sum(row[3] for row in table)))
+        self._last_ids = batch.ids
+        bad = [rank for rank, row in enumerate(table) if row[0]]
+        if bad:
+            ids = self._ids_by_rank(batch.ids)
+            self._nonfinite(stage, f"non-finite {stage} loss on rank(s) {bad}, records {[ids[r] for r in bad]}")
+        with_data = sum(1 for row in table if row[1])
+        if stage != "train":
+            if loss is not None:
+                self._log_metrics(stage, loss, out, policy, batch.num_groups)
+            return loss
+        if bad or with_data == 0:
+            self._drop_step = True
+            return self._zero_loss()
+        if loss is None:
+            return self._zero_loss()  # nothing to train on here: zero gradients into the others' average
+        self._log_metrics(stage, loss, out, policy, batch.num_groups)
+        return loss if with_data == world_size else loss * (world_size / with_data)
+
+    def _zero_loss(self) -> Tensor:
+        # every trainable parameter enters the graph with weight zero, so DDP's gradient all-reduce runs as
+        # in any step (the ranks wait for each other there) and adds nothing
+        return sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+
+    def _ids_by_rank(self, ids: list[str]) -> list[list[str]]:
+        """Every rank's record ids, so that all ranks print the same message (on the way to a stop or skip)."""
+        if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+            return [ids]
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, ids)
+        return gathered
+
+    def _count_data(self, stage: str, skipped: int, truncated: int) -> None:
+        # with several ranks these are the sums over all ranks, the same on each: logged without a sync
+        if skipped:
+            self._skipped[stage] = self._skipped.get(stage, 0) + skipped
+        if skipped or truncated:
+            self.log(f"{stage}/data/skipped", float(skipped), reduce_fx="sum", on_step=False, on_epoch=True)
+            self.log(f"{stage}/data/truncated_responses", float(truncated), reduce_fx="sum", on_epoch=True)
+
+    def _nonfinite(self, stage: str, message: str) -> None:
+        """Stop (evaluation, or ``on_nonfinite='stop'``), or count and warn before the step is skipped."""
+        if stage != "train" or self.on_nonfinite == "stop":
+            raise FloatingPointError(message + " (on_nonfinite='skip' skips such training steps)")
+        self._skip_nonfinite(message)
+
+    def _log_metrics(self, stage: str, loss: Tensor, out: LossOutput, policy: ResponseStats, n: int) -> None:
         on_step = stage == "train"
         metrics = {"loss": loss.detach(), **reward_metrics(out, policy)}
         for k, v in metrics.items():
@@ -207,21 +290,34 @@ class PreferenceModule(L.LightningModule):
                 f"{stage}/{k}", v, on_step=on_step, on_epoch=True, batch_size=n, prog_bar=k == "loss",
                 sync_dist=not on_step,
             )  # fmt: skip
-        return loss
 
     def _skip_nonfinite(self, message: str) -> None:
         rank_zero_warn(f"[mmpo] skipping an optimizer step: {message}")
         self.log("train/nonfinite_steps", 1.0, reduce_fx="sum", on_step=False, on_epoch=True, batch_size=1)
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self._drop_step:  # every rank agreed to skip this step (counted when decided)
+            self._drop_step = False
+            self._drop_gradients()
+            return
+        if _loss_scaler(getattr(self, "_trainer", None)) is not None:
+            return  # the scaler skips steps with inf/NaN gradients (overflow) itself and lowers its scale
+        # under DDP the gradients are all-reduced already, so every rank finds the same answer (FSDP's
+        # sharded gradients would not be: see docs/reliability.md)
         if _grads_finite([p.grad for p in self.parameters() if p.grad is not None]):
             return
-        message = f"non-finite gradient on records {self._last_ids}"
+        ids = [i for rank_ids in self._ids_by_rank(self._last_ids) for i in rank_ids]
+        message = f"non-finite gradient on records {ids}"
         if self.on_nonfinite == "stop":
             raise FloatingPointError(message + " (on_nonfinite='skip' skips such training steps)")
         self._skip_nonfinite(message)
+        self._drop_gradients()
+
+    def _drop_gradients(self) -> None:
+        # Parameters without a gradient are left untouched by the optimizer step: no update, and no
+        # weight decay or momentum either (a zero gradient would still move weights under AdamW)
         for p in self.parameters():
-            p.grad = None  # parameters without a gradient are left untouched by the optimizer step
+            p.grad = None
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor | None:
         with self._training_rng.drawn(self.device):
@@ -234,16 +330,47 @@ class PreferenceModule(L.LightningModule):
         self._step(batch, "test")
 
     def predict_step(self, batch: PreferenceBatch, batch_idx: int) -> dict[str, Any]:
-        out, policy, _ = self.compute(batch, "test")
+        """The policy's greedy responses to the batch's prompts (no reference is used).
+
+        Returns ``ids``, ``prompts`` (as the model saw them) and ``responses``, one entry per record,
+        which :class:`~mmpo.prediction.JsonlPredictionWriter` writes as JSONL.
+        """
+        if batch.num_groups == 0:
+            return {"ids": [], "prompts": [], "responses": []}
+        tokenizer = self._predict_tokenizer()
+        prompts, responses = generate_from_batch(
+            self.policy,
+            batch,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            max_new_tokens=self.predict.max_new_tokens,
+        )
         return {
             "ids": batch.ids,
-            "logps": policy.logps.detach().cpu(),  # (B, K)
-            "rewards": out.rewards.cpu(),  # (B, K)
-            "logps_chosen": policy.chosen.detach().cpu(),
-            "logps_rejected": policy.rejected.detach().cpu(),
-            "rewards_chosen": out.chosen_rewards.cpu(),
-            "rewards_rejected": out.rejected_rewards.cpu(),
+            "prompts": [decode_prompt(tokenizer, p) for p in prompts],
+            "responses": [r.strip() for r in tokenizer.batch_decode(responses, skip_special_tokens=True)],
         }
+
+    def _predict_tokenizer(self) -> Any:
+        """The tokenizer of the processor that built the batches (the datamodule's), else the backbone's."""
+        if self._tokenizer is None:
+            trainer = getattr(self, "_trainer", None)
+            processor = getattr(trainer.datamodule, "processor", None) if trainer is not None else None
+            if processor is None:
+                from transformers import AutoProcessor
+
+                processor = AutoProcessor.from_pretrained(self.backbone.model_name_or_path)
+            self._tokenizer = getattr(processor, "tokenizer", processor)
+        return self._tokenizer
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        # predictions go to predict.output_file unless the trainer has a prediction writer of its own
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or trainer.state.fn != TrainerFn.PREDICTING:
+            return []
+        if any(isinstance(cb, BasePredictionWriter) for cb in trainer.callbacks):
+            return []
+        return [JsonlPredictionWriter(self.predict.output_file)]
 
     def _report_skipped(self, stage: str) -> None:
         n = self._skipped.pop(stage, 0)
@@ -274,6 +401,7 @@ class PreferenceModule(L.LightningModule):
             )
 
     def on_fit_start(self) -> None:
+        self._drop_step = False
         self.reference.prepare(self, ("train", "val"))
 
     def on_validation_start(self) -> None:
