@@ -23,7 +23,7 @@ quickstart: venv
 	$(VENV)/bin/mmpo quickstart
 
 test: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "slow or not slow"  # everything; plain `pytest` skips the slow end-to-end runs
 
 lint: venv
 	$(PY) -m ruff check .
