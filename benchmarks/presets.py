@@ -30,7 +30,7 @@ RESPONSE_TOKENS = 128
 PROMPT_WORDS = 8
 # mmpo's DEFAULT_LORA_TARGETS, repeated here so the TRL child never imports mmpo (or Lightning) and its
 # peak memory holds TRL's own footprint only; tests/test_bench_smoke.py checks the two are equal.
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+LORA_TARGETS = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 LORA = {"r": 16, "alpha": 32, "dropout": 0.0}
 
 

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from datamodules.vision_text.collator import TOKEN_ALIGNED_MEDIA
 from mmpo.backbones.adapters import adapters_disabled
 from mmpo.backbones.media_reuse import media_features_shareable, reuse_media_features
 from mmpo.backbones.module_scan import modules_found_once
@@ -26,9 +27,10 @@ from mmpo.losses.base import ResponseStats
 
 __all__ = ["DEFAULT_LORA_TARGETS", "LoraSettings", "VisionLanguageBackbone"]
 
-# The language model's attention and MLP projections (LLaVA, LLaVA-NeXT, Qwen2-VL, ...), not the
-# vision tower's or the projector's.
-DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# The language model's attention and MLP projections, not the vision tower's or the projector's: the
+# language model is ``language_model`` (LLaVA, Qwen2-VL, Gemma 3, Llama 3.2 Vision, ...) or ``text_model``
+# (Idefics3). docs/models.md lists what it adapts per family.
+DEFAULT_LORA_TARGETS = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 _VISION_PATTERNS = ("vision_tower", "visual", "vision_model", "image_encoder")
 _PROJECTOR_PATTERNS = ("multi_modal_projector", "visual.merger", "mm_projector")
@@ -104,8 +106,9 @@ class VisionLanguageBackbone(Backbone):
         shared_prefix: run each group's prompt and images once and its K responses on its key/value
             cache (same losses and gradients as running the prompt K times), with or without gradient
             checkpointing. Falls back to the naive path, with a one-time notice, for groups whose
-            responses see different media, for models with multimodal rotary positions (Qwen2-VL), and
-            under reentrant checkpointing (``use_reentrant=True``, not mmpo's setting).
+            responses see different media, for models with multimodal rotary positions (Qwen2-VL,
+            Qwen2.5-VL), images read through cross-attention (Llama 3.2 Vision) or a soft-capped LM head
+            (PaliGemma 2), and under reentrant checkpointing (``use_reentrant=True``, not mmpo's setting).
         pack_responses: on the shared-prefix path, run a group's K responses in one row under a
             block mask on the prompt's cache (``True``), or on the cache repeated for each
             (``False``). None (default) packs with ``sdpa``/``eager`` attention and no
@@ -255,8 +258,15 @@ class VisionLanguageBackbone(Backbone):
     def _naive_reason(base: nn.Module, batch: Any) -> str | None:
         if not getattr(batch, "shared_prompt", False):
             return "the responses of a group see different media"
+        name, inner = type(base).__name__, getattr(base, "model", None)
+        if hasattr(inner, "get_rope_index") or hasattr(inner, "rope_deltas"):
+            return f"{name} has multimodal rotary positions"
+        if getattr(getattr(base.config, "text_config", base.config), "cross_attention_layers", None):
+            return f"{name} reads images through cross-attention layers"
         if not shared_prefix_supported(base):
-            return f"{type(base).__name__} is not supported (multimodal rotary positions or a scaled LM head)"
+            return f"{name} is not supported (a scaled LM head, or no inner model)"
+        if per_token := sorted(key for key in batch.media if key in TOKEN_ALIGNED_MEDIA):
+            return f"the per-token inputs {', '.join(per_token)} are not split between prompt and responses"
         if base.training and torch.is_grad_enabled() and _checkpointing(base):
             return checkpointing_fallback_reason(base)
         return None

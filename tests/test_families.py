@@ -1,0 +1,291 @@
+"""Model coverage: every family transformers' image-text-to-text class covers, built tiny and trained.
+
+Each family of ``mmpo.tiny.families`` is written offline with its real model and processor classes and
+loaded back through the auto classes; LoRA DPO then trains it for 2 steps through a Lightning
+``Trainer`` with the disabled adapter as reference, on prompts with 1 and 2 images. docs/models.md is
+the table of what these tests cover.
+"""
+
+import json
+import math
+import re
+
+import lightning as L
+import pytest
+import torch
+from helpers.trainers import quiet_trainer
+
+import mmpo.backbones.vlm as vlm
+from datamodules import ImagePreferenceDataModule, PreferenceBatch
+from datamodules.worlds.shapes import vocabulary
+from mmpo.backbones import LoraSettings, VisionLanguageBackbone
+from mmpo.losses import DPOLoss
+from mmpo.module import PreferenceModule
+from mmpo.tiny.families import TINY_FAMILIES
+
+# family -> (model class, processor class)
+CLASSES = {
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
+    "llava_onevision": ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor"),
+    "idefics3": ("Idefics3ForConditionalGeneration", "Idefics3Processor"),
+    "smolvlm": ("SmolVLMForConditionalGeneration", "SmolVLMProcessor"),
+    "paligemma2": ("PaliGemmaForConditionalGeneration", "PaliGemmaProcessor"),
+    "gemma3": ("Gemma3ForConditionalGeneration", "Gemma3Processor"),
+    "mllama": ("MllamaForConditionalGeneration", "MllamaProcessor"),
+    "mistral3": ("Mistral3ForConditionalGeneration", "PixtralProcessor"),
+    "pixtral": ("LlavaForConditionalGeneration", "PixtralProcessor"),
+    "internvl": ("InternVLForConditionalGeneration", "InternVLProcessor"),
+}
+# What the family's chat template writes around a one-image prompt, and the image token it expands to.
+TEMPLATE_MARKERS = {
+    "qwen2_vl": (["<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>"], "<|image_pad|>"),
+    "qwen2_5_vl": (["<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|im_end|>"], "<|image_pad|>"),
+    "llava_onevision": (["<|im_start|>", "<|im_end|>"], "<image>"),
+    "idefics3": (["<|begin_of_text|>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"], "<image>"),
+    "smolvlm": (["<|im_start|>", "<fake_token_around_image>", "<global-img>", "<end_of_utterance>"], "<image>"),
+    "paligemma2": (["<bos>"], "<image>"),
+    "gemma3": (
+        ["<bos>", "<start_of_turn>", "<start_of_image>", "<end_of_image>", "<end_of_turn>"],
+        "<image_soft_token>",
+    ),
+    "mllama": (["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|image|>"),
+    "mistral3": (["<s>", "[INST]", "[IMG_BREAK]", "[IMG_END]", "[/INST]"], "[IMG]"),
+    "pixtral": (["<s>", "[INST]", "[IMG_BREAK]", "[IMG_END]", "[/INST]"], "[IMG]"),
+    "internvl": (["<|im_start|>", "<img>", "</img>", "<|im_end|>"], "<IMG_CONTEXT>"),
+}
+IMAGE_TOKENS = {  # per 32-pixel image
+    "qwen2_vl": 16,
+    "qwen2_5_vl": 16,
+    "llava_onevision": 36,
+    "idefics3": 4,
+    "smolvlm": 4,
+    "paligemma2": 16,
+    "gemma3": 4,
+    "mllama": 1,
+    "mistral3": 4,
+    "pixtral": 16,
+    "internvl": 4,
+}
+# Families that take the naive path, and the notice that says why; the others take the shared prompt pass.
+NAIVE = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration has multimodal rotary positions",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration has multimodal rotary positions",
+    "paligemma2": "PaliGemmaForConditionalGeneration is not supported (a scaled LM head",
+    "gemma3": "the per-token inputs token_type_ids are not split between prompt and responses",
+    "mllama": "MllamaForConditionalGeneration reads images through cross-attention layers",
+}
+SHARED = [f for f in TINY_FAMILIES if f not in NAIVE]
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+VISION = ("vision_tower", "visual", "vision_model", "multi_modal_projector", "connector")
+LN2 = math.log(2)
+
+
+@pytest.fixture(scope="module")
+def pair_files(world, tmp_path_factory):
+    """The world's first 4 pairs with 1 image per prompt, and with 2 (the next record's image added)."""
+    rows = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()[:4]]
+    out = tmp_path_factory.mktemp("family-pairs")
+    files = {}
+    for n in (1, 2):
+        records = [
+            {**r, "images": [rows[(i + j) % 4]["images"][0] for j in range(n)], "prompt": "<image> " * n + r["prompt"]}
+            for i, r in enumerate(rows)
+        ]
+        files[n] = out / f"pairs-{n}.jsonl"
+        files[n].write_text("".join(json.dumps(r) + "\n" for r in records))
+    return files
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """``tiny(family)``: the family's checkpoint directory, built on first use."""
+    root = tmp_path_factory.mktemp("families")
+
+    def build(family):
+        if family == "smolvlm":  # SmolVLMProcessor refuses to start without it; mmpo does not depend on it
+            pytest.importorskip("num2words")
+        return TINY_FAMILIES[family](root / family, words=vocabulary(), seed=0)
+
+    return build
+
+
+def _datamodule(path, pair_file, world):
+    return ImagePreferenceDataModule(
+        str(path), train_file=str(pair_file), data_root=str(world), loader={"batch_size": 2, "shuffle": False}
+    )
+
+
+@pytest.fixture(scope="module")
+def batches(tiny, pair_files, world):
+    """``batches(family, images)``: the first batch (2 pairs) of the 1- or 2-image pairs."""
+    cache = {}
+
+    def first(family, images):
+        if (family, images) not in cache:
+            dm = _datamodule(tiny(family), pair_files[images], world)
+            dm.setup("fit")
+            cache[family, images] = next(iter(dm.train_dataloader()))
+        return cache[family, images]
+
+    return first
+
+
+def _backbone(path, **kw):
+    return VisionLanguageBackbone(str(path), lora=LoraSettings(r=4, alpha=8, dropout=0.0), **kw)
+
+
+def _adapted(model) -> list[str]:
+    return [n.removesuffix(".lora_A") for n, _ in model.named_modules() if n.endswith(".lora_A")]
+
+
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
+def test_build_loads_with_the_auto_classes_and_the_familys_template(tiny, family):
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = tiny(family)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    processor = AutoProcessor.from_pretrained(path)
+    assert (type(model).__name__, type(processor).__name__) == CLASSES[family]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the circle ?"}]}
+    ]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    enc = processor(text=[text], images=[Image.new("RGB", (64, 64), (200, 40, 40))], return_tensors="pt")
+    tokens = processor.tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+    markers, image_token = TEMPLATE_MARKERS[family]
+    assert all(m in tokens for m in markers), (markers, tokens)
+    assert tokens.count(image_token) == IMAGE_TOKENS[family]
+    assert processor.tokenizer.unk_token not in tokens and "circle" in tokens  # every word is known
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("images", [1, 2])
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
+def test_lora_dpo_trains_two_steps(tiny, pair_files, world, family, images, monkeypatch):
+    notices = []
+    monkeypatch.setattr(vlm, "rank_zero_info", notices.append)
+    path = tiny(family)
+    module = PreferenceModule(
+        _backbone(path), DPOLoss(beta=0.1), reference="adapter", optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2)
+    )
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    quiet_trainer(max_steps=2, callbacks=[Record()]).fit(
+        module, datamodule=_datamodule(path, pair_files[images], world)
+    )
+
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert losses[0] == pytest.approx(LN2, abs=1e-5)  # a fresh adapter is its own reference
+    after = dict(module.policy.named_parameters())
+    assert before and all("lora_" in n for n in before)
+    assert all(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)  # every adapter moved
+
+    # the default targets: every projection of the language model (self- and cross-attention, MLP), nothing else
+    adapted = _adapted(module.policy)
+    layers = module.policy.config.get_text_config().num_hidden_layers
+    assert len(adapted) == layers * len(PROJECTIONS)
+    assert all(n.rsplit(".", 1)[1] in PROJECTIONS and not any(v in n for v in VISION) for n in adapted)
+
+    fallback = [m for m in notices if "shared-prefix forward off" in m]
+    if family in NAIVE:
+        assert len(fallback) == 1 and NAIVE[family] in fallback[0]  # one line, once
+    else:
+        assert not fallback
+
+
+@pytest.mark.parametrize("family", SHARED)
+def test_shared_prompt_pass_equals_the_naive_forward(tiny, batches, family):
+    path = tiny(family)
+    backbone = _backbone(path)
+    model = backbone.build().eval()
+    for images in (1, 2):
+        batch = batches(family, images)
+        with torch.no_grad():
+            shared = backbone.token_logps(model, batch)
+            backbone.shared_prefix = False
+            naive = backbone.token_logps(model, batch)
+            backbone.shared_prefix = True
+        torch.testing.assert_close(shared, naive, atol=1e-5, rtol=1e-5)
+        assert shared[batch.response_mask].lt(0).all()
+
+
+def _with(batch: PreferenceBatch, **fields) -> PreferenceBatch:
+    return PreferenceBatch(**{**batch.__dict__, **fields})
+
+
+def _future_leak(backbone, model, batch) -> float:
+    """How much changing each row's last response token moves its earlier response tokens' log-probs."""
+    rows = torch.arange(batch.input_ids.shape[0])
+    last = batch.prompt_lengths + batch.response_mask.sum(-1) - 1
+    ids = batch.input_ids.clone()
+    ids[rows, last] = torch.where(ids[rows, last] == 5, 6, 5)
+    with torch.no_grad():
+        a = backbone.token_logps(model, batch)
+        b = backbone.token_logps(model, _with(batch, input_ids=ids))
+    earlier = batch.response_mask.clone()
+    earlier[rows, last] = False
+    return float((a - b)[earlier].abs().max())
+
+
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
+def test_responses_see_the_images_and_no_later_token(tiny, batches, family):
+    backbone = _backbone(tiny(family))
+    model = backbone.build().eval()
+    for images in (1, 2):
+        batch = batches(family, images)
+        assert _future_leak(backbone, model, batch) == 0.0
+        other = _with(batch, media={**batch.media, "pixel_values": batch.media["pixel_values"].flip(0)})
+        with torch.no_grad():
+            moved = backbone.token_logps(model, other) - backbone.token_logps(model, batch)
+        assert moved[batch.response_mask].abs().max() > 1e-5  # the groups' images swapped (Qwen: patches reversed)
+
+
+def test_paligemma_responses_are_the_causal_suffix(tiny, batches):
+    # PaliGemma attends bidirectionally within its prefix (token type 0: image and prompt); responses are
+    # the suffix (1). Marked 0 they would see their own later tokens.
+    batch = batches("paligemma2", 1)
+    types, mask = batch.row_media()["token_type_ids"], batch.response_mask
+    prompt = torch.arange(mask.shape[1])[None] < batch.prompt_lengths[:, None]
+    assert types[prompt].eq(0).all() and types[~prompt].eq(1).all()
+    backbone = _backbone(tiny("paligemma2"))
+    model = backbone.build().eval()
+    as_prefix = _with(batch, media={**batch.media, "token_type_ids": torch.zeros_like(batch.media["token_type_ids"])})
+    assert _future_leak(backbone, model, as_prefix) > 1e-4
+
+
+def test_per_token_media_span_the_whole_row(tiny, batches):
+    # Qwen2-VL's token types (1 on image tokens) and Llama 3.2 Vision's cross-attention mask come from
+    # the processor for the prompt alone; the collator extends them over the responses.
+    from transformers import AutoProcessor
+
+    batch = batches("qwen2_vl", 2)
+    image_id = AutoProcessor.from_pretrained(tiny("qwen2_vl")).tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    types = batch.row_media()["mm_token_type_ids"]
+    assert types.shape == batch.input_ids.shape
+    assert torch.equal(types, (batch.input_ids == image_id).long())
+
+    batch = batches("mllama", 2)
+    cross = batch.row_media()["cross_attention_mask"]  # (N, T, images, tiles)
+    assert cross.shape[:2] == batch.input_ids.shape and cross.shape[2] == 2
+    assert cross[batch.response_mask].eq(1).all()  # responses see both images
+    first_image = (batch.input_ids == AutoProcessor.from_pretrained(tiny("mllama")).image_token_id).long().argmax(-1)
+    cols = torch.arange(cross.shape[1])[None]
+    assert cross[cols < first_image[:, None]].eq(0).all()  # tokens before the images see none
+
+
+def test_default_lora_targets_keep_llavas_modules(tiny_llava):
+    # the default before Idefics3's ``text_model`` joined it
+    before = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    backbone = VisionLanguageBackbone(str(tiny_llava), lora=LoraSettings(r=4))
+    base = backbone.load_pretrained()
+    expected = {n for n, _ in base.named_modules() if re.fullmatch(before, n)}
+    adapted = {n.removeprefix("base_model.model.") for n in _adapted(backbone.build())}
+    assert adapted == expected and len(expected) == base.config.text_config.num_hidden_layers * len(PROJECTIONS)
