@@ -28,6 +28,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from datamodules.vision_text.collator import TOKEN_ALIGNED_MEDIA
+
 __all__ = ["JsonlPredictionWriter", "PredictSettings", "decode_prompt", "generate_from_batch"]
 
 
@@ -73,7 +75,14 @@ def generate_from_batch(
         ids[i, width - n :] = batch.input_ids[i, :n]
         mask[i, width - n :] = 1
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    media = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.media.items()}
+    media = {}
+    for key, value in batch.media.items():
+        if key in TOKEN_ALIGNED_MEDIA:  # one entry per token of the row: the prompt's part, left-padded like ids
+            cut = value.new_zeros((rows, width, *value.shape[2:]))
+            for i, n in enumerate(prompt_lengths[:rows]):
+                cut[i, width - n :] = value[i, :n]
+            value = cut
+        media[key] = value.to(dtype) if value.is_floating_point() else value
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,

@@ -289,3 +289,27 @@ def test_default_lora_targets_keep_llavas_modules(tiny_llava):
     expected = {n for n, _ in base.named_modules() if re.fullmatch(before, n)}
     adapted = {n.removeprefix("base_model.model.") for n in _adapted(backbone.build())}
     assert adapted == expected and len(expected) == base.config.text_config.num_hidden_layers * len(PROJECTIONS)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "gemma3", "paligemma2", "mllama"])
+def test_predict_generates_what_generate_gives_for_each_prompt(tiny, batches, pair_files, world, family):
+    # families whose processors return per-token inputs (spanning prompt and responses in a batch):
+    # prediction cuts them back to the prompt, so its answers are generate's, one prompt at a time
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmpo.generation import generate_answers
+    from mmpo.prediction import generate_from_batch
+
+    path = tiny(family)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    batch = batches(family, 1)
+    tok = processor.tokenizer
+    _, responses = generate_from_batch(
+        model, batch, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, max_new_tokens=6
+    )
+    rows = [json.loads(line) for line in pair_files[1].read_text().splitlines()][: batch.num_groups]
+    images = [[Image.open(world / p).convert("RGB") for p in r["images"]] for r in rows]
+    expected = generate_answers(model, processor, [r["prompt"] for r in rows], images, batch_size=1, max_new_tokens=6)
+    assert [tok.decode(r, skip_special_tokens=True).strip() for r in responses] == [e.strip() for e in expected]
