@@ -86,9 +86,9 @@ def _is_media_field(name: str) -> bool:
 def data_fingerprint(records: Iterable[Any], settings: dict[str, Any]) -> str:
     """Identity of a record list as the collator sees it.
 
-    Every field of every record (a dataclass) but ``where`` and ``side`` is hashed; fields whose name ends in ``images``,
-    ``videos`` or ``media`` (``rejected_images``, per-response media, ...) are hashed by the bytes of
-    the files they name, so replacing an image under the same name changes the fingerprint.
+    Every field of every record (a dataclass) but ``where`` and ``side`` is hashed; fields whose name
+    ends in ``images``, ``videos`` or ``media`` (``rejected_images``, per-response media, ...) are
+    hashed by the bytes of the files they name, so replacing an image under the same name changes the fingerprint.
     ``settings`` holds what else changes a log-prob (processor, max_length, frame sampling, ...).
     """
     h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
