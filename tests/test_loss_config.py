@@ -4,34 +4,30 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.config import instantiate, loss_parser
 from helpers.pairs import policy_pair, reference_pair
-from jsonargparse import ArgumentParser
 
 from mmpo.losses import (
     ASFTLoss,
+    AsymmetricDPOLoss,
     CombinedLoss,
     DPOLoss,
     FDPOLoss,
     HingeLoss,
     IPOLoss,
+    LambdaRankLoss,
     LDDPOLoss,
     LNDPOLoss,
-    PreferenceLoss,
+    MADPOLoss,
+    MODPOLoss,
+    ORPOLoss,
     RobustDPOLoss,
     SFTLoss,
     SimPOLoss,
+    SoftLabelDPOLoss,
+    TreePreferenceLoss,
+    TriplePreferenceLoss,
 )
-
-
-def loss_parser() -> ArgumentParser:
-    parser = ArgumentParser()
-    parser.add_argument("--loss", type=PreferenceLoss)
-    return parser
-
-
-def instantiate(parser: ArgumentParser, cfg):
-    # jsonargparse ≥ 4.49 renamed instantiate_classes to instantiate.
-    return (getattr(parser, "instantiate", None) or parser.instantiate_classes)(cfg)
 
 
 @pytest.mark.parametrize(
@@ -47,6 +43,14 @@ def instantiate(parser: ArgumentParser, cfg):
         (LDDPOLoss, {"beta": 0.1, "alpha": 0.25}),
         (LNDPOLoss, {"beta": 0.05}),
         (SFTLoss, {}),
+        (LambdaRankLoss, {"beta": 0.2, "positions": "data", "normalize": True}),
+        (TreePreferenceLoss, {"beta": 0.3, "length_normalize": False}),
+        (TriplePreferenceLoss, {"beta": 0.05, "alpha": 0.5, "variant": "tpo-l", "gamma": 0.25}),
+        (AsymmetricDPOLoss, {"beta_chosen": 0.2, "beta_rejected": 0.04, "nll_weight": 0.5}),
+        (MADPOLoss, {"beta": 0.2, "c_max": 3.0, "c_min": 0.25, "lam": 2.0, "tau": 1.5}),
+        (MODPOLoss, {"beta": 0.3, "weight": 0.7}),
+        (SoftLabelDPOLoss, {"beta": 0.4}),
+        (ORPOLoss, {"lam": 0.2}),
     ],
     ids=lambda v: v.__name__ if isinstance(v, type) else None,
 )

@@ -7,32 +7,20 @@ import math
 
 import pytest
 import torch
+from helpers.config import loss_parser
 from helpers.pairs import F64, policy_pair, reference_pair
-from jsonargparse import ArgumentParser
 
 from mmpo.losses import (
     DPOLoss,
     LambdaRankLoss,
     LNDPOLoss,
     PlackettLuceLoss,
-    PreferenceLoss,
     ResponseStats,
     TreePreferenceLoss,
     lambda_rank_loss,
 )
 
 LOG2_3 = math.log2(3.0)
-
-
-def loss_parser() -> ArgumentParser:
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--loss", type=PreferenceLoss)
-    return parser
-
-
-def instantiate(parser: ArgumentParser, cfg):
-    # jsonargparse ≥ 4.49 renamed instantiate_classes to instantiate.
-    return (getattr(parser, "instantiate", None) or parser.instantiate_classes)(cfg)
 
 
 def nls(x: float) -> float:
@@ -252,23 +240,6 @@ def test_list_losses_need_a_reference(loss):
 def test_invalid_list_configs_raise(make):
     with pytest.raises(ValueError):
         make()
-
-
-@pytest.mark.parametrize(
-    ("cls", "init_args"),
-    [
-        (LambdaRankLoss, {"beta": 0.2, "positions": "data", "normalize": True}),
-        (TreePreferenceLoss, {"beta": 0.3, "length_normalize": False}),
-    ],
-    ids=lambda v: v.__name__ if isinstance(v, type) else None,
-)
-def test_list_losses_selectable_by_class_path(cls, init_args):
-    parser = loss_parser()
-    cfg = parser.parse_object({"loss": {"class_path": f"mmpo.losses.{cls.__name__}", "init_args": init_args}})
-    loss = instantiate(parser, cfg).loss
-    assert type(loss) is cls
-    for name, value in init_args.items():
-        assert getattr(loss, name) == value
 
 
 def test_yaml_refuses_an_unknown_positions_value():

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.config import instantiate, loss_parser
 from helpers.pairs import CT, F64, LC, LR, RT, policy_pair, reference_pair, t
-from jsonargparse import ArgumentParser
 
 from mmpo.losses import (
     AsymmetricDPOLoss,
@@ -19,7 +19,6 @@ from mmpo.losses import (
     MODPOLoss,
     ORPOLoss,
     PairLogps,
-    PreferenceLoss,
     ResponseStats,
     SFTLoss,
     SoftLabelDPOLoss,
@@ -401,38 +400,6 @@ def test_invalid_configs_raise(make):
 
 
 # --------------------------------------------------------------------------- YAML
-
-
-def loss_parser() -> ArgumentParser:
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_argument("--loss", type=PreferenceLoss)
-    return parser
-
-
-def instantiate(parser: ArgumentParser, cfg):
-    # jsonargparse ≥ 4.49 renamed instantiate_classes to instantiate.
-    return (getattr(parser, "instantiate", None) or parser.instantiate_classes)(cfg)
-
-
-@pytest.mark.parametrize(
-    ("cls", "init_args"),
-    [
-        (TriplePreferenceLoss, {"beta": 0.05, "alpha": 0.5, "variant": "tpo-l", "gamma": 0.25}),
-        (AsymmetricDPOLoss, {"beta_chosen": 0.2, "beta_rejected": 0.04, "nll_weight": 0.5}),
-        (MADPOLoss, {"beta": 0.2, "c_max": 3.0, "c_min": 0.25, "lam": 2.0, "tau": 1.5}),
-        (MODPOLoss, {"beta": 0.3, "weight": 0.7}),
-        (SoftLabelDPOLoss, {"beta": 0.4}),
-        (ORPOLoss, {"lam": 0.2}),
-    ],
-    ids=lambda v: v.__name__ if isinstance(v, type) else None,
-)
-def test_wave2_losses_selectable_by_class_path(cls, init_args):
-    parser = loss_parser()
-    cfg = parser.parse_object({"loss": {"class_path": f"mmpo.losses.{cls.__name__}", "init_args": init_args}})
-    loss = instantiate(parser, cfg).loss
-    assert type(loss) is cls
-    for name, value in init_args.items():
-        assert getattr(loss, name) == value
 
 
 def test_triple_loss_from_yaml_text():
