@@ -1,9 +1,14 @@
-"""The chat templates of the tiny family builds (:mod:`mmpo.tiny.families`): each follows the structure of
-the checkpoint named above it, so that prompts and responses are split where the real model splits them."""
+"""The chat templates of the tiny family builds (:mod:`mmpo.tiny.families`) and the word-level tokenizer
+that writes them: each template follows the structure of the checkpoint named above it, so that prompts
+and responses are split where the real model splits them."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+
 __all__ = [
+    "word_tokenizer",
     "GEMMA3_TEMPLATE",
     "IDEFICS3_TEMPLATE",
     "INTERNVL_TEMPLATE",
@@ -109,3 +114,52 @@ INTERNVL_TEMPLATE = (
     "{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+# Role names that templates write from the messages ("model" is Gemma's assistant).
+_ROLE_WORDS = ("system", "user", "assistant", "model", "System", "User", "Assistant")
+
+
+def _template_words(template: str, specials: Iterable[str]) -> list[str]:
+    """The words a template writes itself (its literal text, markup and special tokens removed)."""
+    from tokenizers import pre_tokenizers
+
+    text = re.sub(r"\{%.*?%\}|\{\{.*?\}\}|\{#.*?#\}", " ", template, flags=re.DOTALL)
+    for expression in re.findall(r"\{\{(.*?)\}\}", template, flags=re.DOTALL):
+        text += " " + " ".join(re.findall(r"\['[^']*'\]|'([^']*)'", expression))  # its strings, not subscripts
+    for s in sorted(specials, key=len, reverse=True):
+        text = text.replace(s, " ")
+    return [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)]
+
+
+def word_tokenizer(
+    words: Iterable[str], template: str, specials: dict[str, str], named: dict[str, str], extra: Iterable[str] = ()
+):
+    """A word-level ``PreTrainedTokenizerFast`` with the family's special tokens.
+
+    Args:
+        words: the data's vocabulary.
+        template: the chat template (its own words join the vocabulary).
+        specials: ``pad``/``unk``/``bos``/``eos`` role -> token (``unk`` defaults to ``<unk>``).
+        named: tokens the processor reads as tokenizer attributes (``image_token`` -> ``<image>``).
+        extra: further special tokens (turn markers, vision start/end, ...).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    roles = {"unk": "<unk>", **specials}
+    special = list(dict.fromkeys([*roles.values(), *named.values(), *extra]))
+    vocab: dict[str, int] = {}
+    for w in (*special, *_ROLE_WORDS, *_template_words(template, special), *sorted(set(words))):
+        vocab.setdefault(w, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=roles["unk"]))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    core.add_special_tokens(special)  # matched before the word split, wherever they stand
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        **{f"{role}_token": token for role, token in roles.items()},
+        extra_special_tokens=named,
+    )
+    tokenizer.chat_template = template
+    return tokenizer

@@ -18,16 +18,14 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmpo.io import atomic_directory
+from mmpo.tiny.build import write_tiny_build
 from mmpo.tiny.chat_templates import (
     GEMMA3_TEMPLATE,
     IDEFICS3_TEMPLATE,
@@ -38,6 +36,7 @@ from mmpo.tiny.chat_templates import (
     PALIGEMMA_TEMPLATE,
     QWEN2_VL_TEMPLATE,
     SMOLVLM_TEMPLATE,
+    word_tokenizer,
 )
 
 __all__ = [
@@ -68,55 +67,7 @@ TEXT = {
     "max_position_embeddings": 1024,
 }
 VISION_WIDTH = 32
-# Role names that templates write from the messages ("model" is Gemma's assistant).
-_ROLE_WORDS = ("system", "user", "assistant", "model", "System", "User", "Assistant")
-
 # -- shared pieces -------------------------------------------------------------------------------------------
-
-
-def _template_words(template: str, specials: Iterable[str]) -> list[str]:
-    """The words a template writes itself (its literal text, markup and special tokens removed)."""
-    from tokenizers import pre_tokenizers
-
-    text = re.sub(r"\{%.*?%\}|\{\{.*?\}\}|\{#.*?#\}", " ", template, flags=re.DOTALL)
-    for expression in re.findall(r"\{\{(.*?)\}\}", template, flags=re.DOTALL):
-        text += " " + " ".join(re.findall(r"\['[^']*'\]|'([^']*)'", expression))  # its strings, not subscripts
-    for s in sorted(specials, key=len, reverse=True):
-        text = text.replace(s, " ")
-    return [w for w, _ in pre_tokenizers.Whitespace().pre_tokenize_str(text)]
-
-
-def _tokenizer(
-    words: Iterable[str], template: str, specials: dict[str, str], named: dict[str, str], extra: Iterable[str] = ()
-):
-    """A word-level ``PreTrainedTokenizerFast`` with the family's special tokens.
-
-    Args:
-        words: the data's vocabulary.
-        template: the chat template (its own words join the vocabulary).
-        specials: ``pad``/``unk``/``bos``/``eos`` role -> token (``unk`` defaults to ``<unk>``).
-        named: tokens the processor reads as tokenizer attributes (``image_token`` -> ``<image>``).
-        extra: further special tokens (turn markers, vision start/end, ...).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    roles = {"unk": "<unk>", **specials}
-    special = list(dict.fromkeys([*roles.values(), *named.values(), *extra]))
-    vocab: dict[str, int] = {}
-    for w in (*special, *_ROLE_WORDS, *_template_words(template, special), *sorted(set(words))):
-        vocab.setdefault(w, len(vocab))
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=roles["unk"]))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    core.add_special_tokens(special)  # matched before the word split, wherever they stand
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        **{f"{role}_token": token for role, token in roles.items()},
-        extra_special_tokens=named,
-    )
-    tokenizer.chat_template = template
-    return tokenizer
 
 
 def _vit(**overrides: Any) -> dict[str, Any]:
@@ -149,26 +100,9 @@ def _write(
     ``after_init(model)`` may change the fresh weights. A directory already holding a build of the same
     family, words and seed is reused.
     """
-    out = Path(out_dir)
     words = sorted(set(words))
     settings = {"family": family, "version": 1, "seed": seed, "words": words}
-    stamp = out / "mmpo_tiny.json"
-    if not overwrite and stamp.exists() and json.loads(stamp.read_text()) == settings:
-        return out
-    config, model_class, processor = make(words)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_class(config)
-    if after_init is not None:
-        after_init(model)
-    tokenizer = processor.tokenizer
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    with atomic_directory(out) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        (tmp / "mmpo_tiny.json").write_text(json.dumps(settings, indent=1))
-    return out
+    return write_tiny_build(out_dir, settings, seed, lambda: make(words), overwrite=overwrite, after_init=after_init)
 
 
 # -- Qwen2-VL and Qwen2.5-VL ---------------------------------------------------------------------------------
@@ -190,7 +124,7 @@ def _qwen(words, processor_class, config_class, vision: dict[str, Any]):
     import transformers as tf
 
     specials = {"pad": "<|endoftext|>", "eos": "<|im_end|>"}
-    tokenizer = _tokenizer(words, QWEN2_VL_TEMPLATE, specials, _QWEN_NAMED, extra=["<|im_start|>"])
+    tokenizer = word_tokenizer(words, QWEN2_VL_TEMPLATE, specials, _QWEN_NAMED, extra=["<|im_start|>"])
     pixels = {"shortest_edge": IMAGE_SIZE * IMAGE_SIZE, "longest_edge": IMAGE_SIZE * IMAGE_SIZE}
     frames = {**pixels, "longest_edge": 8 * IMAGE_SIZE * IMAGE_SIZE}
     processor = processor_class(
@@ -257,7 +191,7 @@ def build_tiny_llava_onevision(out_dir: PathLike, words: Iterable[str], seed: in
     def make(words):
         named = {"image_token": "<image>", "video_token": "<video>"}
         specials = {"pad": "<|endoftext|>", "eos": "<|im_end|>"}
-        tokenizer = _tokenizer(words, ONEVISION_TEMPLATE, specials, named, extra=["<|im_start|>"])
+        tokenizer = word_tokenizer(words, ONEVISION_TEMPLATE, specials, named, extra=["<|im_start|>"])
         square, grid = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, [[IMAGE_SIZE, IMAGE_SIZE]]
         processor = tf.LlavaOnevisionProcessor(
             image_processor=tf.LlavaOnevisionImageProcessor(size=square, image_grid_pinpoints=grid),
@@ -291,7 +225,7 @@ def build_tiny_paligemma2(out_dir: PathLike, words: Iterable[str], seed: int = 0
 
     def make(words):
         specials = {"pad": "<pad>", "bos": "<bos>", "eos": "<eos>"}
-        tokenizer = _tokenizer(words, PALIGEMMA_TEMPLATE, specials, {"image_token": "<image>"})
+        tokenizer = word_tokenizer(words, PALIGEMMA_TEMPLATE, specials, {"image_token": "<image>"})
         image_processor = tf.SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
         image_processor.image_seq_length = (IMAGE_SIZE // 8) ** 2
         processor = tf.PaliGemmaProcessor(image_processor, tokenizer, chat_template=PALIGEMMA_TEMPLATE)
@@ -318,7 +252,7 @@ def build_tiny_gemma3(out_dir: PathLike, words: Iterable[str], seed: int = 0, ov
     def make(words):
         named = {"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"}
         specials = {"pad": "<pad>", "bos": "<bos>", "eos": "<eos>"}
-        tokenizer = _tokenizer(words, GEMMA3_TEMPLATE, specials, named, extra=["<start_of_turn>", "<end_of_turn>"])
+        tokenizer = word_tokenizer(words, GEMMA3_TEMPLATE, specials, named, extra=["<start_of_turn>", "<end_of_turn>"])
         processor = tf.Gemma3Processor(
             image_processor=tf.Gemma3ImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
             tokenizer=tokenizer,
@@ -356,7 +290,7 @@ def build_tiny_idefics3(out_dir: PathLike, words: Iterable[str], seed: int = 0, 
     def make(words):
         specials = {"pad": "<|end_of_text|>", "bos": "<|begin_of_text|>", "eos": "<end_of_utterance>"}
         extra = ["<fake_token_around_image>", "<global-img>"]
-        tokenizer = _tokenizer(words, IDEFICS3_TEMPLATE, specials, {"image_token": "<image>"}, extra=extra)
+        tokenizer = word_tokenizer(words, IDEFICS3_TEMPLATE, specials, {"image_token": "<image>"}, extra=extra)
         side = {"longest_edge": IMAGE_SIZE}
         processor = tf.Idefics3Processor(
             image_processor=tf.Idefics3ImageProcessor(size=side, max_image_size=side, do_image_splitting=False),
@@ -391,7 +325,7 @@ def build_tiny_smolvlm(out_dir: PathLike, words: Iterable[str], seed: int = 0, o
             "video_token": "<video>",
         }
         specials = {"pad": "<|im_end|>", "eos": "<end_of_utterance>"}
-        tokenizer = _tokenizer(words, SMOLVLM_TEMPLATE, specials, named, extra=["<|im_start|>"])
+        tokenizer = word_tokenizer(words, SMOLVLM_TEMPLATE, specials, named, extra=["<|im_start|>"])
         side = {"longest_edge": IMAGE_SIZE}
         processor = tf.SmolVLMProcessor(
             image_processor=tf.SmolVLMImageProcessor(size=side, max_image_size=side, do_image_splitting=False),
@@ -426,7 +360,7 @@ def build_tiny_mllama(out_dir: PathLike, words: Iterable[str], seed: int = 0, ov
     def make(words):
         specials = {"pad": "<|finetune_right_pad_id|>", "bos": "<|begin_of_text|>", "eos": "<|eot_id|>"}
         extra = ["<|start_header_id|>", "<|end_header_id|>", "<|python_tag|>"]
-        tokenizer = _tokenizer(words, MLLAMA_TEMPLATE, specials, {"image_token": "<|image|>"}, extra=extra)
+        tokenizer = word_tokenizer(words, MLLAMA_TEMPLATE, specials, {"image_token": "<|image|>"}, extra=extra)
         square = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
         processor = tf.MllamaProcessor(
             tf.MllamaImageProcessor(size=square, max_image_tiles=1), tokenizer, chat_template=MLLAMA_TEMPLATE
@@ -455,7 +389,7 @@ def _pixtral(words, spatial_merge_size: int):
 
     specials = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
     extra = ["[INST]", "[/INST]", "[IMG_BREAK]", "[IMG_END]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
-    tokenizer = _tokenizer(words, MISTRAL3_TEMPLATE, specials, {"image_token": "[IMG]"}, extra=extra)
+    tokenizer = word_tokenizer(words, MISTRAL3_TEMPLATE, specials, {"image_token": "[IMG]"}, extra=extra)
     processor = tf.PixtralProcessor(
         image_processor=tf.PixtralImageProcessor(size={"longest_edge": IMAGE_SIZE}, patch_size=8),
         tokenizer=tokenizer,
@@ -525,7 +459,7 @@ def build_tiny_internvl(out_dir: PathLike, words: Iterable[str], seed: int = 0, 
             "video_token": "<video>",
         }
         specials = {"pad": "<|endoftext|>", "eos": "<|im_end|>"}
-        tokenizer = _tokenizer(words, INTERNVL_TEMPLATE, specials, named, extra=["<|im_start|>"])
+        tokenizer = word_tokenizer(words, INTERNVL_TEMPLATE, specials, named, extra=["<|im_start|>"])
         square = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
         processor = tf.InternVLProcessor(
             # InternVLProcessor asks for crops; with at most one there is no thumbnail either

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from mmpo.io import atomic_directory
+from mmpo.tiny.build import reusable_build, save_tiny_build, seeded_model
 
 __all__ = [
     "TINY_CHAT_TEMPLATE",
@@ -183,9 +184,8 @@ def build_tiny_llava(
         "seed": seed,
         "words": words,
     }
-    stamp = out / "mmpo_tiny.json"
     # the stamp may also record later work on the weights (tiny_vision, tiny_language), kept when reused
-    if not overwrite and stamp.exists() and {k: json.loads(stamp.read_text()).get(k) for k in settings} == settings:
+    if reusable_build(out, settings, overwrite):
         return out
 
     processor = build_tiny_processor(words, image_size=image_size, patch_size=patch_size, video=video)
@@ -226,16 +226,7 @@ def build_tiny_llava(
         pad_token_id=tokenizer.pad_token_id,
         **extra,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_class(config)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-
-    with atomic_directory(out) as tmp:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        (tmp / "mmpo_tiny.json").write_text(json.dumps(settings, indent=1))
+    save_tiny_build(out, seeded_model(model_class, config, seed), processor, settings)
     return out
 
 
