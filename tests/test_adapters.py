@@ -16,17 +16,24 @@ class _Net(nn.Module):
         return self.down(torch.relu(self.up(x)))
 
 
-def _lora_net() -> nn.Module:
+def _lora_net(modules_to_save: list[str] | None = None) -> nn.Module:
+    """LoRA on ``up`` (and ``down`` unless it is a module to save, trained in full)."""
     torch.manual_seed(0)
-    model = get_peft_model(_Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"]))
-    for name, p in model.named_parameters():
-        if "lora_B" in name:
-            nn.init.normal_(p)  # peft starts B at zero: make the adapter change the output
+    targets = ["up"] if modules_to_save else ["up", "down"]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, modules_to_save=modules_to_save)
+    model = get_peft_model(_Net(), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.normal_()  # peft starts B at zero (and the copy at the base): make them change the output
     return model
 
 
-def test_disabled_adapters_give_the_base_model_and_come_back_on():
-    model = _lora_net()
+@pytest.mark.parametrize("modules_to_save", [None, ["down"]], ids=["lora", "lora+modules_to_save"])
+def test_disabled_adapters_give_the_base_model_like_peft_and_come_back_on(modules_to_save):
+    # peft's own context also switches the modules-to-save copies to their original module
+    model = _lora_net(modules_to_save)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
     x = torch.randn(3, 8)
     with torch.no_grad():
         adapted = model(x)
@@ -39,13 +46,16 @@ def test_disabled_adapters_give_the_base_model_and_come_back_on():
     torch.testing.assert_close(fast, base, rtol=0, atol=0)
     torch.testing.assert_close(after, adapted, rtol=0, atol=0)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n for n in trainable)
+    assert trainable and all("lora_" in n or "modules_to_save" in n for n in trainable)
+    assert any("modules_to_save" in n for n in trainable) == bool(modules_to_save)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads  # gradients' switches untouched
     # the cached layer list is not a submodule: the state dict is unchanged
     assert all("_mmpo" not in k for k in model.state_dict())
 
 
-def test_adapters_come_back_on_after_an_error_and_nested_use():
-    model = _lora_net()
+@pytest.mark.parametrize("modules_to_save", [None, ["down"]], ids=["lora", "lora+modules_to_save"])
+def test_adapters_come_back_on_after_an_error_and_nested_use(modules_to_save):
+    model = _lora_net(modules_to_save)
     x = torch.randn(2, 8)
     with torch.no_grad():
         adapted = model(x)
@@ -62,30 +72,3 @@ def test_adapters_come_back_on_after_an_error_and_nested_use():
         for out in inside:
             torch.testing.assert_close(out, base, rtol=0, atol=0)
         torch.testing.assert_close(model(x), adapted, rtol=0, atol=0)  # back on after the error
-
-
-def test_adapters_disabled_serves_the_original_module_to_save_like_peft():
-    torch.manual_seed(0)
-    model = get_peft_model(_Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["up"], modules_to_save=["down"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name:
-                p.normal_()  # a trained adapter and a trained copy of the output layer
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    assert any("modules_to_save" in n and g for n, g in grads.items())
-    x = torch.randn(3, 8)
-    with torch.no_grad():
-        adapted = model(x)
-        with model.disable_adapter():
-            base = model(x)
-        with adapters_disabled(model):
-            fast = model(x)
-            with adapters_disabled(model):
-                inner = model(x)
-            after_inner = model(x)  # leaving a nested block keeps the outer one's adapters off
-        after = model(x)
-    assert (adapted - base).abs().max() > 0.1
-    for out in (fast, inner, after_inner):
-        torch.testing.assert_close(out, base, rtol=0, atol=0)
-    torch.testing.assert_close(after, adapted, rtol=0, atol=0)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads  # gradients' switches untouched
