@@ -268,15 +268,6 @@ def split_implicit_prompt(chosen: Any, rejected: Any, where: str) -> dict[str, A
     return {"prompt": chosen[:n], "chosen": chosen[n:], "rejected": rejected[n:]}
 
 
-#: record field → batch field of the side information a pair record may carry
-SIDE_INFORMATION = {
-    "scores": "scores",
-    "weight": "weights",
-    "dimension_id": "dimension_ids",
-    "soft_label": "soft_labels",
-}
-
-
 def parse_side_information(raw: dict[str, Any], where: str) -> dict[str, Any]:
     """A pair record's side information, checked, under the batch's field names.
 

@@ -38,7 +38,6 @@ __all__ = [
 
 # A settings group is a plain dataclass (jsonargparse reads it as a nested mapping); its optional
 # ``flat_prefix`` class variable is what the fields' old flat argument names started with.
-SettingsGroup = Any
 
 
 @dataclass
