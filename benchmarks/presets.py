@@ -14,6 +14,8 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from datamodules.core.atomic import atomic_directory, atomic_write_text
+
 __all__ = [
     "LORA_TARGETS",
     "PRESETS",
@@ -170,7 +172,6 @@ def _build_qwen2_llava(preset: Preset, out: Path) -> Path:
     import torch
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, Qwen2Config
 
-    from mmpo.io import atomic_directory
     from mmpo.tiny.llava import build_tiny_processor
 
     stamp = out / "bench_preset.json"
@@ -260,9 +261,7 @@ def write_data(preset: Preset, images: int, n_pairs: int, root: Path, seed: int 
             "rejected": [{"role": "assistant", "content": rejected}],
         }
         lines.append(json.dumps(record))
-    tmp = jsonl.with_suffix(".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.rename(jsonl)
+    atomic_write_text(jsonl, "\n".join(lines) + "\n")
     return jsonl
 
 

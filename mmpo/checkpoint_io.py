@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from datamodules.core.atomic import atomic_file
 
 __all__ = ["AtomicCheckpointIO"]
 
@@ -14,6 +15,7 @@ __all__ = ["AtomicCheckpointIO"]
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write each checkpoint to a temporary file in the same folder, flush it to disk, then rename it.
 
+    (`datamodules.core.atomic.atomic_file`, which also fsyncs the folder so the rename is on disk.)
     The rename is atomic on local file systems, so ``last.ckpt`` (or any checkpoint) is always either
     the previous complete file or the new complete file. ``mmpo``'s CLI uses it by default; set it in
     ``trainer.plugins`` when building a ``Trainer`` by hand.
@@ -23,13 +25,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         target = Path(path)
         if "://" in str(path):  # remote file systems: fall back to Lightning's own writer
             return super().save_checkpoint(checkpoint, path, storage_options)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_file(target) as tmp:
             super().save_checkpoint(checkpoint, tmp, storage_options)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                tmp.unlink()

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mmpo.io import atomic_directory
+from datamodules.core.atomic import atomic_directory
 
 __all__ = ["DTYPES", "ExportError", "export_merged", "main"]
 

@@ -15,10 +15,10 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from datamodules.core.atomic import atomic_directory
 from datamodules.core.batch import PreferenceBatch
 from mmpo.allocator import DEFAULT_KEEP_BYTES, keep_freed_memory
 from mmpo.backbones.protocol import Backbone
-from mmpo.io import atomic_directory
 from mmpo.losses import LossOutput, PreferenceLoss, ResponseStats
 from mmpo.prediction import JsonlPredictionWriter, PredictSettings, decode_prompt, generate_from_batch
 from mmpo.reference.strategies import ReferenceName, ReferenceStrategy, resolve_reference

@@ -17,6 +17,8 @@ import csv
 import os
 from pathlib import Path
 
+from datamodules.core.atomic import atomic_file
+
 __all__ = [
     "PANELS",
     "PlotError",
@@ -174,13 +176,8 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
     figure.suptitle(f"{run_dir}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp")
-    try:
+    with atomic_file(out_path) as tmp:  # a reader never sees half a PNG
         figure.savefig(tmp, format="png")
-        os.replace(tmp, out_path)  # a reader never sees half a PNG
-    finally:
-        tmp.unlink(missing_ok=True)
     return out_path
 
 

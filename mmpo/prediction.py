@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from datamodules.core.atomic import atomic_open
 from datamodules.vision_text.collator import TOKEN_ALIGNED_MEDIA
 
 __all__ = ["JsonlPredictionWriter", "PredictSettings", "decode_prompt", "generate_from_batch"]
@@ -115,18 +115,9 @@ def decode_prompt(tokenizer: Any, ids: Sequence[int]) -> str:
 
 
 def _write_atomically(path: Path, lines: Sequence[str]) -> None:
-    """Write ``lines`` to a temporary file beside ``path``, fsync it, and rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``lines`` to ``path`` through the project's atomic writer (temp file, fsync, rename)."""
+    with atomic_open(path) as f:
+        f.writelines(lines)
 
 
 class JsonlPredictionWriter(BasePredictionWriter):

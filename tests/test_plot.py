@@ -75,7 +75,7 @@ def test_csv_run_plots_to_a_png_named_on_stdout(run, tmp_path, capsys):
     png = run_dir / "reward_curves.png"
     assert f"wrote {png}" in out and "metrics.csv" in out
     _check_png(png)
-    assert not list(run_dir.glob(".*.tmp"))
+    assert not [p for p in run_dir.iterdir() if ".tmp" in p.name]
 
 
 @pytest.mark.slow

@@ -46,6 +46,7 @@ from augment.mia.build_config import BuildConfig, config_fingerprint
 from augment.mia.formats import AugmentedSample, ImagePool, SourceSample, build_augmented
 from augment.mia.generate import GenerationResult, generate_with_attention, num_layers
 from augment.mia.select import SelectionConfig, SelectionSummary, select_rejected
+from datamodules.core.atomic import append_durably, atomic_file, atomic_write_text
 
 __all__ = ["BuildResult", "SourceRecord", "build_negatives", "command_line_parser", "main", "read_source"]
 
@@ -136,23 +137,13 @@ def read_source(settings: Any) -> tuple[list[SourceRecord], Counter[str], list[s
 # --------------------------------------------------------------------------- output files
 
 
-def _fsync_append(path: Path, lines: Sequence[str]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.writelines(lines)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def _save_png(image: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def _pool_copy(source: str, images_dir: Path) -> str:
@@ -161,14 +152,12 @@ def _pool_copy(source: str, images_dir: Path) -> str:
     name = hashlib.sha1(str(src).encode()).hexdigest()[:16] + src.suffix.lower()
     dest = images_dir / "pool" / name
     if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
+        with atomic_file(dest) as tmp:
+            tmp.unlink()  # a hard link needs a free name
+            try:
+                os.link(src, tmp)
+            except OSError:
+                shutil.copyfile(src, tmp)
     return f"images/pool/{name}"
 
 
@@ -360,7 +349,7 @@ def _run_chunk(
         train_lines.append(json.dumps(record) + "\n")
     # Images are in place; now the lines, then the new offsets: a kill at any point leaves a consistent state.
     for name, lines in ((_TRAIN, train_lines), (_DECISIONS, decision_lines)):
-        _fsync_append(state.out / name, lines)
+        append_durably(state.out / name, lines)
         state.offsets[name] = (state.out / name).stat().st_size
     state.generated += len(samples)
     return kept_count

@@ -25,11 +25,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from torch import Tensor
 
+from datamodules.core.atomic import atomic_file, atomic_write_text
 from datamodules.core.records import BadSampleError
 
 __all__ = ["CACHE_VERSION", "TEXT_PREFIX", "LatentCache", "LatentCacheMissError"]
@@ -96,9 +97,7 @@ class LatentCache:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"version": CACHE_VERSION, "encoder_ids": built + [self.encoder_id]}, indent=2) + "\n"
-        tmp = self.dir / f"{_MANIFEST}.{os.getpid()}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, self.dir / _MANIFEST)
+        atomic_write_text(self.dir / _MANIFEST, text)
 
     def key(self, caption: str, images: Sequence[str], resolution: int, where: str) -> str:
         """Fingerprint of an entry: caption, image bytes, resolution, encoder id and cache version."""
@@ -135,25 +134,17 @@ class LatentCache:
     def is_bad(self, key: str) -> bool:
         return self._bad_path(key).is_file()
 
-    def _atomic_write(self, target: Path, write: Callable[[Path], None]) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        try:
-            write(tmp)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-
     def write(self, key: str, tensors: Mapping[str, Tensor], record_id: str) -> None:
         from safetensors.torch import save_file
 
         meta = {"key": key, "id": record_id, "encoder_id": self.encoder_id, "version": str(CACHE_VERSION)}
         data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        self._atomic_write(self.path(key), lambda tmp: save_file(data, str(tmp), metadata=meta))
+        with atomic_file(self.path(key)) as tmp:
+            save_file(data, str(tmp), metadata=meta)
         self._bad_path(key).unlink(missing_ok=True)
 
     def mark_bad(self, key: str, message: str) -> None:
-        self._atomic_write(self._bad_path(key), lambda tmp: tmp.write_text(message, encoding="utf-8"))
+        atomic_write_text(self._bad_path(key), message)
 
     def load(self, key: str, where: str, record_id: str) -> dict[str, Tensor]:
         """The tensors of an entry.

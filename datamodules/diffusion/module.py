@@ -14,6 +14,7 @@ import lightning as L
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from datamodules.core.atomic import atomic_file, atomic_write_text
 from datamodules.core.loaders import FirstBatchStatefulDataLoader, pins_memory
 from datamodules.core.samplers import EpochShuffleSampler
 from datamodules.core.settings import LoaderSettings, as_settings, migrate_flat_settings, settings_dict
@@ -261,9 +262,8 @@ def write_diffusion_pairs(
         names = []
         for k, objects in enumerate((scene, wrong) if winner == 0 else (wrong, scene)):
             name = f"images/{split}-{i:06d}-{k}.png"
-            tmp = root / f"{name}.tmp"
-            render_scene(objects, image_size).save(tmp, format="PNG")
-            os.replace(tmp, root / name)
+            with atomic_file(root / name) as tmp:
+                render_scene(objects, image_size).save(tmp, format="PNG")
             names.append(name)
         record: dict = {
             "id": f"{split}-{i:06d}",
@@ -280,7 +280,5 @@ def write_diffusion_pairs(
             record["label_0"] = 1.0 - winner
         lines.append(json.dumps(record) + "\n")
     out = root / f"{split}.jsonl"
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write_text(out, "".join(lines))
     return out

@@ -19,12 +19,12 @@ from __future__ import annotations
 import math
 import os
 import re
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
+from datamodules.core.atomic import atomic_file
 from datamodules.core.records import BadSampleError
 
 __all__ = ["SamplingStrategy", "read_video", "sample_frame_indices", "write_video"]
@@ -226,10 +226,8 @@ def write_video(path: str | os.PathLike, frames: np.ndarray | torch.Tensor, fps:
     except ImportError as e:
         raise ImportError("writing videos needs PyAV: pip install av") from e
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     codec = _pick_codec(av)
-    try:
+    with atomic_file(path) as tmp:
         container = av.open(str(tmp), "w", options={"movflags": "faststart"})
         try:
             stream = container.add_stream(codec, rate=int(fps))
@@ -243,6 +241,3 @@ def write_video(path: str | os.PathLike, frames: np.ndarray | torch.Tensor, fps:
             container.mux(stream.encode())  # flush the encoder's delayed frames
         finally:
             container.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from datamodules.core.atomic import atomic_file
 from datamodules.worlds.writer import world_cli, write_world
 
 __all__ = [
@@ -378,9 +379,8 @@ def write_shapes_world(
     world = ShapesWorld(seed, image_size, max_objects, settings["task_weights"])
 
     def write_image(record: dict, path: Path) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        world.image(record).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            world.image(record).save(tmp, format="PNG")
 
     info = {
         "shapes": list(SHAPES),

@@ -17,15 +17,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_text", "world_cli", "write_world"]
+from datamodules.core.atomic import atomic_write_text
+
+__all__ = ["world_cli", "write_world"]
 
 SPLITS = ("train", "val")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _summary(root: Path, world: Mapping, generated: bool) -> dict:

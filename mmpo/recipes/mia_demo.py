@@ -72,7 +72,7 @@ def write_sft_split(
     what it knew.
     """
     from augment.mia.prompts import labelled_image_prompt
-    from datamodules.worlds.writer import atomic_write_text
+    from datamodules.core.atomic import atomic_write_text
     from mmpo.tiny.language import labelled_list_example
 
     lines = []
@@ -98,7 +98,7 @@ def write_replay_split(data: Path, seed: int, fraction: float = REPLAY_FRACTION)
     changed colour or shape, the opposite yes/no), so the preference stage keeps seeing single images next
     to the multi-image pairs it learns from.
     """
-    from datamodules.worlds.writer import atomic_write_text
+    from datamodules.core.atomic import atomic_write_text
 
     lines = (data / "sft_train.jsonl").read_text().splitlines()
     rng = random.Random(f"mmpo-mia-demo/replay/{seed}")

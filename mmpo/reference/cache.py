@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from datamodules.core.atomic import atomic_file
 from mmpo.logprobs import span_coordinates
 
 __all__ = ["ReferenceCache", "data_fingerprint", "model_fingerprint"]
@@ -125,19 +126,16 @@ class ReferenceCache:
         return rid in self.index
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temp file and rename)."""
+        """Write atomically and durably (temp file, fsync, rename, fsync of the folder)."""
         from safetensors.torch import save_file
 
         parts = [t for group in self.responses for t in group]
         values = torch.cat(parts).float().contiguous() if parts else torch.zeros(0)
         offsets = torch.tensor([0] + [p.numel() for p in parts]).cumsum(0)
         sizes = torch.tensor([len(group) for group in self.responses], dtype=torch.long)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
         tensors = {"values": values, "offsets": offsets, "group_sizes": sizes}
-        save_file(tensors, str(tmp), metadata={"ids": json.dumps(self.ids), "version": str(CACHE_VERSION)})
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"ids": json.dumps(self.ids), "version": str(CACHE_VERSION)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ReferenceCache:

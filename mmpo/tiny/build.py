@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mmpo.io import atomic_directory
+from datamodules.core.atomic import atomic_directory
 
 __all__ = ["reusable_build", "save_tiny_build", "seeded_model", "write_tiny_build"]
 

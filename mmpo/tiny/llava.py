@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from mmpo.io import atomic_directory
+from datamodules.core.atomic import atomic_directory
 from mmpo.tiny.build import reusable_build, save_tiny_build, seeded_model
 
 __all__ = [
