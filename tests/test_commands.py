@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from mmpo.backbones.quantization import bitsandbytes_unavailable
 from mmpo.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,13 +103,16 @@ def video_llava(tmp_path_factory):
 def _command_id(command: str) -> str:
     argv = shlex.split(command)
     extra = "-print_config" if "--print_config" in argv else ("-readme" if "data/train.jsonl" in command else "")
-    return Path(argv[3]).stem + extra
+    configs = [Path(argv[i + 1]).stem for i, a in enumerate(argv[:-1]) if a == "--config"]
+    return "+".join(configs) + extra
 
 
 @pytest.mark.parametrize("command", _real_model_commands(), ids=_command_id)
 def test_real_model_command(command, world, tiny_llava, video_world, video_llava, tmp_path, monkeypatch, capsys):
     argv = shlex.split(command)[1:]
     config = yaml.safe_load((REPO / argv[2]).read_text())
+    if "quantization" in command and bitsandbytes_unavailable() is not None:
+        pytest.skip(str(bitsandbytes_unavailable()))
     monkeypatch.chdir(REPO)
     if "--print_config" in argv:
         with pytest.raises(SystemExit) as stop:

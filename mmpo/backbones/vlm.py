@@ -17,6 +17,7 @@ from mmpo.backbones.adapters import adapters_disabled
 from mmpo.backbones.media_reuse import media_features_shareable, reuse_media_features
 from mmpo.backbones.module_scan import modules_found_once
 from mmpo.backbones.protocol import Backbone
+from mmpo.backbones.quantization import QuantizationSettings
 from mmpo.backbones.shared_prefix import (
     checkpointing_fallback_reason,
     shared_prefix_supported,
@@ -109,6 +110,9 @@ class VisionLanguageBackbone(Backbone):
             responses see different media, for models with multimodal rotary positions (Qwen2-VL,
             Qwen2.5-VL), images read through cross-attention (Llama 3.2 Vision) or a soft-capped LM head
             (PaliGemma 2), and under reentrant checkpointing (``use_reentrant=True``, not mmpo's setting).
+        quantization: load the frozen base in 4 or 8 bits (QLoRA, through bitsandbytes); needs ``lora``.
+            The reference is then the quantized base with the adapter off; ``mmpo export`` merges the
+            adapter into the base loaded in ``dtype``, not into the quantized weights.
         pack_responses: on the shared-prefix path, run a group's K responses in one row under a
             block mask on the prompt's cache (``True``), or on the cache repeated for each
             (``False``). None (default) packs with ``sdpa``/``eager`` attention and no
@@ -130,7 +134,13 @@ class VisionLanguageBackbone(Backbone):
         logprob_chunk_size: int = 1024,
         shared_prefix: bool = True,
         pack_responses: bool | None = None,
+        quantization: QuantizationSettings | None = None,
     ) -> None:
+        if quantization is not None and lora is None:
+            raise ValueError(
+                "backbone.quantization trains adapters on a frozen quantized base: set backbone.lora too "
+                "(a 4/8-bit model cannot be fine-tuned in full)"
+            )
         self.model_name_or_path = model_name_or_path
         self.lora = lora
         self.freeze_vision_tower = freeze_vision_tower
@@ -143,6 +153,7 @@ class VisionLanguageBackbone(Backbone):
         self.logprob_chunk_size = logprob_chunk_size
         self.shared_prefix = shared_prefix
         self.pack_responses = pack_responses
+        self.quantization = quantization
         self._fallback_noted: set[str] = set()
 
     @property
@@ -166,11 +177,15 @@ class VisionLanguageBackbone(Backbone):
             kwargs["attn_implementation"] = self.attn_implementation
         if revision:
             kwargs["revision"] = revision
+        if self.quantization is not None:
+            kwargs["quantization_config"] = self.quantization.transformers_config()
         return AutoModelForImageTextToText.from_pretrained(model_name_or_path, **kwargs)
 
     def build(self) -> nn.Module:
         """Load the model, freeze what should stay frozen, and attach LoRA if configured."""
         model = self.load_pretrained()
+        if self.quantization is not None:
+            model = self.quantization.prepare(model)
         for name, p in model.named_parameters():
             if self.freeze_vision_tower and any(s in name for s in _VISION_PATTERNS):
                 if not any(s in name for s in _PROJECTOR_PATTERNS):
@@ -203,6 +218,14 @@ class VisionLanguageBackbone(Backbone):
             raise ValueError("the adapter-disabled reference needs a LoRA backbone (set backbone.lora)")
         return adapters_disabled(model)
 
+    def frozen_copy(self, model: nn.Module) -> nn.Module:
+        if self.quantization is not None:
+            raise ValueError(
+                "a frozen copy of a quantized model is not supported: with backbone.quantization use the "
+                "disabled-adapter reference (reference: adapter, the default), cached or separate-checkpoint one"
+            )
+        return super().frozen_copy(model)
+
     def load_reference(self, model_name_or_path: str, revision: str | None = None) -> nn.Module:
         ref = self.load_pretrained(model_name_or_path, revision).eval()
         ref.requires_grad_(False)
@@ -218,7 +241,10 @@ class VisionLanguageBackbone(Backbone):
 
     def fingerprint_settings(self) -> dict[str, Any]:
         modules_to_save = self.lora.modules_to_save if self.lora is not None else None
-        return {"dtype": self.dtype, "modules_to_save": modules_to_save}
+        settings: dict[str, Any] = {"dtype": self.dtype, "modules_to_save": modules_to_save}
+        if self.quantization is not None:  # absent otherwise: unquantized caches keep their fingerprints
+            settings["quantization"] = self.quantization.fingerprint()
+        return settings
 
     def statistics(self, model: nn.Module, batch: Any) -> ResponseStats:
         """Summed and per-token response log-probs (B, K) and (B, K, T) of ``model`` on ``batch``."""
@@ -287,5 +313,7 @@ class VisionLanguageBackbone(Backbone):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         kind = f"LoRA r={self.lora.r}" if self.lora else "full fine-tuning"
+        if self.quantization is not None:
+            kind = f"Q{kind} on a {self.quantization.bits}-bit base"
         name = re.sub(r"^.*/", "", str(self.model_name_or_path).rstrip("/"))
         return f"{name}: {kind}, {trainable:,} trainable of {total:,} parameters"
