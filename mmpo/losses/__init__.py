@@ -16,6 +16,7 @@ from mmpo.losses.listwise import (
     plackett_luce_loss,
     tree_ranking_loss,
 )
+from mmpo.losses.multi_instance import MultiInstanceVDPOLoss, multi_instance_vdpo_loss
 from mmpo.losses.odds_ratio import ORPOLoss, log_odds, orpo_loss
 from mmpo.losses.pairwise import (
     DPOLoss,
@@ -60,6 +61,7 @@ __all__ = [
     "LossOutput",
     "MADPOLoss",
     "MODPOLoss",
+    "MultiInstanceVDPOLoss",
     "ORPOLoss",
     "PairLogps",
     "PlackettLuceLoss",
@@ -87,6 +89,7 @@ __all__ = [
     "madpo_weights",
     "mean_token_logps",
     "modpo_loss",
+    "multi_instance_vdpo_loss",
     "orpo_loss",
     "plackett_luce_loss",
     "robust_dpo_loss",

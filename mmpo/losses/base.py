@@ -38,9 +38,12 @@ class ResponseStats:
         weights: (B,) a weight per group (per pair when K = 2).
         dimension_ids: (B,) long, the preference dimension a group was labelled on.
         soft_labels: (B,) probability that response 0 is preferred to response 1.
+        candidate_weights: (B, K) non-negative weight of each response as a rejected candidate against
+            response 0 (PaMi-VDPO's selection weights; column 0 is not read). Only
+            :class:`~mmpo.losses.MultiInstanceVDPOLoss` reads it.
 
-    Side information (``scores`` … ``soft_labels``) rides on the policy's statistics; None when the
-    data has none.
+    Side information (``scores`` … ``candidate_weights``) rides on the policy's statistics; None when
+    the data has none.
     """
 
     logps: Tensor
@@ -51,12 +54,17 @@ class ResponseStats:
     weights: Tensor | None = None
     dimension_ids: Tensor | None = None
     soft_labels: Tensor | None = None
+    candidate_weights: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.logps.dim() != 2 or self.logps.shape[1] < 2:
             raise ValueError(f"logps must be (B, K) with K >= 2 responses per group, got {tuple(self.logps.shape)}")
         if self.tokens.shape != self.logps.shape:
             raise ValueError(f"tokens {tuple(self.tokens.shape)} must match logps {tuple(self.logps.shape)}")
+        if self.candidate_weights is not None and self.candidate_weights.shape != self.logps.shape:
+            raise ValueError(
+                f"candidate_weights {tuple(self.candidate_weights.shape)} must match logps {tuple(self.logps.shape)}"
+            )
 
     @classmethod
     def from_rows(cls, token_logps: Tensor, mask: Tensor, group_size: int, **side: Tensor | None) -> ResponseStats:
@@ -139,7 +147,7 @@ class ResponseStats:
 
     def with_side(self, **side: Tensor | None) -> ResponseStats:
         """A copy carrying the given side information (``scores``, ``weights``, ...)."""
-        unknown = set(side) - {"scores", "weights", "dimension_ids", "soft_labels"}
+        unknown = set(side) - {"scores", "weights", "dimension_ids", "soft_labels", "candidate_weights"}
         if unknown:
             raise TypeError(f"unknown side information {sorted(unknown)}")
         values = {f.name: getattr(self, f.name) for f in fields(ResponseStats)}
