@@ -1,4 +1,4 @@
-"""Batched greedy answers of a vision-language model to plain-text prompts with ``<image>`` placeholders.
+"""Batched greedy answers of a vision- or video-language model to plain-text prompts about images or clips.
 
 Prompts go through the processor's chat template as one user turn (the same split the datamodules
 use), are left-padded so every row ends where generation starts, and the answers come back decoded
@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -21,25 +22,32 @@ def generate_answers(
     model: Any,
     processor: Any,
     prompts: Sequence[str],
-    images: Sequence[Sequence[Image.Image]],
+    images: Sequence[Sequence[Image.Image]] | None = None,
     *,
+    videos: Sequence[np.ndarray] | None = None,
     batch_size: int = 16,
     max_new_tokens: int = 32,
 ) -> list[str]:
     """Greedy answers, one per prompt, in order.
 
     Args:
-        model: an image-text-to-text model (a PEFT-wrapped one too); its training mode is restored after.
-        processor: its processor (chat template, tokenizer, image processor).
-        prompts: plain text, one ``<image>`` per image of the same index of ``images``.
+        model: an image- or video-text-to-text model (a PEFT-wrapped one too); its training mode is
+            restored after.
+        processor: its processor (chat template, tokenizer, image or video processor).
+        prompts: plain text; with ``images``, one ``<image>`` per image of the same index; with
+            ``videos``, no placeholder (the video comes first in the user turn).
         images: the images of each prompt, in placeholder order.
+        videos: one clip per prompt, ``(N, H, W, 3)`` uint8 frames (give ``images`` or ``videos``).
         batch_size: prompts per ``generate`` call.
         max_new_tokens: longest answer.
     """
     from augment.mia.generate import prompt_messages
 
-    if len(prompts) != len(images):
-        raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+    if (images is None) == (videos is None):
+        raise ValueError("give the prompts' images or their videos (one of the two)")
+    media = images if images is not None else videos
+    if len(prompts) != len(media):
+        raise ValueError(f"{len(prompts)} prompts but {len(media)} {'image lists' if videos is None else 'videos'}")
     tokenizer = processor.tokenizer
     padding_side, was_training = tokenizer.padding_side, model.training
     tokenizer.padding_side = "left"
@@ -49,14 +57,19 @@ def generate_answers(
     answers: list[str] = []
     try:
         for start in range(0, len(prompts), batch_size):
-            texts = [
-                processor.apply_chat_template(prompt_messages(p), add_generation_prompt=True, tokenize=False)
-                for p in prompts[start : start + batch_size]
-            ]
-            batch_images = [list(im) for im in images[start : start + batch_size]]
-            enc = processor(text=texts, images=batch_images, return_tensors="pt", padding=True).to(device)
-            if "pixel_values" in enc:
-                enc["pixel_values"] = enc["pixel_values"].to(dtype)
+            chunk = prompts[start : start + batch_size]
+            if videos is None:
+                messages = [prompt_messages(p) for p in chunk]
+                kwargs = {"images": [list(im) for im in images[start : start + batch_size]]}
+            else:
+                video_first = [{"type": "video"}]
+                messages = [[{"role": "user", "content": [*video_first, {"type": "text", "text": p}]}] for p in chunk]
+                kwargs = {"videos": list(videos[start : start + batch_size])}
+            texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+            enc = processor(text=texts, return_tensors="pt", padding=True, **kwargs).to(device)
+            for key in ("pixel_values", "pixel_values_videos"):
+                if key in enc:
+                    enc[key] = enc[key].to(dtype)
             out = model.generate(
                 **enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
             )

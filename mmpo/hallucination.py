@@ -28,22 +28,26 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from PIL import Image
+from torch import Tensor
 
 from datamodules.worlds.shapes import COLORS, SHAPES, caption_for, render_scene, sample_scene, tokenize
 
 __all__ = [
     "COUNT_FIELDS",
+    "AnswerEval",
     "HallucinationEval",
     "Probe",
     "make_probes",
     "mentioned_objects",
     "metrics_from_counts",
     "parse_setting",
+    "parse_yes_no",
     "score",
 ]
 
@@ -175,7 +179,8 @@ def _present(mention: tuple[str | None, str], truth: frozenset[tuple[str, str]])
     return (color, shape) in truth if color is not None else any(s == shape for _, s in truth)
 
 
-def _yes_no(answer: str) -> bool | None:
+def parse_yes_no(answer: str) -> bool | None:
+    """True for an answer whose first word is "yes", False for "no", None otherwise (case-insensitive)."""
     tokens = tokenize(answer.lower())
     first = tokens[0] if tokens else ""
     return True if first == "yes" else False if first == "no" else None
@@ -201,7 +206,7 @@ def score(probes: Sequence[Probe], answers: Sequence[str]) -> dict[str, list[flo
             ):
                 c[COUNT_FIELDS.index(field)] += float(value)
         else:
-            said = _yes_no(answer)
+            said = parse_yes_no(answer)
             for field, value in (
                 ("questions", 1),
                 ("correct", said is probe.label),
@@ -231,7 +236,57 @@ def metrics_from_counts(counts: Sequence[float]) -> dict[str, float]:
     return out
 
 
-class HallucinationEval(L.Callback):
+class AnswerEval(L.Callback):
+    """What the evaluations that score the policy's own generated answers share.
+
+    A subclass sets ``during_fit`` and ``processor_path`` and defines ``run(trainer, pl_module, stage)``;
+    this class runs it at the end of ``validate`` (and of each validation of ``fit`` when ``during_fit``)
+    and of ``test``, finds the processor, sums count tables over ranks and logs.
+    """
+
+    during_fit: bool = False
+    processor_path: str | None = None
+
+    def _processor(self, trainer: L.Trainer) -> Any:
+        if self.processor_path is not None:
+            from transformers import AutoProcessor
+
+            return AutoProcessor.from_pretrained(self.processor_path)
+        processor = getattr(trainer.datamodule, "processor", None)
+        if processor is None:
+            raise ValueError(
+                f"{type(self).__name__} needs a processor: set its `processor` or use a datamodule that has one"
+            )
+        return processor
+
+    @staticmethod
+    def summed_over_ranks(trainer: L.Trainer, pl_module: L.LightningModule, rows: list[list[float]]) -> Tensor:
+        """(rows, fields) counts of this rank, summed over every rank (float64)."""
+        table = torch.tensor(rows, dtype=torch.float64, device=pl_module.device)
+        if trainer.world_size > 1:
+            table = pl_module.all_gather(table).sum(dim=0)
+        return table
+
+    @staticmethod
+    def log_all(pl_module: L.LightningModule, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            pl_module.log(name, value, rank_zero_only=True, batch_size=1)
+
+    def run(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:
+        raise NotImplementedError
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if trainer.state.fn == TrainerFn.FITTING and not self.during_fit:
+            return
+        self.run(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.run(trainer, pl_module, "test")
+
+
+class HallucinationEval(AnswerEval):
     """Log CHAIR-style and POPE-style hallucination metrics of the policy's own answers.
 
     Args:
@@ -281,18 +336,6 @@ class HallucinationEval(L.Callback):
             ]
         return self._probes
 
-    def _processor(self, trainer: L.Trainer):
-        if self.processor_path is not None:
-            from transformers import AutoProcessor
-
-            return AutoProcessor.from_pretrained(self.processor_path)
-        processor = getattr(trainer.datamodule, "processor", None)
-        if processor is None:
-            raise ValueError(
-                "HallucinationEval needs a processor: set its `processor` or use a datamodule that has one"
-            )
-        return processor
-
     def run(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> dict[str, float]:
         from mmpo.generation import generate_answers
 
@@ -308,27 +351,11 @@ class HallucinationEval(L.Callback):
         )
         self.last_answers = list(zip(mine, answers, strict=True))
         local = score(mine, answers)
-        table = torch.tensor(
-            [local.get(s, [0.0] * len(COUNT_FIELDS)) for s in self.settings],
-            dtype=torch.float64,
-            device=pl_module.device,
-        )
-        if trainer.world_size > 1:
-            table = pl_module.all_gather(table).sum(dim=0)
+        rows = [local.get(s, [0.0] * len(COUNT_FIELDS)) for s in self.settings]
+        table = self.summed_over_ranks(trainer, pl_module, rows)  # (settings, fields)
         metrics = {}
         for setting, counts in zip(self.settings, table.tolist(), strict=True):
             for name, value in metrics_from_counts(counts).items():
                 metrics[f"{stage}/hallucination/{setting}/{name}"] = value
-        for name, value in metrics.items():
-            pl_module.log(name, value, rank_zero_only=True, batch_size=1)
+        self.log_all(pl_module, metrics)
         return metrics
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        if trainer.state.fn == TrainerFn.FITTING and not self.during_fit:
-            return
-        self.run(trainer, pl_module, "val")
-
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.run(trainer, pl_module, "test")
