@@ -23,6 +23,7 @@ from datamodules.vision_text.collator import PreferenceDataset, VisionPreference
 from datamodules.vision_text.image_module import ImagePreferenceDataModule
 from datamodules.vision_text.video_io import read_video, sample_frame_indices, write_video
 from datamodules.vision_text.video_module import VideoPreferenceDataModule
+from datamodules.vision_text.video_negatives import VideoNegativeSettings, VideoVDPODataModule
 from datamodules.worlds.shapes import ShapesWorld, objects_in_text, vocabulary, write_shapes_world
 
 __all__ = [
@@ -43,7 +44,9 @@ __all__ = [
     "RankedPreferenceDataset",
     "RankedRecord",
     "ShapesWorld",
+    "VideoNegativeSettings",
     "VideoPreferenceDataModule",
+    "VideoVDPODataModule",
     "VisionPreferenceCollator",
     "build_latent_cache",
     "curriculum_order",

@@ -20,6 +20,7 @@ from datamodules.core.batch import PreferenceBatch
 from mmpo.allocator import DEFAULT_KEEP_BYTES, keep_freed_memory
 from mmpo.backbones.protocol import Backbone
 from mmpo.losses import LossOutput, PreferenceLoss, ResponseStats
+from mmpo.pami import PaMiSelector
 from mmpo.prediction import JsonlPredictionWriter, PredictSettings, decode_prompt, generate_from_batch
 from mmpo.reference.strategies import ReferenceName, ReferenceStrategy, resolve_reference
 from mmpo.rng_state import CHECKPOINT_KEY, TrainingRandomness, gather, restore
@@ -126,6 +127,9 @@ class PreferenceModule(L.LightningModule):
             or outside glibc.
         predict: what ``mmpo predict`` generates (greedy, ``max_new_tokens``) and where it writes the
             responses (``output_file``, JSONL; default ``<trainer.default_root_dir>/predictions.jsonl``).
+        candidates: a selection run on each batch before the loss, keeping some of every group's
+            responses and weighing them (``mmpo.pami.PaMiSelector``: PaMi-VDPO's close-to-far choice
+            among online video negatives); None keeps every response.
     """
 
     def __init__(
@@ -141,6 +145,7 @@ class PreferenceModule(L.LightningModule):
         on_nonfinite: Literal["stop", "skip"] = "stop",
         keep_host_memory: bool = True,
         predict: PredictSettings | None = None,
+        candidates: PaMiSelector | None = None,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -157,6 +162,9 @@ class PreferenceModule(L.LightningModule):
         self._tokenizer: Any = None  # for predict
         # the strategy is not a module: a frozen reference model it holds stays out of the state dict
         self.reference = resolve_reference(reference, loss, backbone, reference_cache_dir)
+        self.candidates = candidates
+        if candidates is not None:
+            candidates.check(self.reference.name)
         self.reference_cache_dir = reference_cache_dir
         self.policy: nn.Module | None = None
         self._share_media = False
@@ -193,8 +201,11 @@ class PreferenceModule(L.LightningModule):
         self, batch: PreferenceBatch, split: str = "train"
     ) -> tuple[LossOutput, ResponseStats, ResponseStats | None]:
         """Policy and reference statistics for a batch, and the loss on them."""
+        side = batch.side_info()
+        if self.candidates is not None:  # keep each group's selected responses, weighted
+            batch, side["candidate_weights"] = self.candidates.select(self, batch, split)
         with self.backbone.media_reuse(self.policy) if self._share_media else contextlib.nullcontext():
-            policy = self.backbone.statistics(self.policy, batch).with_side(**batch.side_info())
+            policy = self.backbone.statistics(self.policy, batch).with_side(**side)
             reference = self.reference.statistics(self, batch, split)
         return self.loss(policy, reference), policy, reference
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: a small shapes world and a tiny LLaVA, built once per test session."""
+"""Shared fixtures: small shapes and video worlds and tiny LLaVA models, built once per test session."""
 
 from __future__ import annotations
 
@@ -28,6 +28,23 @@ def tiny_llava(tmp_path_factory) -> Path:
     from mmpo.tiny.llava import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava", words=vocabulary(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def video_world(tmp_path_factory) -> dict:
+    """A small video world (mp4 clips of 8 frames, 32 pixels): its ``write_video_world`` summary."""
+    from datamodules.worlds.video import write_video_world
+
+    return write_video_world(tmp_path_factory.mktemp("video-world"), n_train=6, n_val=2, num_frames=8, size=32)
+
+
+@pytest.fixture(scope="session")
+def video_llava(tmp_path_factory) -> Path:
+    """A tiny LLaVA-NeXT-Video (32-pixel frames) over the shapes world's words."""
+    from datamodules.worlds.shapes import vocabulary
+    from mmpo.tiny.llava import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("vmodel") / "tiny", vocabulary(), image_size=32, video=True)
 
 
 @pytest.fixture(scope="session")

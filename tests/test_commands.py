@@ -84,22 +84,6 @@ def test_every_shown_command_has_a_test():
     assert set(QUICKSTART) <= set(commands)
 
 
-@pytest.fixture(scope="module")
-def video_world(tmp_path_factory):
-    from datamodules.worlds.video import write_video_world
-
-    return write_video_world(tmp_path_factory.mktemp("video-world"), n_train=4, n_val=2, num_frames=8, size=32)
-
-
-@pytest.fixture(scope="module")
-def video_llava(tmp_path_factory):
-    from datamodules.worlds.shapes import vocabulary
-    from mmpo.tiny.llava import build_tiny_llava
-
-    return build_tiny_llava(tmp_path_factory.mktemp("vmodel") / "tiny", vocabulary(), image_size=32, video=True)
-
-
-@pytest.mark.slow
 def _command_id(command: str) -> str:
     argv = shlex.split(command)
     extra = "-print_config" if "--print_config" in argv else ("-readme" if "data/train.jsonl" in command else "")
@@ -107,6 +91,7 @@ def _command_id(command: str) -> str:
     return "+".join(configs) + extra
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", _real_model_commands(), ids=_command_id)
 def test_real_model_command(command, world, tiny_llava, video_world, video_llava, tmp_path, monkeypatch, capsys):
     argv = shlex.split(command)[1:]

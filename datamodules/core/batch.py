@@ -47,6 +47,8 @@ class PreferenceBatch:
         weights: (B,) float weight of each group, or None.
         dimension_ids: (B,) long id of the preference dimension a group was labelled on, or None.
         soft_labels: (B,) float probability that response 0 is preferred to response 1, or None.
+        response_tags: per group, a name for each of its K responses (e.g. the augmentation that made
+            a response's clip: ``("original", "reverse", ...)``), for logs; None when the data has none.
     """
 
     input_ids: Tensor
@@ -64,6 +66,7 @@ class PreferenceBatch:
     weights: Tensor | None = None
     dimension_ids: Tensor | None = None
     soft_labels: Tensor | None = None
+    response_tags: tuple[tuple[str, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
@@ -125,6 +128,64 @@ class PreferenceBatch:
             row_lengths=self.row_lengths,
             group_size=self.group_size,
             **{name: fn(v) for name, v in self.side_info().items()},
+            response_tags=self.response_tags,
+        )
+
+    def select_responses(self, keep: Tensor) -> PreferenceBatch:
+        """The batch with, for each group b, only its responses ``keep[b]`` (in that order).
+
+        Args:
+            keep: (B, M) long response indices per group; M >= 2 (a group holds at least two). Groups
+                may keep different responses, e.g. response 0 and the candidates PaMi-VDPO selected.
+
+        Media stored per response (``shared_prompt`` False) must hold one equal-size block per row
+        (e.g. one clip per row, as ``pixel_values_videos`` of LLaVA-NeXT-Video); media whose rows
+        differ in size (Qwen2-VL's flattened patches) are refused with a clear error.
+        """
+        b, k = self.num_groups, self.group_size
+        if keep.dim() != 2 or keep.shape[0] != b or keep.shape[1] < 2:
+            raise ValueError(f"keep must be (B={b}, M>=2) response indices, got {tuple(keep.shape)}")
+        keep = keep.to(device="cpu", dtype=torch.long)
+        if int(keep.min()) < 0 or int(keep.max()) >= k:
+            raise ValueError(f"keep holds response indices outside 0..{k - 1}")
+        rows = (keep.t() * b + torch.arange(b)).reshape(-1)  # (M·B,) response-major, like the batch
+        n = self.input_ids.shape[0]
+        media = dict(self.media)
+        if not self.shared_prompt:
+            for key, value in self.media.items():
+                if value.shape[0] % n:
+                    raise ValueError(
+                        f"cannot select responses: media {key!r} has {value.shape[0]} entries for {n} rows "
+                        "(rows of different sizes); responses can be selected only from media with one block per row"
+                    )
+                per_row = value.shape[0] // n
+                media[key] = value.view(n, per_row, *value.shape[1:])[rows.to(value.device)].flatten(0, 1)
+        index = rows.to(self.input_ids.device)
+        lengths = None
+        if self.row_lengths is not None:
+            chosen = rows.tolist()
+            lengths = (tuple(self.row_lengths[0][i] for i in chosen), tuple(self.row_lengths[1][i] for i in chosen))
+        side = {
+            name: (v.gather(1, keep.to(v.device)) if v.dim() == 2 and v.shape == (b, k) else v)
+            for name, v in self.side_info().items()
+        }
+        tags = None
+        if self.response_tags is not None:
+            tags = tuple(tuple(t[j] for j in row) for t, row in zip(self.response_tags, keep.tolist(), strict=True))
+        return PreferenceBatch(
+            input_ids=self.input_ids[index],
+            attention_mask=self.attention_mask[index],
+            response_mask=self.response_mask[index],
+            prompt_lengths=self.prompt_lengths[index],
+            media=media,
+            ids=list(self.ids),
+            skipped=self.skipped,
+            truncated=self.truncated,
+            shared_prompt=self.shared_prompt,
+            row_lengths=lengths,
+            group_size=keep.shape[1],
+            **side,
+            response_tags=tags,
         )
 
     def to(self, device: torch.device | str, non_blocking: bool | None = None) -> PreferenceBatch:

@@ -308,12 +308,26 @@ def _finite(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def parse_record(raw: dict[str, Any], where: str, data_root: Path, image_token: str = "<image>") -> PreferenceRecord:
+def parse_record(
+    raw: dict[str, Any], where: str, data_root: Path, image_token: str = "<image>", response_only: bool = False
+) -> PreferenceRecord:
     """Validate one raw record and resolve its media paths.
+
+    Args:
+        response_only: the record holds one response, ``response`` (or ``chosen``), and no rejected
+            one: the negatives are built from its media (online video negatives). ``rejected`` is
+            then set to the response and not read.
 
     Raises:
         BadSampleError: naming ``where`` and the problem.
     """
+    if response_only:
+        response = raw.get("response", raw.get("chosen"))
+        if response is None:
+            raise BadSampleError(f"{where}: missing field 'response' (or 'chosen')")
+        if raw.get("prompt") is None:
+            raise BadSampleError(f"{where}: missing field 'prompt'")
+        raw = {**raw, "chosen": response, "rejected": response}
     missing = [k for k in ("chosen", "rejected") if k not in raw or raw[k] is None]
     if missing:
         raise BadSampleError(f"{where}: missing field(s) {', '.join(missing)}")
@@ -336,6 +350,7 @@ def load_preference_records(
     data_root: str | os.PathLike | None = None,
     on_bad_sample: str = "error",
     image_token: str = "<image>",
+    response_only: bool = False,
 ) -> tuple[list[PreferenceRecord], list[str]]:
     """Read and validate every record of a file.
 
@@ -345,6 +360,7 @@ def load_preference_records(
             working directory for in-memory data).
         on_bad_sample: ``"error"`` raises on the first bad record; ``"skip"`` drops it and reports it.
         image_token: the placeholder that marks an image in plain-text prompts.
+        response_only: records with one response and no rejected one (see :func:`parse_record`).
 
     Returns:
         The valid records and the list of problems (one message per skipped record).
@@ -356,7 +372,7 @@ def load_preference_records(
         try:
             if isinstance(raw, Exception):
                 raise raw
-            records.append(parse_record(raw, where, default_root(path, data_root), image_token))
+            records.append(parse_record(raw, where, default_root(path, data_root), image_token, response_only))
         except BadSampleError as e:
             if on_bad_sample == "error":
                 raise

@@ -14,7 +14,7 @@ from torch.utils.data import Dataset
 from datamodules.core.batch import PreferenceBatch
 from datamodules.core.records import BadSampleError, PreferenceRecord
 
-__all__ = ["TOKEN_ALIGNED_MEDIA", "PreferenceDataset", "VisionPreferenceCollator", "load_image"]
+__all__ = ["TOKEN_ALIGNED_MEDIA", "PreferenceDataset", "VisionPreferenceCollator", "load_image", "video_metadata"]
 
 # Side information a sample may carry (see VisionPreferenceCollator), with its tensor dtype.
 _SIDE_KEYS = {
@@ -107,29 +107,28 @@ class PreferenceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def _videos(self, paths: list[str], where: str, i: int) -> list[torch.Tensor]:
+    def _videos(self, paths: list[str], where: str, i: int) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+        """The decoded clips, (N, H, W, 3) uint8 each, and their ``video_metadata`` (see :func:`video_metadata`)."""
         from datamodules.vision_text.video_io import read_video
 
-        out = []
+        out, metadata = [], []
         for j, path in enumerate(paths):
             g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i, j)) & 0x7FFFFFFF)
-            frames, _ = read_video(path, self.num_frames, self.frame_sampling, self.target_fps, g, where)
+            frames, meta = read_video(path, self.num_frames, self.frame_sampling, self.target_fps, g, where)
             out.append(frames)
-        return out
+            metadata.append(video_metadata(meta))
+        return out, metadata
 
     def __getitem__(self, i: int) -> dict[str, Any] | None:
         rec = self.records[i]
         try:
-            item: dict[str, Any] = {
-                "record": rec,
-                "images": [load_image(p, rec.where) for p in rec.images],
-                "videos": self._videos(rec.videos, rec.where, i),
-            }
+            item: dict[str, Any] = {"record": rec, "images": [load_image(p, rec.where) for p in rec.images]}
+            item["videos"], item["video_metadata"] = self._videos(rec.videos, rec.where, i)
             if not rec.shared_media:
                 images = rec.rejected_images if rec.rejected_images is not None else rec.images
                 videos = rec.rejected_videos if rec.rejected_videos is not None else rec.videos
                 item["rejected_images"] = [load_image(p, rec.where) for p in images]
-                item["rejected_videos"] = self._videos(videos, rec.where, i)
+                item["rejected_videos"], item["rejected_video_metadata"] = self._videos(videos, rec.where, i)
             item.update(rec.side)
         except BadSampleError:
             if self.on_bad_sample == "skip":
@@ -153,16 +152,28 @@ def _sample_responses(sample: dict[str, Any]) -> list[str]:
     return list(sample["responses"]) if "responses" in sample else [rec.chosen, rec.rejected]
 
 
-def _sample_media(sample: dict[str, Any], k: int) -> list[tuple[list, list]] | None:
-    """Per-response (images, videos), or None when the K responses share the prompt's media."""
+def _sample_media(sample: dict[str, Any], k: int) -> list[tuple[list, list, list | None]] | None:
+    """Per-response (images, videos, video metadata or None), or None when the K responses share the prompt's media."""
     if "response_media" in sample:
-        media = list(sample["response_media"])
+        media = [(m[0], m[1], m[2] if len(m) > 2 else None) for m in sample["response_media"]]
         if len(media) != k:
             raise ValueError(f"{sample['record'].where}: {len(media)} response media for {k} responses")
         return media
     if "rejected_images" in sample:  # VDPO-style pair: the rejected response sees other media
-        return [(sample["images"], sample.get("videos", [])), (sample["rejected_images"], sample["rejected_videos"])]
+        chosen = (sample["images"], sample.get("videos", []), sample.get("video_metadata"))
+        return [chosen, (sample["rejected_images"], sample["rejected_videos"], sample.get("rejected_video_metadata"))]
     return None
+
+
+def video_metadata(meta: dict[str, Any]) -> dict[str, Any]:
+    """:func:`~datamodules.vision_text.video_io.read_video`'s metadata as transformers' ``VideoMetadata`` fields.
+
+    Which frames of the video were kept and its frame rate: processors take a clip's timing from them
+    (Qwen2.5-VL's seconds per temporal patch, 2 / (frames kept / frames in the video x fps)); without
+    them they assume 24 fps.
+    """
+    keys = {"num_frames": "total_num_frames", "fps": "fps", "indices": "frames_indices"}
+    return {new: meta[old] for old, new in keys.items()} | {k: meta[k] for k in ("duration", "height", "width")}
 
 
 class VisionPreferenceCollator:
@@ -179,9 +190,14 @@ class VisionPreferenceCollator:
 
     - ``responses``: K >= 2 response texts, best first, instead of the record's chosen/rejected;
     - ``response_media``: K ``(images, videos)`` tuples when each response sees its own media
-      (``rejected_images``/``rejected_videos`` give the same for a pair);
+      (``rejected_images``/``rejected_videos`` give the same for a pair); a third element, the
+      videos' metadata, is optional;
+    - ``video_metadata`` (and ``rejected_video_metadata``): one :func:`video_metadata` dict per video,
+      which :class:`PreferenceDataset` writes;
     - side information: ``scores`` (K floats), ``weights`` (a float), ``dimension_ids`` (an int),
-      ``soft_labels`` (a float), batched into the :class:`PreferenceBatch` fields of those names.
+      ``soft_labels`` (a float), batched into the :class:`PreferenceBatch` fields of those names;
+    - ``candidate_names``: the K − 1 names of responses 1..K−1 (online video negatives: the
+      augmentation of each candidate clip), batched into ``response_tags`` with response 0 "original".
 
     Every sample of a batch has the same K.
 
@@ -214,7 +230,11 @@ class VisionPreferenceCollator:
         self._response_values = {**TOKEN_ALIGNED_MEDIA, "token_type_ids": token_type}
 
     def _encode_prompt(
-        self, rec: PreferenceRecord, images: list[Image.Image], videos: list[torch.Tensor]
+        self,
+        rec: PreferenceRecord,
+        images: list[Image.Image],
+        videos: list[torch.Tensor],
+        metadata: list[dict[str, Any]] | None = None,
     ) -> tuple[list[int], dict]:
         text = self.processor.apply_chat_template(rec.prompt, add_generation_prompt=True, tokenize=False)
         kwargs: dict[str, Any] = {}
@@ -222,6 +242,11 @@ class VisionPreferenceCollator:
             kwargs["images"] = images
         if videos:
             kwargs["videos"] = [v.numpy() for v in videos]  # (N, H, W, 3) uint8 each
+            # the frames are the ones the dataset's frame settings chose: not sampled again by the processor,
+            # which reads their timing from the metadata
+            kwargs["do_sample_frames"] = False
+            if metadata is not None:
+                kwargs["video_metadata"] = metadata
         enc = self.processor(text=[text], return_tensors="pt", **kwargs)
         ids = enc["input_ids"][0].tolist()
         media = {k: v for k, v in enc.items() if k not in _TEXT_KEYS and isinstance(v, torch.Tensor)}
@@ -250,10 +275,12 @@ class VisionPreferenceCollator:
         texts = _sample_responses(sample)
         per_response = _sample_media(sample, len(texts))
         if per_response is None:
-            prompt, media = self._encode_prompt(rec, sample["images"], sample.get("videos", []))
+            prompt, media = self._encode_prompt(
+                rec, sample["images"], sample.get("videos", []), sample.get("video_metadata")
+            )
             prompts, medias = [prompt] * len(texts), [media] * len(texts)
         else:
-            encoded = [self._encode_prompt(rec, images, videos) for images, videos in per_response]
+            encoded = [self._encode_prompt(rec, *media) for media in per_response]
             prompts, medias = [p for p, _ in encoded], [m for _, m in encoded]
         fitted = [self._fit(rec, p, self._encode_response(text)) for p, text in zip(prompts, texts, strict=True)]
         side = {name: sample[name] for name in _SIDE_KEYS if sample.get(name) is not None}
@@ -263,13 +290,14 @@ class VisionPreferenceCollator:
 
     def __call__(self, samples: list[dict[str, Any] | None]) -> PreferenceBatch:
         skipped = sum(1 for s in samples if s is None)
-        encoded, ids = [], []
+        encoded, ids, tags = [], [], []
         for s in samples:
             if s is None:
                 continue
             try:
                 encoded.append(self._encode(s))
                 ids.append(s["record"].id)
+                tags.append(("original", *s["candidate_names"]) if "candidate_names" in s else None)
             except BadSampleError:
                 if self.on_bad_sample != "skip":
                     raise
@@ -332,6 +360,7 @@ class VisionPreferenceCollator:
             row_lengths=(tuple(len(p) for p, _ in rows), tuple(len(r) for _, r in rows)),
             group_size=k,
             **_side_tensors(encoded, ids),
+            response_tags=tuple(tags) if all(t is not None for t in tags) else None,
         )
 
 

@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from mmpo.losses.base import ResponseStats
 
@@ -70,6 +70,10 @@ class Backbone(ABC):
     def load_reference(self, model_name_or_path: str, revision: str | None = None) -> nn.Module:
         """A frozen model loaded from another checkpoint, for the ``SeparateCheckpoint`` reference."""
         raise NotImplementedError(f"{type(self).__name__} cannot load a separate reference checkpoint")
+
+    def response_hidden(self, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor, nn.Module]:
+        """Hidden states predicting each row's response tokens, their mask and the output head (PaMi-VDPO)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose response hidden states")
 
     def media_shareable(self, model: nn.Module) -> bool:
         """Whether the policy and its adapter-disabled reference compute identical media features."""

@@ -280,6 +280,32 @@ class VisionLanguageBackbone(Backbone):
         logits = base(**inputs, use_cache=False).logits  # (N, T, V)
         return response_logprobs(logits, batch.input_ids, batch.response_mask, self.logprob_chunk_size)
 
+    def response_hidden(self, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor, nn.Module]:
+        """Final hidden states at the positions that predict each row's response tokens, and the LM head.
+
+        Rows run one by one through the naive path (each row its own prompt and media), so this serves
+        batches whose responses see different media (online video negatives).
+
+        Returns:
+            ``(hidden (N, R, H), mask (N, R), head)``: position j of row i predicts response token j
+            (R the longest response; mask False past a row's end), and the output projection.
+        """
+        base = self.unwrap(model)
+        inner, head = getattr(base, "model", None), base.get_output_embeddings()
+        text_cfg = getattr(base.config, "text_config", base.config)
+        if inner is None or head is None or any(getattr(text_cfg, a, None) for a in ("final_logit_softcapping",)):
+            raise ValueError(f"{type(base).__name__}: response hidden states need an inner model and a plain LM head")
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.row_media()}
+        hidden = inner(**inputs, use_cache=False).last_hidden_state  # (N, T, H)
+        prompts, counts = batch.host_lengths()
+        r = max(counts) if counts else 0
+        offsets = torch.arange(r, device=hidden.device)  # (R,)
+        starts = torch.tensor(prompts, device=hidden.device) - 1  # the prompt's last token predicts token 0
+        positions = (starts[:, None] + offsets[None]).clamp(max=hidden.shape[1] - 1)  # (N, R)
+        mask = offsets[None] < torch.tensor(counts, device=hidden.device)[:, None]  # (N, R)
+        picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # (N, R, H)
+        return picked, mask, head
+
     @staticmethod
     def _naive_reason(base: nn.Module, batch: Any) -> str | None:
         if not getattr(batch, "shared_prompt", False):
