@@ -201,12 +201,14 @@ class PreferenceModule(L.LightningModule):
         self, batch: PreferenceBatch, split: str = "train"
     ) -> tuple[LossOutput, ResponseStats, ResponseStats | None]:
         """Policy and reference statistics for a batch, and the loss on them."""
-        side = batch.side_info()
-        if self.candidates is not None:  # keep each group's selected responses, weighted
-            batch, side["candidate_weights"] = self.candidates.select(self, batch, split)
+        side, reference = batch.side_info(), None
+        if self.candidates is not None:  # each group's selected responses, weighted; the scoring pass that
+            # chose them ran the reference over every row, so it gives the reference statistics too
+            batch, side["candidate_weights"], reference = self.candidates.select(self, batch, split)
         with self.backbone.media_reuse(self.policy) if self._share_media else contextlib.nullcontext():
             policy = self.backbone.statistics(self.policy, batch).with_side(**side)
-            reference = self.reference.statistics(self, batch, split)
+            if reference is None:
+                reference = self.reference.statistics(self, batch, split)
         return self.loss(policy, reference), policy, reference
 
     def _step(self, batch: PreferenceBatch, stage: str) -> Tensor | None:

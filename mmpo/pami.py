@@ -7,7 +7,8 @@ Jensen–Shannon divergence against the original clip, ``mmpo.divergence``), kee
 close-to-far schedule (``augment.video.pami.CloseToFar``: close but still distinct early in training,
 the most distinct later) and weighs the kept ones (0 for a candidate judged semantically identical
 for the prompt, a false rejection). The loss (``MultiInstanceVDPOLoss``) then reads the kept group
-and the weights. What it did is logged each step: ``{split}/pami/...`` (scores, the target quantile,
+and the weights. The scoring pass is also the step's reference pass: its log-probs of the kept rows
+are the reference statistics. What it did is logged each step: ``{split}/pami/...`` (scores, the target quantile,
 shares judged identical) and, where the batch names its responses, the mean score per augmentation.
 """
 
@@ -21,6 +22,7 @@ from torch import Tensor
 from augment.video.pami import CandidateSelection, CloseToFar
 from datamodules.core.batch import PreferenceBatch
 from mmpo.divergence import chunked_js_divergence, masked_token_mean
+from mmpo.losses.base import ResponseStats
 
 __all__ = ["PaMiSelector"]
 
@@ -76,14 +78,14 @@ class PaMiSelector:
         return model, torch.no_grad()
 
     @torch.no_grad()
-    def scores(self, module: Any, batch: PreferenceBatch) -> Tensor:
-        """(B, K) mean per-token JS divergence (nats) of each candidate against the original clip."""
+    def _reference_pass(self, module: Any, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:
+        """(B, K) scores, and the reference's (N, T) response-token log-probs from the same pass."""
         model, context = self._reference_model(module)
         was_training = model.training
         model.eval()  # no dropout in the scores
         try:
             with context:
-                hidden, mask, head = module.backbone.response_hidden(model, batch)  # (N, R, H), (N, R)
+                hidden, mask, head, token_logps = module.backbone.response_hidden(model, batch)  # (N, R, H), (N, R)
         finally:
             model.train(was_training)
         b, k1 = batch.num_groups, batch.group_size
@@ -93,23 +95,35 @@ class PaMiSelector:
         js = chunked_js_divergence(
             hidden[:, :1], hidden[:, 1:], head.weight, bias, mask=mask[:, 1:], vocab_chunk=self.vocab_chunk
         )  # (B, K, R)
-        return masked_token_mean(js, mask[:, 1:] & mask[:, :1])
+        return masked_token_mean(js, mask[:, 1:] & mask[:, :1]), token_logps
 
-    def select(self, module: Any, batch: PreferenceBatch, split: str) -> tuple[PreferenceBatch, Tensor]:
-        """The batch with each group's original and M kept candidates, and their (B, 1 + M) weights."""
+    def scores(self, module: Any, batch: PreferenceBatch) -> Tensor:
+        """(B, K) mean per-token JS divergence (nats) of each candidate against the original clip."""
+        return self._reference_pass(module, batch)[0]
+
+    def select(self, module: Any, batch: PreferenceBatch, split: str) -> tuple[PreferenceBatch, Tensor, ResponseStats]:
+        """The batch with each group's original and M kept candidates, their (B, 1 + M) weights, and the
+        reference statistics of the kept rows.
+
+        The scoring pass runs the reference over every row anyway; its response log-probs of the kept
+        rows are the reference statistics, so the step runs no second reference pass.
+        """
         k = batch.group_size - 1
         if self.num_selected > k:
             raise ValueError(
                 f"PaMi-VDPO keeps num_selected={self.num_selected} candidates but the batch's groups hold {k} "
                 "(data.negatives.num_candidates)"
             )
-        scores = self.scores(module, batch)  # (B, K)
+        scores, token_logps = self._reference_pass(module, batch)  # (B, K), (N, T)
         progress = self.progress(module) if split == "train" else 1.0
         selection: CandidateSelection = self.schedule(scores, progress, self.num_selected)
         keep = torch.cat([torch.zeros_like(selection.indices[:, :1]), selection.indices + 1], dim=1)  # (B, 1 + M)
         self.last = {"scores": scores, "keep": keep, "weights": selection.weights, "tags": batch.response_tags}
         self._log(module, split, scores, selection, batch)
-        return batch.select_responses(keep), selection.group_weights()
+        kept = batch.select_responses(keep)
+        rows = batch.selected_rows(keep).to(token_logps.device)  # (N', ) in the kept batch's row order
+        reference = ResponseStats.from_rows(token_logps[rows], kept.response_mask, kept.group_size)
+        return kept, selection.group_weights(), reference
 
     def _log(
         self, module: Any, split: str, scores: Tensor, selection: CandidateSelection, batch: PreferenceBatch

@@ -131,6 +131,14 @@ def test_pami_scores_are_the_reference_models_js_divergence_per_candidate(video_
     assert ((scores >= 0) & (scores <= math.log(2))).all()
     static = FIXED.index("static")
     assert (scores[:, static] > 0).all()  # a still clip changes what the model predicts
+    # the scoring pass doubles as the reference pass: its log-probs of the kept rows are what the
+    # module's reference strategy (the disabled adapter) computes on the kept batch
+    kept, weights, reference = selector.select(module, batch, "train")
+    assert kept.group_size == 2 and weights.shape == (b, 2)
+    want = module.reference.statistics(module, kept, "train")
+    torch.testing.assert_close(reference.logps, want.logps, rtol=0, atol=1e-5)
+    torch.testing.assert_close(reference.token_logps, want.token_logps, rtol=0, atol=1e-5)
+    assert torch.equal(reference.tokens, want.tokens)
 
 
 class _RecordSelections(__import__("lightning").Callback):

@@ -131,6 +131,16 @@ class PreferenceBatch:
             response_tags=self.response_tags,
         )
 
+    def selected_rows(self, keep: Tensor) -> Tensor:
+        """(M·B,) the rows of :meth:`select_responses` ``(keep)``, in its response-major order (on the CPU)."""
+        b, k = self.num_groups, self.group_size
+        if keep.dim() != 2 or keep.shape[0] != b or keep.shape[1] < 2:
+            raise ValueError(f"keep must be (B={b}, M>=2) response indices, got {tuple(keep.shape)}")
+        keep = keep.to(device="cpu", dtype=torch.long)
+        if int(keep.min()) < 0 or int(keep.max()) >= k:
+            raise ValueError(f"keep holds response indices outside 0..{k - 1}")
+        return (keep.t() * b + torch.arange(b)).reshape(-1)
+
     def select_responses(self, keep: Tensor) -> PreferenceBatch:
         """The batch with, for each group b, only its responses ``keep[b]`` (in that order).
 
@@ -143,12 +153,8 @@ class PreferenceBatch:
         differ in size (Qwen2-VL's flattened patches) are refused with a clear error.
         """
         b, k = self.num_groups, self.group_size
-        if keep.dim() != 2 or keep.shape[0] != b or keep.shape[1] < 2:
-            raise ValueError(f"keep must be (B={b}, M>=2) response indices, got {tuple(keep.shape)}")
+        rows = self.selected_rows(keep)
         keep = keep.to(device="cpu", dtype=torch.long)
-        if int(keep.min()) < 0 or int(keep.max()) >= k:
-            raise ValueError(f"keep holds response indices outside 0..{k - 1}")
-        rows = (keep.t() * b + torch.arange(b)).reshape(-1)  # (M·B,) response-major, like the batch
         n = self.input_ids.shape[0]
         media = dict(self.media)
         if not self.shared_prompt:

@@ -71,8 +71,9 @@ class Backbone(ABC):
         """A frozen model loaded from another checkpoint, for the ``SeparateCheckpoint`` reference."""
         raise NotImplementedError(f"{type(self).__name__} cannot load a separate reference checkpoint")
 
-    def response_hidden(self, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor, nn.Module]:
-        """Hidden states predicting each row's response tokens, their mask and the output head (PaMi-VDPO)."""
+    def response_hidden(self, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor, nn.Module, Tensor]:
+        """Hidden states predicting each row's response tokens, their mask, the output head and the rows'
+        response-token log-probs (PaMi-VDPO's scoring pass, which doubles as the reference pass)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose response hidden states")
 
     def media_shareable(self, model: nn.Module) -> bool:

@@ -280,15 +280,17 @@ class VisionLanguageBackbone(Backbone):
         logits = base(**inputs, use_cache=False).logits  # (N, T, V)
         return response_logprobs(logits, batch.input_ids, batch.response_mask, self.logprob_chunk_size)
 
-    def response_hidden(self, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor, nn.Module]:
-        """Final hidden states at the positions that predict each row's response tokens, and the LM head.
+    def response_hidden(self, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor, nn.Module, Tensor]:
+        """Final hidden states at the positions that predict each row's response tokens, the LM head, and
+        the response-token log-probs of the same pass.
 
-        Rows run one by one through the naive path (each row its own prompt and media), so this serves
-        batches whose responses see different media (online video negatives).
+        Rows run through the naive path (each row its own prompt and media), so this serves batches whose
+        responses see different media (online video negatives); the log-probs are those
+        :meth:`token_logps` computes on that path, so a caller may use them as the model's statistics.
 
         Returns:
-            ``(hidden (N, R, H), mask (N, R), head)``: position j of row i predicts response token j
-            (R the longest response; mask False past a row's end), and the output projection.
+            ``(hidden (N, R, H), mask (N, R), head, token_logps (N, T))``: position j of row i predicts
+            response token j (R the longest response; mask False past a row's end).
         """
         base = self.unwrap(model)
         inner, head = getattr(base, "model", None), base.get_output_embeddings()
@@ -298,13 +300,16 @@ class VisionLanguageBackbone(Backbone):
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.row_media()}
         hidden = inner(**inputs, use_cache=False).last_hidden_state  # (N, T, H)
         prompts, counts = batch.host_lengths()
+        token_logps = response_logprobs_from_hidden(
+            hidden, head, batch.input_ids, batch.response_mask, self.logprob_chunk_size, (prompts, counts)
+        )  # (N, T)
         r = max(counts) if counts else 0
         offsets = torch.arange(r, device=hidden.device)  # (R,)
         starts = torch.tensor(prompts, device=hidden.device) - 1  # the prompt's last token predicts token 0
         positions = (starts[:, None] + offsets[None]).clamp(max=hidden.shape[1] - 1)  # (N, R)
         mask = offsets[None] < torch.tensor(counts, device=hidden.device)[:, None]  # (N, R)
         picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # (N, R, H)
-        return picked, mask, head
+        return picked, mask, head, token_logps
 
     @staticmethod
     def _naive_reason(base: nn.Module, batch: Any) -> str | None:
