@@ -19,13 +19,13 @@ from typing import Any
 
 from presets import LORA, LORA_TARGETS, RESPONSE_TOKENS, Preset
 
-__all__ = ["run_mmpo", "run_trl"]
+__all__ = ["StepClock", "peak_memory", "rss_now_mb", "run_mmpo", "run_trl"]
 
 LEARNING_RATE = 1e-5
 BETA = 0.1
 
 
-class _Clock:
+class StepClock:
     """Timestamps of the start of training and of each step's end (CUDA synchronised)."""
 
     def __init__(self, cuda: bool) -> None:
@@ -63,7 +63,7 @@ class _Clock:
         }
 
 
-def _rss_now_mb() -> float:
+def rss_now_mb() -> float:
     """The process's resident memory now (Linux ``VmRSS``; the peak so far where that is unreadable)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -74,7 +74,7 @@ def _rss_now_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _peak(cuda: bool, imports_rss_mb: float) -> dict[str, Any]:
+def peak_memory(cuda: bool, imports_rss_mb: float) -> dict[str, Any]:
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
     # what training added on top of the libraries (model classes imported at load time included)
     out = {"peak_rss_mb": rss_mb, "imports_rss_mb": imports_rss_mb, "above_imports_mb": rss_mb - imports_rss_mb}
@@ -120,10 +120,10 @@ def run_mmpo(
     from mmpo.losses import DPOLoss
     from mmpo.module import PreferenceModule
 
-    imports_rss_mb = _rss_now_mb()
+    imports_rss_mb = rss_now_mb()
     cuda = preset.device == "cuda"
     batch = preset.batch[images]
-    clock = _Clock(cuda)
+    clock = StepClock(cuda)
     seen: dict[str, int] = {}
 
     class Timer(L.Callback):
@@ -181,7 +181,7 @@ def run_mmpo(
     return {
         **({"cache_seconds": cache_time.get("cache_seconds", 0.0)} if cached_reference else {}),
         **clock.summary(warmup, batch),
-        **_peak(cuda, imports_rss_mb),
+        **peak_memory(cuda, imports_rss_mb),
         **seen,
         "trainable_params": _trainable(module.policy),
         "loss": float(trainer.callback_metrics.get("train/loss_step", float("nan"))),
@@ -209,10 +209,10 @@ def run_trl(preset: Preset, model_dir: Path, data: Path, images: int, steps: int
     from transformers import AutoProcessor, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    imports_rss_mb = _rss_now_mb()
+    imports_rss_mb = rss_now_mb()
     cuda = preset.device == "cuda"
     batch = preset.batch[images]
-    clock = _Clock(cuda)
+    clock = StepClock(cuda)
 
     class Timer(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -264,7 +264,7 @@ def run_trl(preset: Preset, model_dir: Path, data: Path, images: int, steps: int
         result = trainer.train()
     return {
         **clock.summary(warmup, batch),
-        **_peak(cuda, imports_rss_mb),
+        **peak_memory(cuda, imports_rss_mb),
         "response_tokens": int(completion[0].sum()),
         "prompt_tokens": int(completion.shape[1] - completion[0].sum()),
         "trainable_params": _trainable(trainer.model),

@@ -100,3 +100,20 @@ def test_trl_side_of_tiny_preset(tmp_path):
     assert row["speedup_vs_trl"] == pytest.approx(1.0) and row["paired_speedups_vs_trl"] == [pytest.approx(1.0)]
     assert row["median_paired_speedup_vs_trl"] == pytest.approx(1.0)
     assert 0 < row["above_imports_mb"] < row["peak_mb"] and row["above_imports_vs_trl"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_video_dpo_bench_runs_the_pami_pair_and_reports_their_ratio(tmp_path):
+    script = REPO / "benchmarks" / "bench_video_dpo.py"
+    out = tmp_path / "video.json"
+    cmd = [sys.executable, str(script), "--frames=2", "--size=32", "--vocab=300", "--candidates=3", "--steps=1"]
+    cmd += ["--warmup=0", "--frameworks=pami,pami-naive", "--threads=1", f"--workdir={tmp_path / 'w'}", f"--out={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    pami, naive = report["results"]["pami"], report["results"]["pami-naive"]
+    assert (pami["rows"], naive["rows"]) == (4, 4)  # the loader's batch: the original and 3 candidates
+    assert pami["clips_per_s"] > 0 and naive["peak_mb"] > 0
+    ratio = report["ratios"]["pami"]
+    assert ratio["throughput"] == pytest.approx(pami["clips_per_s"] / naive["clips_per_s"])
+    assert "pami: " in proc.stdout and "x the naive clips/s" in proc.stdout
