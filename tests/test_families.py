@@ -10,9 +10,9 @@ import json
 import math
 import re
 
-import lightning as L
 import pytest
 import torch
+from helpers.callbacks import LossesInMemory
 from helpers.trainers import quiet_trainer
 
 import mmpo.backbones.vlm as vlm
@@ -172,18 +172,11 @@ def test_lora_dpo_trains_two_steps(tiny, pair_files, world, family, images, monk
     )
     module.configure_model()
     before = {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
-    losses = []
+    record = LossesInMemory()
+    quiet_trainer(max_steps=2, callbacks=[record]).fit(module, datamodule=_datamodule(path, pair_files[images], world))
 
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
-
-    quiet_trainer(max_steps=2, callbacks=[Record()]).fit(
-        module, datamodule=_datamodule(path, pair_files[images], world)
-    )
-
-    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
-    assert losses[0] == pytest.approx(LN2, abs=1e-5)  # a fresh adapter is its own reference
+    assert len(record.losses) == 2 and all(math.isfinite(x) for x in record.losses)
+    assert record.losses[0] == pytest.approx(LN2, abs=1e-5)  # a fresh adapter is its own reference
     after = dict(module.policy.named_parameters())
     assert before and all("lora_" in n for n in before)
     assert all(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)  # every adapter moved

@@ -1,4 +1,4 @@
-"""Callbacks that tests name by class_path in `mmpo fit` subprocesses."""
+"""Callbacks that tests name by class_path in `mmpo fit` subprocesses, or add to in-process fits."""
 
 from __future__ import annotations
 
@@ -23,6 +23,16 @@ class RecordLosses(L.Callback):
         row = {"step": trainer.global_step, "loss": float(outputs["loss"]), "ids": batch.ids, "stage": stage}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+class LossesInMemory(L.Callback):
+    """Keep each training batch's loss in ``self.losses`` (for in-process fits)."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.losses.append(float(outputs["loss"]))
 
 
 class KillAtStep(L.Callback):
