@@ -26,9 +26,8 @@ def _datamodule(video_llava, video_world, negatives, batch_size=2, **kwargs) -> 
         str(video_llava),
         train_file=str(video_world["train"]),
         loader={"batch_size": batch_size, "shuffle": False},
-        frames={"num_frames": 4},
         negatives=negatives,
-        **kwargs,
+        **{"frames": {"num_frames": 4}, **kwargs},
     )
 
 
@@ -222,3 +221,46 @@ def test_select_responses_keeps_each_groups_own_choice_of_rows_and_media():
         ragged.select_responses(torch.tensor([[0, 1], [0, 1]]))
     with pytest.raises(ValueError, match="outside 0..2"):
         batch.select_responses(torch.tensor([[0, 3], [0, 1]]))
+
+
+def test_short_videos_and_oversized_frames_are_bad_samples_named_by_record(video_llava, tmp_path):
+    from datamodules.vision_text.video_io import write_video
+
+    write_video(tmp_path / "big.mp4", torch.zeros((8, 64, 64, 3), dtype=torch.uint8) + 40)
+    write_video(tmp_path / "short.mp4", torch.randint(0, 255, (3, 32, 32, 3), dtype=torch.uint8))
+    rows = [
+        {"id": "big", "prompt": "<video> describe the video .", "videos": ["big.mp4"], "response": "x"},
+        {"id": "short", "prompt": "<video> describe the video .", "videos": ["short.mp4"], "response": "x"},
+    ]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    world = {"train": tmp_path / "train.jsonl"}
+    frames = {"num_frames": 4, "min_frames": 4, "max_pixels": 32 * 32}
+    dm = _datamodule(video_llava, world, {"augmentations": ["shuffle"]}, frames=frames)
+    dm.setup("fit")
+    with pytest.raises(BadSampleError, match=r"train.jsonl:1: video .*big.mp4 is 64x64 \(4096 pixels a frame\)"):
+        dm.datasets["train"][0]
+    with pytest.raises(BadSampleError, match=r"train.jsonl:2: video .*short.mp4 has 3 frames, fewer than"):
+        dm.datasets["train"][1]
+    skipping = _datamodule(video_llava, world, {"augmentations": ["shuffle"]}, frames=frames, on_bad_sample="skip")
+    skipping.setup("fit")
+    assert next(iter(skipping.train_dataloader())).skipped == 2
+    with pytest.raises(ValueError, match="max_pixels must be >= 1"):
+        _datamodule(video_llava, world, {}, frames={"max_pixels": 0})
+
+
+def test_select_responses_refuses_flattened_patches_of_different_sizes():
+    from datamodules.core.batch import PreferenceBatch
+
+    n, t = 4, 3
+    batch = PreferenceBatch(
+        input_ids=torch.zeros(n, t, dtype=torch.long),
+        attention_mask=torch.ones(n, t, dtype=torch.long),
+        response_mask=torch.zeros(n, t, dtype=torch.bool),
+        prompt_lengths=torch.full((n,), t),
+        # 12 patches for 4 rows would divide evenly, but the rows hold 2, 4, 2 and 4 of them
+        media={"pixel_values_videos": torch.zeros(12, 8), "video_grid_thw": torch.tensor([[1, 1, 2], [1, 2, 2]] * 2)},
+        shared_prompt=False,
+        group_size=2,
+    )
+    with pytest.raises(ValueError, match="different numbers of patches"):
+        batch.select_responses(torch.tensor([[0, 1], [0, 1]]))

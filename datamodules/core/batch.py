@@ -158,6 +158,13 @@ class PreferenceBatch:
         n = self.input_ids.shape[0]
         media = dict(self.media)
         if not self.shared_prompt:
+            for grid_key in ("image_grid_thw", "video_grid_thw"):  # flattened patches (Qwen2-VL): sizes per entry
+                grid = self.media.get(grid_key)
+                if grid is not None and grid.shape[0] and not bool((grid.prod(-1) == grid[0].prod()).all()):
+                    raise ValueError(
+                        f"cannot select responses: the entries of {grid_key!r} hold different numbers of patches "
+                        "(rows of different sizes); responses can be selected only from media with one block per row"
+                    )
             for key, value in self.media.items():
                 if value.shape[0] % n:
                     raise ValueError(

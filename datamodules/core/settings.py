@@ -85,15 +85,25 @@ class FrameSettings:
             1/target_fps seconds from the start, at most ``num_frames``), or ``random_segment`` (a
             random window per record and epoch, for training; validation and test use ``uniform``).
         target_fps: frame rate of the ``fps`` strategy.
+        min_frames: a video with fewer frames is a bad sample (an error naming it, or a counted skip);
+            None lets a short video repeat frames to give ``num_frames``.
+        max_pixels: a video whose frames hold more pixels (height × width) is a bad sample, refused from
+            its header before any frame is decoded; None for no cap.
     """
 
     num_frames: int = 8
     frame_sampling: Literal["uniform", "fps", "random_segment"] = "uniform"
     target_fps: float | None = None
+    min_frames: int | None = None
+    max_pixels: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_frames < 1:
             raise ValueError(f"frames.num_frames must be >= 1, got {self.num_frames}")
+        for name in ("min_frames", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"frames.{name} must be >= 1 or null, got {value}")
         if self.frame_sampling not in ("uniform", "fps", "random_segment"):
             raise ValueError(
                 f"frames.frame_sampling must be uniform, fps or random_segment, got {self.frame_sampling!r}"

@@ -82,6 +82,8 @@ class PreferenceDataset(Dataset):
         target_fps: frame rate kept by the ``fps`` strategy.
         seed: seed of ``random_segment`` (per record: the same record gets the same window in an epoch;
             call ``set_epoch`` to draw new windows).
+        min_frames: a video with fewer frames is a bad sample (None: short videos repeat frames).
+        max_pixels: a video whose frames hold more pixels is a bad sample, refused before decoding.
     """
 
     def __init__(
@@ -92,8 +94,11 @@ class PreferenceDataset(Dataset):
         frame_sampling: str = "uniform",
         target_fps: float | None = None,
         seed: int = 0,
+        min_frames: int | None = None,
+        max_pixels: int | None = None,
     ) -> None:
         self.records = records
+        self.min_frames, self.max_pixels = min_frames, max_pixels
         self.on_bad_sample = on_bad_sample
         self.num_frames = num_frames
         self.frame_sampling = frame_sampling
@@ -114,7 +119,9 @@ class PreferenceDataset(Dataset):
         out, metadata = [], []
         for j, path in enumerate(paths):
             g = torch.Generator().manual_seed(hash((self.seed, self.epoch, i, j)) & 0x7FFFFFFF)
-            frames, meta = read_video(path, self.num_frames, self.frame_sampling, self.target_fps, g, where)
+            frames, meta = read_video(
+                path, self.num_frames, self.frame_sampling, self.target_fps, g, where, self.min_frames, self.max_pixels
+            )
             out.append(frames)
             metadata.append(video_metadata(meta))
         return out, metadata

@@ -115,6 +115,8 @@ def read_video(
     target_fps: float | None = None,
     generator: torch.Generator | None = None,
     where: str = "",
+    min_frames: int | None = None,
+    max_pixels: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Decode sampled frames of a video with decord (CPU, one thread).
 
@@ -125,6 +127,9 @@ def read_video(
         target_fps: Frames per second kept by the ``fps`` strategy.
         generator: Randomness for the ``random_segment`` strategy.
         where: Where the sample came from (e.g. ``train.jsonl:12``); error messages start with it.
+        min_frames: Refuse a video with fewer frames (None: short videos repeat frames).
+        max_pixels: Refuse a video whose frames hold more pixels, read from the stream's header (PyAV)
+            before decord opens it (None: no cap).
 
     Returns:
         ``frames``: ``(N, H, W, 3)`` uint8 RGB, and metadata ``{"path", "indices", "fps",
@@ -132,7 +137,8 @@ def read_video(
         video, ``duration`` in seconds).
 
     Raises:
-        BadSampleError: The file is missing or cannot be decoded (message: ``"<where>: ... <path> ..."``).
+        BadSampleError: The file is missing or cannot be decoded, or it breaks ``min_frames`` or
+            ``max_pixels`` (message: ``"<where>: ... <path> ..."``).
         ValueError: Bad sampling arguments (a caller's mistake, not the sample's).
     """
     path = str(path)
@@ -141,6 +147,8 @@ def read_video(
         raise BadSampleError(f"{prefix}video file not found: {path}")
     if strategy not in _STRATEGIES:
         raise ValueError(f"unknown sampling strategy {strategy!r}; expected one of {_STRATEGIES}")
+    if max_pixels is not None:
+        _check_resolution(path, max_pixels, prefix)
     import decord  # lazily: decord starts native threads, so import it in the worker that uses it
 
     try:
@@ -151,6 +159,8 @@ def read_video(
         raise BadSampleError(f"{prefix}cannot open video {path}: {_first_line(e)}") from e
     if total <= 0:
         raise BadSampleError(f"{prefix}video {path} has no frames")
+    if min_frames is not None and total < min_frames:
+        raise BadSampleError(f"{prefix}video {path} has {total} frames, fewer than frames.min_frames={min_frames}")
     if strategy == "fps" and not (math.isfinite(fps) and fps > 0):
         raise BadSampleError(f"{prefix}video {path} reports no frame rate ({fps}), needed by the 'fps' strategy")
     indices = sample_frame_indices(total, num_samples, strategy, fps, target_fps, generator)
@@ -175,6 +185,27 @@ def read_video(
         "width": int(frames.shape[2]),
     }
     return torch.from_numpy(np.ascontiguousarray(frames)), meta
+
+
+def _check_resolution(path: str, max_pixels: int, prefix: str) -> None:
+    """Refuse a video whose frames exceed ``max_pixels``, from its stream header (nothing decoded)."""
+    try:
+        import av
+    except ImportError as e:
+        raise ImportError("frames.max_pixels reads video headers with PyAV: pip install av") from e
+    try:
+        with av.open(path) as container:
+            streams = container.streams.video
+            if not streams:
+                raise BadSampleError(f"{prefix}{path} holds no video stream")
+            width, height = streams[0].codec_context.width, streams[0].codec_context.height
+    except av.error.FFmpegError as e:
+        raise BadSampleError(f"{prefix}cannot open video {path}: {e}") from e
+    if width * height > max_pixels:
+        raise BadSampleError(
+            f"{prefix}video {path} is {width}x{height} ({width * height} pixels a frame), over "
+            f"frames.max_pixels={max_pixels}: refused before decoding"
+        )
 
 
 def _first_line(e: BaseException) -> str:

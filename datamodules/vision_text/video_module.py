@@ -45,8 +45,9 @@ class VideoPreferenceDataModule(ImagePreferenceDataModule):
         f = self.frames
         sampling = f.frame_sampling if split == "train" else ("uniform" if f.frame_sampling != "fps" else "fps")
         dataset = PreferenceDataset(
-            records, self.on_bad_sample, f.num_frames, sampling, f.target_fps, seed=self.loader.seed
-        )
+            records, self.on_bad_sample, f.num_frames, sampling, f.target_fps, seed=self.loader.seed,
+            min_frames=f.min_frames, max_pixels=f.max_pixels,
+        )  # fmt: skip
         return dataset, problems
 
     def cache_settings(self, split: str) -> dict[str, Any]:

@@ -142,7 +142,9 @@ class OnlineVideoNegativeDataset(PreferenceDataset):
             raise
         images = item["images"]
         item["responses"] = [rec.chosen] * (1 + len(clips))
-        item["response_media"] = [(images, item["videos"]), *((images, [c]) for c in clips)]
+        # a candidate keeps the original's frame timing (the processor's temporal positions, e.g. Qwen2.5-VL's)
+        timing = item.get("video_metadata")
+        item["response_media"] = [(images, item["videos"], timing), *((images, [c], timing) for c in clips)]
         item["candidate_names"] = names
         return item
 
@@ -180,8 +182,9 @@ class VideoVDPODataModule(VideoPreferenceDataModule):
         f = self.frames
         sampling = f.frame_sampling if split == "train" else ("uniform" if f.frame_sampling != "fps" else "fps")
         dataset = OnlineVideoNegativeDataset(
-            records, self.negatives, self.on_bad_sample, f.num_frames, sampling, f.target_fps, seed=self.loader.seed
-        )
+            records, self.negatives, self.on_bad_sample, f.num_frames, sampling, f.target_fps, seed=self.loader.seed,
+            min_frames=f.min_frames, max_pixels=f.max_pixels,
+        )  # fmt: skip
         return dataset, problems
 
     def cache_settings(self, split: str) -> dict[str, Any]:
