@@ -48,6 +48,21 @@ def video_llava(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def diffusion_builds(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SD 1.5 (ε and v prediction), SDXL and SD3 checkpoints over the shapes world's words."""
+    from datamodules.worlds.shapes import vocabulary
+    from mmpo.tiny.diffusion import build_tiny_sd, build_tiny_sd3
+
+    root, words = tmp_path_factory.mktemp("tiny-diffusion"), vocabulary()
+    return {
+        "sd15": build_tiny_sd(root / "sd15", words),
+        "sd15-v": build_tiny_sd(root / "sd15-v", words, prediction_type="v_prediction"),
+        "sdxl": build_tiny_sd(root / "sdxl", words, variant="sdxl"),
+        "sd3": build_tiny_sd3(root / "sd3", words),
+    }
+
+
+@pytest.fixture(scope="session")
 def processor(tiny_llava):
     from transformers import AutoProcessor
 

@@ -38,8 +38,9 @@ def test_every_config_the_docs_name_is_one_the_next_test_instantiates():
     assert "configs/quickstart.yaml" in top_level  # the README's own quickstart is among them
     assert top_level <= {f"configs/{p.name}" for p in CONFIGS}
     # below the top level: the MIA-DPO stages (tests/test_mia_demo.py), the partial logging configs
-    # (tests/test_loggers.py) and the partial QLoRA config (its command: tests/test_commands.py)
-    below = ("configs/mia_dpo/", "configs/logging/", "configs/quantization/")
+    # (tests/test_loggers.py), the partial QLoRA config (its command: tests/test_commands.py) and the diffusion
+    # configs (tests/test_diffusion_training.py builds them and runs their commands)
+    below = ("configs/mia_dpo/", "configs/logging/", "configs/quantization/", "configs/diffusion/")
     assert {n for n in named - top_level if not n.startswith(below)} == set()
 
 

@@ -31,6 +31,13 @@ RUN_ELSEWHERE = {
     "mmpo fit --config configs/mia_dpo/sft.yaml": MIA_DEMO_TEST,
     "mmpo fit --config configs/mia_dpo/dpo.yaml": MIA_DEMO_TEST,
     "mmpo validate --config configs/mia_dpo/dpo.yaml": MIA_DEMO_TEST,
+    # the diffusion configs: a tiny diffusion model and pairs, not the tiny LLaVA
+    **{
+        f"mmpo fit --config configs/diffusion/{name}_dpo_lora.yaml --data.init_args.train_file=YOUR/train.jsonl": (
+            "tests/test_diffusion_training.py::test_config_header_command_runs_on_a_tiny_model"
+        )
+        for name in ("sd15", "sdxl", "sd3_medium")
+    },
     # the partial logging configs, each after the quickstart's (W&B offline, MLflow to a local folder)
     "mmpo fit --config configs/quickstart.yaml --config configs/logging/mlflow.yaml": (
         "tests/test_loggers.py::test_mlflow_config_logs_a_run_offline"

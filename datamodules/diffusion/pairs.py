@@ -328,11 +328,14 @@ class DiffusionPreferenceDataset(Dataset):
 
 @dataclass
 class DiffusionPreferenceBatch:
-    """A batch of B image preference pairs, winners and losers stacked along the first axis.
+    """A batch of B groups of K = 2 images of one caption (preference pairs), winners first.
 
-    Rows ``0..B-1`` hold the preferred images, rows ``B..2B-1`` the dispreferred ones of the same
-    pairs in the same order (the convention of :class:`~datamodules.core.batch.PreferenceBatch`).
-    The caption conditions both rows of a pair: repeat text embeddings (``torch.cat([e, e])``).
+    Rows are response-major, as in :class:`~datamodules.core.batch.PreferenceBatch`: row ``k·B + b``
+    holds image k of group b, so rows ``0..B-1`` hold the preferred images and rows ``B..2B-1`` the
+    dispreferred ones of the same pairs in the same order. The caption conditions both rows of a pair:
+    it is encoded once per group and repeated for its K rows. Like a ``PreferenceBatch`` it answers
+    ``num_groups``, ``group_size``, ``skipped``, ``truncated`` and :meth:`side_info`, so the training
+    module reads both kinds alike.
 
     Attributes:
         pixel_values: (2B, 3, R, R) float in [-1, 1]; None when read from a latent cache.
@@ -347,6 +350,9 @@ class DiffusionPreferenceBatch:
         text_embeds: (B, L, D) cached text embeddings, when the cache holds them.
         text_extra: further cached text-encoder outputs by name, each (B, ...) (e.g. SDXL's pooled
             embeddings), when the cache's ``encode_text`` returned a mapping.
+        noise_draw: the (t, ε) of each group, set by a diffusion backbone on its first pass over this
+            batch object so that later passes (the reference's) denoise at the same noise; None from
+            the collator. Copies made by :meth:`to` and :meth:`pin_memory` start without one.
     """
 
     pixel_values: Tensor | None
@@ -358,10 +364,37 @@ class DiffusionPreferenceBatch:
     latents: Tensor | None = None
     text_embeds: Tensor | None = None
     text_extra: dict[str, Tensor] = field(default_factory=dict)
+    noise_draw: Any = None
 
     @property
     def num_pairs(self) -> int:
         return self.label.shape[0]
+
+    @property
+    def num_groups(self) -> int:
+        """B, the groups (pairs) of the batch."""
+        return self.label.shape[0]
+
+    @property
+    def group_size(self) -> int:
+        """K, images per group: 2 (winner, loser)."""
+        return 2
+
+    @property
+    def truncated(self) -> int:
+        """Responses shortened to fit: none, images are never cut (captions are cut by the text encoder)."""
+        return 0
+
+    def side_info(self) -> dict[str, Tensor]:
+        """Side information for the loss, by :data:`~datamodules.core.batch.SIDE_FIELDS` name.
+
+        ``soft_labels`` (B,) is ``label``, the probability that image 0 (the winner) is preferred;
+        ``scores`` (B, K) is present when every pair of the batch has scores.
+        """
+        side = {"soft_labels": self.label}
+        if self.scores is not None and not bool(self.scores.isnan().any()):
+            side["scores"] = self.scores
+        return side
 
     def _map(self, fn: Callable[[Tensor], Tensor]) -> DiffusionPreferenceBatch:
         def move(t: Tensor | None) -> Tensor | None:

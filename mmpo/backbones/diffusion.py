@@ -1,0 +1,283 @@
+"""Diffusion backbones: Diffusion-DPO's statistic, −(denoising error), from a diffusers checkpoint.
+
+For a group of K images of one caption (a pair: winner, loser), the backbone noises every image's
+latents with the group's one (t, ε), runs the denoiser once over all K·B rows, and reports
+``logps = −mean over (C, H, W) of (prediction − target)²`` per image as a
+:class:`~mmpo.losses.ResponseStats` (B, K) with ``tokens = 1``. The shared loss core then gives
+Diffusion-DPO: ``DPOLoss(β)`` on these statistics is −log σ(β[(e_ref^w − e_θ^w) − (e_ref^l − e_θ^l)]),
+the official objective with ``β = β_official / 2`` (docs/diffusion.md has the table of conventions).
+
+Policy and reference must see the same (t, ε). The backbone draws it on its first pass over a batch
+object and stores it on the batch (``batch.noise_draw``); the reference pass of the same batch reads
+it back, and the next step's batch is a new object, so a draw never outlives its step. Training draws
+from torch's generators (inside the module's training stream, so a resumed run draws the same);
+evaluation draws each record's (t, ε) from ``eval_seed`` and its id, so validation figures of
+different epochs are computed at the same noise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import os
+import re
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import Any, Literal
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from mmpo.backbones.adapters import adapters_disabled
+from mmpo.backbones.diffusion_model import DiffusionModel, load_diffusion_model
+from mmpo.backbones.diffusion_noise import NoiseDraw, denoising_errors, record_seed
+from mmpo.backbones.diffusion_text import TextConditioning, encode_captions
+from mmpo.backbones.protocol import Backbone
+from mmpo.backbones.vlm import LoraSettings
+from mmpo.losses.base import ResponseStats
+
+__all__ = ["DIFFUSION_LORA_TARGETS", "DiffusionBackbone"]
+
+#: the attention projections of diffusers' UNet and SD3 blocks (what the diffusers LoRA scripts adapt)
+DIFFUSION_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+class DiffusionBackbone(Backbone):
+    """How to load a diffusers text-to-image checkpoint and compute −(denoising error) per image.
+
+    Not a module itself: ``build()`` returns the policy, a :class:`DiffusionModel` (denoiser with its
+    LoRA adapter, frozen VAE and text encoders), which the Lightning module registers as its submodule.
+
+    Args:
+        model_name_or_path: hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``,
+            ``stabilityai/stable-diffusion-xl-base-1.0``, ``stabilityai/stable-diffusion-3-medium-diffusers``)
+            or a local pipeline folder (with ``model_index.json``).
+        lora: LoRA on the denoiser (e.g. ``target_modules: [to_q, to_k, to_v, to_out.0]``, the attention
+            projections); None trains the whole denoiser.
+        dtype: the denoiser's and text encoders' weights at load time (the VAE stays float32; LoRA
+            weights are kept in float32).
+        revision: hub revision.
+        gradient_checkpointing: recompute the denoiser's activations in the backward pass.
+        eval_seed: seed of the evaluation draws (with each record's id); None draws at random.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str,
+        lora: LoraSettings | None = None,
+        dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+        revision: str | None = None,
+        gradient_checkpointing: bool = False,
+        eval_seed: int | None = 0,
+    ) -> None:
+        self.model_name_or_path = model_name_or_path
+        self.lora = lora
+        self.dtype = dtype
+        self.revision = revision
+        self.gradient_checkpointing = gradient_checkpointing
+        self.eval_seed = eval_seed
+        self._reused: dict[int, tuple[Any, Tensor, TextConditioning]] | None = None
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora is not None
+
+    # -- building -----------------------------------------------------------------------------
+    def load_pretrained(self, model_name_or_path: str | None = None, revision: str | None = None) -> DiffusionModel:
+        """Every component of the checkpoint, with this backbone's dtype (default: this backbone's checkpoint)."""
+        if model_name_or_path is None:
+            model_name_or_path, revision = self.model_name_or_path, self.revision
+        return load_diffusion_model(model_name_or_path, revision, self.dtype)
+
+    def build(self) -> DiffusionModel:
+        """Load the checkpoint, freeze the VAE and text encoders, attach LoRA to the denoiser if configured."""
+        model = self.load_pretrained()
+        model.vae.requires_grad_(False)
+        model.text_encoders.requires_grad_(False)
+        denoiser = model.denoiser
+        denoiser.requires_grad_(self.lora is None)
+        if self.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        if self.lora is not None:
+            try:
+                denoiser.add_adapter(self.lora.peft_config())
+            except ValueError as e:
+                raise ValueError(
+                    f"LoRA target_modules {self.lora.target_modules!r} do not fit {type(denoiser).__name__}: "
+                    f"{e}; its attention projections are {DIFFUSION_LORA_TARGETS}"
+                ) from e
+            for p in denoiser.parameters():
+                if p.requires_grad:  # the adapter trains in float32 over a half-precision base
+                    p.data = p.data.float()
+        return model
+
+    def adapters_disabled(self, model: nn.Module) -> AbstractContextManager:
+        """The denoiser's LoRA switched off inside the block (for passes under ``torch.no_grad()``)."""
+        if not self.uses_lora:
+            raise ValueError("the adapter-disabled reference needs a LoRA backbone (set backbone.lora)")
+        return adapters_disabled(model)
+
+    def frozen_copy(self, model: nn.Module) -> DiffusionModel:
+        """A frozen copy of the denoiser as it is now, sharing the (frozen) VAE and text encoders."""
+        denoiser = copy.deepcopy(model.denoiser).eval().requires_grad_(False)
+        return model.with_denoiser(denoiser).eval()
+
+    def load_reference(self, model_name_or_path: str, revision: str | None = None) -> DiffusionModel:
+        ref = self.load_pretrained(model_name_or_path, revision).eval()
+        return ref.requires_grad_(False)
+
+    def media_shareable(self, model: nn.Module) -> bool:
+        # the VAE and text encoders never train here, so the policy and its adapter-off reference encode alike
+        frozen = [model.vae, model.text_encoders]
+        return not any(p.requires_grad for m in frozen for p in m.parameters())
+
+    @contextlib.contextmanager
+    def _reuse(self) -> Iterator[None]:
+        self._reused = {}
+        try:
+            yield
+        finally:
+            self._reused = None
+
+    def media_reuse(self, model: nn.Module) -> AbstractContextManager:
+        """Inside the block a batch's latents and text embeddings are encoded once for all passes."""
+        return self._reuse()
+
+    def fingerprint_settings(self) -> dict[str, Any]:
+        return {"dtype": self.dtype}
+
+    # -- statistics ---------------------------------------------------------------------------
+    def encode_images(self, model: DiffusionModel, pixel_values: Tensor) -> Tensor:
+        """Scaled VAE latents of images in [-1, 1]: (N, 3, H, W) -> (N, c, h, w) float32, no gradient.
+
+        The posterior's mean, shifted and scaled by the VAE config (``shift_factor``, ``scaling_factor``).
+        """
+        vae = model.vae
+        with torch.no_grad():
+            mean = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.mean.float()
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (mean - shift) * vae.config.scaling_factor
+
+    def encode_text(self, model: DiffusionModel, captions: list[str]) -> TextConditioning:
+        """The denoiser's conditioning for ``captions`` (B), from the frozen text encoders, no gradient."""
+        return encode_captions(model.family, model.text_encoders, model.tokenizers, captions)
+
+    def cache_encoders(self, model: DiffusionModel) -> dict[str, Any]:
+        """``encode_images``, ``encode_text`` and ``encoder_id`` for
+        :meth:`~datamodules.diffusion.DiffusionPreferenceDataModule.build_cache`, so that cached
+        latents and embeddings are exactly what this backbone computes on the fly."""
+
+        def text(captions: list[str]) -> dict[str, Tensor]:
+            cond = self.encode_text(model, captions)
+            return {"text_embeds": cond.embeds} | ({"pooled": cond.pooled} if cond.pooled is not None else {})
+
+        revision = self.revision or "main"
+        encoder_id = f"{self.model_name_or_path}@{revision}:{model.family}:vae-mean:text-{self.dtype}"
+        return {"encode_images": lambda x: self.encode_images(model, x), "encode_text": text, "encoder_id": encoder_id}
+
+    def _inputs(self, model: DiffusionModel, batch: Any) -> tuple[Tensor, TextConditioning]:
+        """Clean latents (K·B, c, h, w) and the groups' conditioning (B, ...): from the cache, else encoded."""
+        if self._reused is not None and (kept := self._reused.get(id(batch))) is not None and kept[0] is batch:
+            return kept[1], kept[2]
+        if batch.latents is not None:
+            latents = batch.latents.float()
+        else:
+            latents = self.encode_images(model, batch.pixel_values)
+        if batch.text_embeds is not None:
+            text = TextConditioning(batch.text_embeds, batch.text_extra.get("pooled"))
+            if model.family != "sd" and text.pooled is None:
+                raise ValueError(
+                    f"the latent cache holds no pooled text embeddings, which a {model.family} denoiser needs: "
+                    "build it with DiffusionBackbone.cache_encoders"
+                )
+        else:
+            text = self.encode_text(model, batch.captions)
+        if self._reused is not None:
+            self._reused[id(batch)] = (batch, latents, text)
+        return latents, text
+
+    def _draw(self, model: DiffusionModel, batch: Any, latents: Tensor) -> NoiseDraw:
+        """The batch's (t, ε): drawn on the first pass over this batch object, read back on later ones."""
+        groups, shape = batch.num_groups, tuple(latents.shape[1:])
+        draw = getattr(batch, "noise_draw", None)
+        if draw is not None:
+            if draw.num_groups != groups or tuple(draw.noise.shape[1:]) != shape:
+                raise ValueError(f"batch.noise_draw is for {tuple(draw.noise.shape)} latents, not {groups} × {shape}")
+            return draw
+        seeds = None
+        if not model.training and self.eval_seed is not None:
+            seeds = [record_seed(self.eval_seed, i) for i in batch.ids]
+        draw = model.schedule.draw(groups, shape, latents.device, seeds)
+        batch.noise_draw = draw
+        return draw
+
+    def denoise(self, model: DiffusionModel, noisy: Tensor, timesteps: Tensor, text: TextConditioning) -> Tensor:
+        """The denoiser's output for noisy latents (N, c, h, w) at ``timesteps`` (N,) under per-row ``text``."""
+        denoiser = model.denoiser
+        if model.family == "sd3":
+            return denoiser(
+                hidden_states=noisy, timestep=timesteps, encoder_hidden_states=text.embeds,
+                pooled_projections=text.pooled, return_dict=False,
+            )[0]  # fmt: skip
+        added = None
+        if model.family == "sdxl":  # original size, crop corner, target size: the square crop, uncropped
+            side_h, side_w = (s * model.vae_scale_factor for s in noisy.shape[-2:])
+            time_ids = torch.tensor([side_h, side_w, 0, 0, side_h, side_w], device=noisy.device, dtype=noisy.dtype)
+            added = {"text_embeds": text.pooled, "time_ids": time_ids.expand(noisy.shape[0], -1)}
+        return denoiser(
+            noisy, timesteps, encoder_hidden_states=text.embeds, added_cond_kwargs=added, return_dict=False
+        )[0]
+
+    def statistics(self, model: nn.Module, batch: Any) -> ResponseStats:
+        """−(mean squared denoising error) (B, K) of ``model`` on ``batch``, ``tokens`` = 1.
+
+        One denoiser forward over the batch's K·B rows (row k·B + b: response k of group b), every row
+        of a group at the group's (t, ε).
+        """
+        k = batch.group_size
+        latents, text = self._inputs(model, batch)  # (K·B, c, h, w), (B, ...)
+        draw = self._draw(model, batch, latents).rows(k)  # (K·B, ...)
+        schedule = model.schedule
+        dtype = model.denoiser.dtype
+        noisy = schedule.noisy(latents, draw).to(dtype)
+        prediction = self.denoise(model, noisy, draw.timesteps, text.rows(k, dtype))
+        errors = denoising_errors(prediction, schedule.target(latents, draw))  # (K·B,)
+        logps = -rearrange(errors, "(k b) -> b k", k=k)
+        return ResponseStats(logps=logps, tokens=torch.ones_like(logps))
+
+    # -- saving -------------------------------------------------------------------------------
+    def save(self, model: nn.Module, out_dir: str | os.PathLike) -> None:
+        """The LoRA adapter as the pipeline's ``save_lora_weights`` writes it (``pytorch_lora_weights.safetensors``,
+        PEFT keys under ``unet.`` / ``transformer.``, read back by ``pipeline.load_lora_weights``), or the
+        full denoiser with ``save_pretrained``."""
+        import diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        if self.lora is None:
+            model.denoiser.save_pretrained(out_dir)
+            return
+        name = model.denoiser_name
+        writer = getattr(diffusers, model.pipeline_class).save_lora_weights
+        if f"{name}_lora_adapter_metadata" not in inspect.signature(writer).parameters:
+            # without the metadata a loader assumes alpha = r and rescales the adapter
+            raise RuntimeError(
+                f"saving a LoRA adapter with its alpha needs diffusers >= 0.34, not {diffusers.__version__}"
+            )
+        writer(
+            out_dir,
+            **{
+                f"{name}_lora_layers": get_peft_model_state_dict(model.denoiser),
+                f"{name}_lora_adapter_metadata": model.denoiser.peft_config[model.active_adapter].to_dict(),
+            },
+        )
+
+    def describe(self, model: nn.Module) -> str:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+        denoiser = type(model.denoiser).__name__
+        kind = f"LoRA r={self.lora.r} on the {denoiser}" if self.lora else f"full fine-tuning of the {denoiser}"
+        target = getattr(model.scheduler.config, "prediction_type", None) or "flow matching"
+        name = re.sub(r"^.*/", "", str(self.model_name_or_path).rstrip("/"))
+        return f"{name}: {kind} ({target}), {trainable:,} trainable of {total:,} parameters"
