@@ -25,6 +25,7 @@ def generate_answers(
     images: Sequence[Sequence[Image.Image]] | None = None,
     *,
     videos: Sequence[np.ndarray] | None = None,
+    video_metadata: Sequence[dict[str, Any]] | None = None,
     batch_size: int = 16,
     max_new_tokens: int = 32,
 ) -> list[str]:
@@ -38,6 +39,9 @@ def generate_answers(
             ``videos``, no placeholder (the video comes first in the user turn).
         images: the images of each prompt, in placeholder order.
         videos: one clip per prompt, ``(N, H, W, 3)`` uint8 frames (give ``images`` or ``videos``).
+        video_metadata: each clip's timing (``datamodules.vision_text.collator.video_metadata`` fields:
+            the frames kept and the video's fps), which processors such as Qwen2.5-VL's read; without it
+            they assume 24 fps. The frames are never sampled again by the processor.
         batch_size: prompts per ``generate`` call.
         max_new_tokens: longest answer.
     """
@@ -64,7 +68,9 @@ def generate_answers(
             else:
                 video_first = [{"type": "video"}]
                 messages = [[{"role": "user", "content": [*video_first, {"type": "text", "text": p}]}] for p in chunk]
-                kwargs = {"videos": list(videos[start : start + batch_size])}
+                kwargs = {"videos": list(videos[start : start + batch_size]), "do_sample_frames": False}
+                if video_metadata is not None:
+                    kwargs["video_metadata"] = list(video_metadata[start : start + batch_size])
             texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
             enc = processor(text=texts, return_tensors="pt", padding=True, **kwargs).to(device)
             for key in ("pixel_values", "pixel_values_videos"):

@@ -97,6 +97,8 @@ class VideoHallucinationEval(AnswerEval):
         max_new_tokens: Longest answer; the first word decides it.
         during_fit: Also run after each validation of ``mmpo fit`` (off: only ``validate`` and ``test``).
         processor: Processor path; by default the datamodule's ``processor``.
+        fps: The frame rate the probe clips stand for (the video world writes its clips at 8), passed to
+            the processor with the frames shown, as the datamodule passes a decoded clip's timing.
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class VideoHallucinationEval(AnswerEval):
         max_new_tokens: int = 8,
         during_fit: bool = False,
         processor: str | None = None,
+        fps: float = 8.0,
     ) -> None:
         super().__init__()
         self.types = list(types or PROBE_TYPES)
@@ -122,6 +125,9 @@ class VideoHallucinationEval(AnswerEval):
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.during_fit = during_fit
         self.processor_path = processor
+        if fps <= 0:
+            raise ValueError(f"fps must be positive, got {fps}")
+        self.fps = fps
         self._probes: dict[tuple[int, ...], list[VideoProbePair]] = {}
         self.last_answers: list[tuple[VideoProbePair, tuple[str, str]]] = []
 
@@ -150,11 +156,16 @@ class VideoHallucinationEval(AnswerEval):
         # Both questions of a probe, basic first, see the same frames: (len(shown), H, W, 3) each.
         questions = [q for p in mine for q in (p.basic, p.hallucinated)]
         videos = [p.frames[shown] for p in mine for _ in range(2)]
+        timing = {
+            "total_num_frames": self.clip_frames, "fps": self.fps, "frames_indices": list(shown),
+            "duration": self.clip_frames / self.fps, "height": self.size, "width": self.size,
+        }  # fmt: skip
         flat = generate_answers(
             model,
             self._processor(trainer),
             questions,
             videos=videos,
+            video_metadata=[timing] * len(videos),
             batch_size=self.batch_size,
             max_new_tokens=self.max_new_tokens,
         )
