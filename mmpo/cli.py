@@ -54,6 +54,7 @@ _EXTRA = {
     "mia-demo": ("mmpo.recipes.mia_demo", "MIA-DPO end to end on the shapes world, hallucination before/after (CPU)"),
     "export": ("mmpo.export", "a LoRA adapter (or checkpoint) merged into its base model, in transformers format"),
     "plot": ("mmpo.plot", "a run's reward curves (CSV / TensorBoard logs) drawn into a PNG"),
+    "sample": ("mmpo.recipes.sample", "a grid of images from a diffusion checkpoint, with a run's LoRA adapter"),
 }
 
 

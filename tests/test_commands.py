@@ -38,6 +38,9 @@ RUN_ELSEWHERE = {
         )
         for name in ("sd15", "sdxl", "sd3_medium")
     },
+    "mmpo fit --config configs/diffusion/sd15_sft_lora.yaml --data.init_args.train_file=YOUR/train.jsonl": (
+        "tests/test_diffusion_sampling.py::test_sft_config_header_command_trains_saves_and_samples"
+    ),
     # the partial logging configs, each after the quickstart's (W&B offline, MLflow to a local folder)
     "mmpo fit --config configs/quickstart.yaml --config configs/logging/mlflow.yaml": (
         "tests/test_loggers.py::test_mlflow_config_logs_a_run_offline"
