@@ -1,0 +1,244 @@
+"""Data and model of ``mmpo pami-demo``: the video world, yes/no training questions and a tiny video-LLM.
+
+The demonstration's probes (:class:`mmpo.video_hallucination.VideoHallucinationEval`) ask yes/no questions
+("does the red circle move left ?") about clips they render from their own seed. A model fine-tuned only on the
+world's open questions has never answered yes or no, so the SFT set here also holds yes/no questions in the
+probes' form, asked about *training* clips: they are made by :func:`datamodules.worlds.video_probes.make_video_probes`
+under `TRAIN_PROBE_SEED` (probes of seed ``TRAIN_PROBE_SEED + world seed``), their clips written as mp4 next to
+the world's, and the evaluation uses `EVAL_PROBE_SEED` (0), a different seed and so other clips; a test checks that
+no evaluation clip is among them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "EVAL_PROBE_SEED",
+    "MODEL",
+    "TRAIN_PROBE_SEED",
+    "WORLD",
+    "question_type",
+    "prepare",
+    "pretrain_video_tower",
+    "write_yes_no_split",
+]
+
+# Short clips keep the CPU demo fast: 8 frames, at most two objects (order and relation need two). Written at
+# 64 px: decord (the video reader) fails on 48 px frames (row alignment), so the processor resizes them instead.
+WORLD = {"num_frames": 8, "size": 64, "max_objects": 2, "fps": 8}
+# Frames resized to 48 px in 8 px patches: 36 patches a frame, 2x2-pooled to 9 video tokens, 72 for the clip.
+MODEL = {"image_size": 48, "patch_size": 8, "vision_width": 64, "text_width": 128, "text_layers": 4}
+# Probe seeds: the SFT yes/no questions come from TRAIN_PROBE_SEED + world seed, the evaluation from EVAL_PROBE_SEED.
+TRAIN_PROBE_SEED = 1000
+EVAL_PROBE_SEED = 0
+
+
+def question_type(prompt: str) -> str:
+    """``direction``, ``color``, ``order``, ``caption``, ``shape`` or ``relation``: what a prompt asks about.
+
+    Covers the world's open questions and the probes' yes/no questions, so training batches and scores can be
+    grouped by the kind of question whatever its form.
+    """
+    words = prompt.split()
+    if "which" in words and "way" in words or (words[:1] == ["does"] and "move" in words):
+        return "direction"
+    if words[:2] == ["what", "color"] or (words[:1] == ["is"] and "shape" not in words and "that" in words):
+        return "color"
+    if "appears" in words or "appear" in words:
+        return "order"
+    if words[:1] == ["is"] and "shape" in words:
+        return "shape"
+    if words[:1] == ["is"]:
+        return "relation"
+    return "caption"
+
+
+def write_yes_no_split(data: Path, name: str, n: int, seed: int) -> list[dict]:
+    """Write ``n`` probe pairs of ``seed`` as clips ``data/videos/<name>-*.mp4`` and 2n yes/no records.
+
+    Each pair gives its basic question with the answer ``yes .`` and its hallucinated twin with ``no .`` (the
+    other answer is the record's ``rejected``), both about the same clip; the clip's objects are kept in the
+    record so the answers can be checked against the ground truth.
+    """
+    from datamodules.vision_text.video_io import write_video
+    from datamodules.worlds.video_probes import make_video_probes
+
+    probes = make_video_probes(
+        n, seed, num_frames=WORLD["num_frames"], size=WORLD["size"], max_objects=WORLD["max_objects"]
+    )
+    (data / "videos").mkdir(parents=True, exist_ok=True)
+    records = []
+    for probe in probes:
+        clip = f"videos/{name}-{probe.index:06d}.mp4"
+        write_video(data / clip, probe.frames, fps=WORLD["fps"])
+        objects = [o.to_dict() for o in probe.objects]
+        for suffix, question, answer in (("b", probe.basic, "yes"), ("h", probe.hallucinated, "no")):
+            other = "no" if answer == "yes" else "yes"
+            records.append(
+                {
+                    "id": f"{name}-{probe.index:06d}-{suffix}",
+                    "videos": [clip],
+                    "prompt": question,
+                    "chosen": f"{answer} .",
+                    "rejected": f"{other} .",
+                    "kind": f"yes/no {probe.kind}",
+                    "objects": objects,
+                }
+            )
+    return records
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> Path:
+    from datamodules.core.atomic import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def prepare(
+    workdir: Path, n_train: int, n_yes_no: int, n_val: int, seed: int, vision_steps: int, progress: bool = True
+) -> dict:
+    """Write the world, the SFT / preference / awareness splits and the pretrained tiny video-LLM.
+
+    Files under ``workdir / "data"``: the world (``train.jsonl``, ``val.jsonl``), ``sft_train.jsonl`` (the
+    world's training records then ``n_yes_no`` yes/no pairs of training clips, shuffled with ``seed``; the
+    preference stages train on the same records' chosen answers) and ``awareness.jsonl`` (the world's held-out
+    direction and colour questions, for the prompt-awareness scores).
+
+    Returns:
+        ``{"model": path, "vision": pretraining report, "files": {...}, "counts": {...}}``.
+    """
+    from datamodules.worlds.video import vocabulary, write_video_world
+    from datamodules.worlds.video_probes import probe_vocabulary
+    from mmpo.tiny.llava import build_tiny_llava
+
+    data = workdir / "data"
+    world = write_video_world(data, n_train=n_train, n_val=n_val, seed=seed, overwrite=True, **WORLD)
+    train = [json.loads(line) for line in Path(world["train"]).read_text().splitlines()]
+    val = [json.loads(line) for line in Path(world["val"]).read_text().splitlines()]
+    yes_no = write_yes_no_split(data, "yesno-train", n_yes_no, TRAIN_PROBE_SEED + seed)
+    sft = train + yes_no
+    random.Random(f"mmpo-pami-demo/sft/{seed}").shuffle(sft)
+    files = {
+        "sft": _write_jsonl(data / "sft_train.jsonl", sft),
+        "val": Path(world["val"]),
+        "awareness": _write_jsonl(data / "awareness.jsonl", [r for r in val if r["kind"] in ("direction", "color")]),
+    }
+    path = build_tiny_llava(
+        workdir / "tiny-video-llava", [*vocabulary(), *probe_vocabulary()], seed=seed, video=True, **MODEL
+    )
+    vision = pretrain_video_tower(path, steps=vision_steps, seed=seed, progress=progress)
+    counts = {"world_train": len(train), "yes_no_train": len(yes_no), "val": len(val)}
+    return {"model": path, "vision": vision, "files": files, "counts": counts}
+
+
+def _frame_batch(rng: random.Random, n: int, processor, grid: int) -> tuple:
+    """Single frames of fresh world clips through the video processor, and what and where their objects are.
+
+    Returns pixels (n, 3, H, W), presence of each (colour, shape) pair (n, P), and the colour filling each of the
+    tower's ``grid`` x ``grid`` patches (n, grid * grid): 0 for background, 1 + the colour's index otherwise (a
+    patch takes the colour covering most of it, if it covers a sixth of it or more).
+    """
+    import torch
+
+    from datamodules.worlds.shapes import COLORS, SHAPES
+    from datamodules.worlds.video import render_clip, sample_clip
+
+    pairs = {(c, s): i for i, (c, s) in enumerate((c, s) for s in SHAPES for c in COLORS)}
+    palette = np.array(list(COLORS.values()), dtype=np.uint8)  # (C, 3)
+    size, count = WORLD["size"], WORLD["num_frames"]
+    edges = np.linspace(0, size, grid + 1).round().astype(int)
+    frames, present, patches = [], torch.zeros(n, len(pairs)), torch.zeros(n, grid * grid, dtype=torch.long)
+    for i in range(n):
+        objects = sample_clip(rng, count, size, WORLD["max_objects"])
+        t = rng.randrange(count)
+        frame = render_clip(objects, count, size)[t]  # (H, W, 3)
+        frames.append(frame[None])
+        for o in objects:
+            if t >= o.appears:
+                present[i, pairs[o.color, o.shape]] = 1.0
+        hits = (frame[:, :, None, :] == palette).all(-1)  # (H, W, C): no anti-aliasing, colours are exact
+        for r in range(grid):
+            for c in range(grid):
+                cell = hits[edges[r] : edges[r + 1], edges[c] : edges[c + 1]].sum(axis=(0, 1))  # (C,)
+                if cell.max() * 6 >= cell.size and cell.max() * 6 >= (edges[1] - edges[0]) ** 2:
+                    patches[i, r * grid + c] = 1 + int(cell.argmax())
+    pixels = processor(videos=frames, return_tensors="pt")["pixel_values_videos"][:, 0]  # (n, 3, H, W)
+    return pixels, present, patches
+
+
+def pretrain_video_tower(
+    checkpoint: Path, steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3, progress: bool = True
+) -> dict:
+    """Teach the tiny video-LLM's vision tower what and where objects are, on single frames of the world.
+
+    A stand-in for the CLIP pretraining a real video-LLM starts from (as :mod:`mmpo.tiny.vision` does for the
+    image LLaVA, whose image processor this video checkpoint does not have). Two throw-away linear heads: one
+    on the patch features' mean predicts which (colour, shape) pairs are in the frame (binary cross-entropy),
+    one on each patch's feature predicts the colour filling that patch or background (cross-entropy), so where
+    each colour is, and with it motion across frames, is in the tokens the language model reads. Reused when
+    stamped with the same settings.
+
+    Returns:
+        ``{"accuracy", "patch_accuracy", "loss", "seconds", "steps", "reused"}``: held-out frames whose k
+        best-scored pairs are their k objects, and the share of held-out object patches given their colour.
+    """
+    import time
+
+    import torch
+    from einops import reduce
+    from torch import nn
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from datamodules.worlds.shapes import COLORS, SHAPES
+    from mmpo.tiny.llava import pretraining_loop, read_tiny_stamp, reused_pretraining, save_tiny_weights
+
+    stamp = read_tiny_stamp(checkpoint)
+    settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "world": WORLD, "version": 2}
+    kept = ("accuracy", "patch_accuracy", "loss", "seconds")
+    if (reused := reused_pretraining(stamp, "video_tower_pretraining", settings, kept)) is not None:
+        return reused
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(checkpoint).video_processor
+    vision = model.config.vision_config
+    tower, grid = model.model.vision_tower, vision.image_size // vision.patch_size
+    torch.manual_seed(seed)
+    what = nn.Linear(vision.hidden_size, len(COLORS) * len(SHAPES))
+    where = nn.Linear(vision.hidden_size, 1 + len(COLORS))
+    rng = random.Random(f"mmpo-pami-demo/tower/{seed}/train")
+
+    def heads(pixels):
+        hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]  # (n, grid², D)
+        return what(reduce(hidden, "n p d -> n d", "mean")), where(hidden)  # (n, P), (n, grid², 1 + C)
+
+    def step_loss():
+        pixels, present, patches = _frame_batch(rng, batch_size, processor, grid)
+        pair_logits, patch_logits = heads(pixels)
+        presence = nn.functional.binary_cross_entropy_with_logits(pair_logits, present)
+        return presence + nn.functional.cross_entropy(patch_logits.flatten(0, 1), patches.flatten())
+
+    start = time.perf_counter()
+    tower.train()
+    params = [*tower.parameters(), *what.parameters(), *where.parameters()]
+    loss = pretraining_loop(params, step_loss, steps, lr, min(50, steps // 10), "video tower pretraining", progress)
+    tower.eval()
+    held_out = random.Random(f"mmpo-pami-demo/tower/{seed}/eval")
+    pixels, present, patches = _frame_batch(held_out, 256, processor, grid)
+    with torch.no_grad():
+        pair_logits, patch_logits = heads(pixels)
+    ranked = pair_logits.argsort(dim=1, descending=True)
+    k = present.sum(dim=1).long()
+    truth = [set(row.nonzero().flatten().tolist()) for row in present]
+    accuracy = sum(set(ranked[i, : k[i]].tolist()) == t for i, t in enumerate(truth)) / len(truth)
+    objects = patches > 0
+    patch_accuracy = (patch_logits.argmax(-1) == patches)[objects].float().mean().item()
+    report = {"accuracy": accuracy, "patch_accuracy": round(patch_accuracy, 4), "loss": loss}
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    stamp["video_tower_pretraining"] = {**settings, **report}
+    save_tiny_weights(model, checkpoint, stamp)
+    return {**report, "steps": steps, "reused": False}

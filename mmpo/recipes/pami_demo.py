@@ -1,0 +1,298 @@
+"""``mmpo pami-demo``: VDPO against PaMi-VDPO on the synthetic video world, on the CPU, no downloads.
+
+1. Write the video world (8 frames of 48 px, one or two moving shapes) and yes/no questions in the probes' form
+   about training clips (:mod:`mmpo.recipes.pami_data`); build a tiny LLaVA-NeXT-Video over the world's and
+   the probes' words and pretrain its vision tower on single frames.
+2. SFT (full model, tower frozen, ``SFTLoss``) on the world's open questions and the yes/no questions; one SFT
+   model is shared by every seed.
+3. For each seed, from the SFT model with the same LoRA, steps, batch and learning rate: VDPO (one random
+   augmentation per record, ``DPOLoss``) and PaMi-VDPO (K fixed candidates, ``PaMiSelector`` keeping one,
+   ``MultiInstanceVDPOLoss``); the reference is the SFT model (the adapter disabled). A seed sets the data
+   order, the LoRA initialisation and the candidate draws.
+4. The video hallucination probes (``VideoHallucinationEval``, probe seed 0, clips never trained on) before
+   (the SFT model) and after each run; mean and standard deviation over seeds.
+5. Prompt-awareness: the SFT model's PaMi score (mean per-token JS divergence) of each augmentation on held-out
+   direction and colour questions, and how often PaMi-VDPO's selector kept ``reverse`` for each question type.
+
+The table is printed and written with every per-seed figure to ``--workdir``/``results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import time
+from pathlib import Path
+
+import lightning as L
+
+from mmpo.recipes.pami_data import EVAL_PROBE_SEED, WORLD, prepare, question_type
+
+__all__ = ["CANDIDATES", "SelectionCounter", "main", "probe", "prompt_awareness", "train"]
+
+# PaMi-VDPO's fixed candidates: two that break time (reverse, shuffle), one that removes motion (static), two
+# that keep it (crop, colour jitter), so a prompt-aware choice has something to choose between.
+CANDIDATES = ["reverse", "shuffle", "static", "crop", "color_jitter"]
+METRICS = ("basic_acc", "hallucinated_acc", "pair_acc", "yes_ratio", "unparsable")
+TYPES = ("temporal", "semantic", "relation", "overall")
+
+
+def _trainer(callbacks=(), max_steps: int = -1, max_epochs: int | None = None, progress: bool = False) -> L.Trainer:
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,  # validation runs for the probes; one batch of the ordinary loss is enough
+        max_steps=max_steps,
+        max_epochs=max_epochs,
+        callbacks=list(callbacks),
+    )
+
+
+def _module(model: Path, loss, lr: float, lora_rank: int | None = None, candidates=None, save_dir=None):
+    import torch
+
+    from mmpo.backbones import LoraSettings, VisionLanguageBackbone
+    from mmpo.module import PreferenceModule
+
+    lora = LoraSettings(r=lora_rank, alpha=2 * lora_rank, dropout=0.0) if lora_rank else None
+    backbone = VisionLanguageBackbone(str(model), lora=lora, freeze_vision_tower=True)
+    optimizer = functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0)
+    return PreferenceModule(backbone, loss, optimizer=optimizer, candidates=candidates, save_dir=save_dir)
+
+
+def _videos(model: Path, train: Path | None, val: Path, batch_size: int, seed: int, negatives=None, shuffle=True):
+    from datamodules import VideoPreferenceDataModule, VideoVDPODataModule
+
+    common = {
+        "train_file": str(train) if train else None,
+        "val_file": str(val),
+        "loader": {"batch_size": batch_size, "seed": seed, "shuffle": shuffle},
+        "frames": {"num_frames": WORLD["num_frames"]},
+    }
+    if negatives is None:
+        return VideoPreferenceDataModule(str(model), **common)
+    return VideoVDPODataModule(str(model), negatives=negatives, **common)
+
+
+def probe(module, datamodule, n_probes: int) -> dict[str, float]:
+    """The video hallucination probes of ``module``'s policy: ``{"<type>/<metric>": value}``."""
+    from mmpo.video_hallucination import VideoHallucinationEval
+
+    callback = VideoHallucinationEval(
+        n_probes=n_probes,
+        seed=EVAL_PROBE_SEED,
+        clip_frames=WORLD["num_frames"],
+        size=WORLD["size"],
+        max_objects=WORLD["max_objects"],
+        batch_size=32,
+        max_new_tokens=2,
+    )
+    (results,) = _trainer([callback]).validate(module, datamodule=datamodule, verbose=False)
+    prefix = "val/video_hallucination/"
+    return {k[len(prefix) :]: float(v) for k, v in results.items() if k.startswith(prefix)}
+
+
+class SelectionCounter(L.Callback):
+    """Counts, per question type, which augmentation PaMi-VDPO's selector kept (with a non-zero weight).
+
+    A Lightning callback: after each training step it reads the selector's ``last`` choice, the batch's
+    response tags and record ids, and the type of each record's question.
+
+    Args:
+        selector: the run's :class:`mmpo.pami.PaMiSelector`.
+        kinds: record id to question type (:func:`mmpo.recipes.pami_data.question_type`).
+    """
+
+    def __init__(self, selector, kinds: dict[str, str]) -> None:
+        super().__init__()
+        self.selector, self.kinds = selector, kinds
+        self.kept: dict[str, dict[str, int]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        last = self.selector.last
+        for g, (record, tags) in enumerate(zip(batch.ids, last["tags"], strict=True)):
+            kind = self.kinds.get(record, "other")
+            for index, weight in zip(last["keep"][g, 1:].tolist(), last["weights"][g].tolist(), strict=True):
+                if weight > 0:
+                    tag = tags[index]  # keep holds positions in the group, the original at 0
+                    counts = self.kept.setdefault(kind, {})
+                    counts[tag] = counts.get(tag, 0) + 1
+
+
+def train(method: str, sft: Path, data: dict, args, seed: int, kinds: dict[str, str]) -> tuple[dict, dict]:
+    """One preference run from the SFT model; returns the probes after it and (PaMi-VDPO) the selections."""
+    from datamodules import VideoNegativeSettings
+    from mmpo.losses import DPOLoss, MultiInstanceVDPOLoss
+    from mmpo.pami import PaMiSelector
+
+    L.seed_everything(seed, verbose=False)
+    if method == "vdpo":
+        negatives, loss, selector = VideoNegativeSettings(num_candidates=1, sampling="random"), DPOLoss(beta=0.1), None
+    else:
+        negatives = VideoNegativeSettings(augmentations=CANDIDATES, num_candidates=len(CANDIDATES), sampling="fixed")
+        loss, selector = MultiInstanceVDPOLoss(beta=0.1), PaMiSelector(num_selected=1)
+    module = _module(sft, loss, args.lr, args.lora_rank, candidates=selector)
+    dm = _videos(sft, data["sft"], data["val"], args.batch_size, seed, negatives)
+    counter = [SelectionCounter(selector, kinds)] if selector else []
+    _trainer(counter, max_steps=args.dpo_steps).fit(module, datamodule=dm)
+    return probe(module, dm, args.probes), (counter[0].kept if counter else {})
+
+
+def prompt_awareness(sft: Path, awareness: Path, args) -> dict[str, dict[str, float]]:
+    """Mean PaMi score (nats) of each of `CANDIDATES` per question type, the SFT model as the scorer."""
+    import torch
+
+    from datamodules import VideoNegativeSettings
+    from mmpo.losses import MultiInstanceVDPOLoss
+    from mmpo.pami import PaMiSelector
+
+    kinds = {(r := json.loads(line))["id"]: r["kind"] for line in awareness.read_text().splitlines()}
+    selector = PaMiSelector(num_selected=1)
+    module = _module(sft, MultiInstanceVDPOLoss(), args.lr, args.lora_rank, candidates=selector)
+    module.configure_model()
+    module.policy.eval()
+    negatives = VideoNegativeSettings(augmentations=CANDIDATES, num_candidates=len(CANDIDATES), sampling="fixed")
+    dm = _videos(sft, awareness, awareness, 16, 0, negatives, shuffle=False)
+    dm.setup("fit")
+    sums: dict[str, dict[str, list[float]]] = {}
+    with torch.no_grad():
+        for batch in dm.train_dataloader():
+            scores = selector.scores(module, batch)  # (B, K)
+            for record, tags, row in zip(batch.ids, batch.response_tags, scores.tolist(), strict=True):
+                for tag, value in zip(tags[1:], row, strict=True):
+                    sums.setdefault(kinds[record], {}).setdefault(tag, []).append(value)
+    return {kind: {tag: statistics.fmean(v) for tag, v in by_tag.items()} for kind, by_tag in sums.items()}
+
+
+def _spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f}±{statistics.stdev(values):.3f}"
+
+
+def _table(before: dict, after: dict[str, list[dict]]) -> list[str]:
+    lines = [f"{'probe type / metric':<28}{'SFT':>12}{'VDPO':>14}{'PaMi-VDPO':>14}"]
+    for kind in TYPES:
+        for metric in METRICS:
+            key = f"{kind}/{metric}"
+            cells = [f"{before.get(key, float('nan')):>12.3f}"]
+            cells += [f"{_spread([run[key] for run in after[m]]):>14}" for m in ("vdpo", "pami")]
+            lines.append(f"{key:<28}" + "".join(cells))
+    return lines
+
+
+def _awareness_lines(scores: dict, kept: dict[str, int]) -> list[str]:
+    lines = [f"{'question':<12}" + "".join(f"{tag:>14}" for tag in CANDIDATES)]
+    for kind in ("direction", "color"):
+        lines.append(f"{kind:<12}" + "".join(f"{scores.get(kind, {}).get(t, float('nan')):>14.4f}" for t in CANDIDATES))
+    lines += ["", "PaMi-VDPO training: share of kept candidates per augmentation, by question type (all seeds)"]
+    for kind, counts in sorted(kept.items()):
+        total = sum(counts.values())
+        shares = "  ".join(f"{tag} {counts.get(tag, 0) / total:.2f}" for tag in CANDIDATES)
+        lines.append(f"{kind:<12} ({total:>4} kept)  {shares}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="mmpo pami-demo", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="runs/pami_demo", help="where data, models and results go")
+    parser.add_argument("--seeds", type=int, default=3, help="preference runs per method (seeds 0..n-1)")
+    parser.add_argument("--world-seed", type=int, default=0, help="seed of the world, the model and the SFT stage")
+    parser.add_argument("--n-train", type=int, default=400, help="world training records (open questions)")
+    parser.add_argument(
+        "--n-yes-no", type=int, default=300, help="yes/no probe pairs on training clips (2 records each)"
+    )
+    parser.add_argument(
+        "--n-val", type=int, default=200, help="world validation records (awareness: its direction/colour)"
+    )
+    parser.add_argument("--vision-steps", type=int, default=300, help="vision tower pretraining steps")
+    parser.add_argument("--sft-epochs", type=int, default=8)
+    parser.add_argument("--sft-lr", type=float, default=2e-3)
+    parser.add_argument("--dpo-steps", type=int, default=30, help="optimizer steps of each preference run")
+    parser.add_argument("--batch-size", type=int, default=8, help="records per step (SFT uses twice as many)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="learning rate of the preference runs (LoRA)")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument(
+        "--reuse-sft", action="store_true", help="use the SFT model already in --workdir (same data settings)"
+    )
+    parser.add_argument("--probes", type=int, default=60, help="probe pairs per measurement (types take turns)")
+    args = parser.parse_args(argv)
+
+    start, seconds = time.perf_counter(), {}
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    prepared = prepare(workdir, args.n_train, args.n_yes_no, args.n_val, args.world_seed, args.vision_steps)
+    vision = prepared["vision"]
+    print(
+        f"[mmpo] video tower: held-out frames recognised {vision['accuracy']:.3f}, object patches' colour "
+        f"{vision['patch_accuracy']:.3f} ({'reused' if vision['reused'] else 'trained'})"
+    )
+    seconds["prepare"] = round(time.perf_counter() - t0, 1)
+    data = prepared["files"]
+    kinds = {(r := json.loads(line))["id"]: question_type(r["prompt"]) for line in data["sft"].read_text().splitlines()}
+
+    t0 = time.perf_counter()
+    print("[mmpo] stage 1/3: SFT on open and yes/no questions")
+    from mmpo.losses import SFTLoss
+
+    L.seed_everything(args.world_seed, verbose=False)
+    sft = workdir / "sft-model"
+    if not (args.reuse_sft and (sft / "config.json").is_file()):
+        module = _module(prepared["model"], SFTLoss(), args.sft_lr, save_dir=str(sft))
+        dm = _videos(prepared["model"], data["sft"], data["val"], 2 * args.batch_size, args.world_seed)
+        _trainer(max_epochs=args.sft_epochs, progress=True).fit(module, datamodule=dm)
+    seconds["sft"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    before = probe(_module(sft, SFTLoss(), args.lr), _videos(sft, None, data["val"], 16, 0), args.probes)
+    seconds["probe SFT"] = round(time.perf_counter() - t0, 1)
+
+    print("[mmpo] stage 2/3: prompt-awareness of the SFT model's scores")
+    t0 = time.perf_counter()
+    awareness = prompt_awareness(sft, data["awareness"], args)
+    seconds["awareness"] = round(time.perf_counter() - t0, 1)
+
+    after: dict[str, list[dict]] = {"vdpo": [], "pami": []}
+    kept: dict[str, dict[str, int]] = {}
+    for seed in range(args.seeds):
+        for method in ("vdpo", "pami"):
+            print(f"[mmpo] stage 3/3: {method} seed {seed} ({args.dpo_steps} steps)")
+            t0 = time.perf_counter()
+            figures, selections = train(method, sft, data, args, seed, kinds)
+            after[method].append(figures)
+            for kind, counts in selections.items():
+                for tag, n in counts.items():
+                    kept.setdefault(kind, {}).setdefault(tag, 0)
+                    kept[kind][tag] += n
+            seconds[f"{method} seed {seed}"] = round(time.perf_counter() - t0, 1)
+
+    total = round(time.perf_counter() - start, 1)
+    lines = [
+        "",
+        f"mmpo pami-demo: video hallucination probes ({args.probes} pairs, probe seed {EVAL_PROBE_SEED}),",
+        f"SFT model and after {args.dpo_steps} steps of each method, mean±std over {args.seeds} seed(s)",
+        "",
+    ]
+    lines += _table(before, after)
+    lines += ["", "Prompt-awareness: SFT model's mean per-token JS (nats) of each candidate, held-out questions", ""]
+    lines += _awareness_lines(awareness, kept)
+    lines += ["", f"stage seconds: {seconds}; total {total:.0f} s"]
+    print("\n".join(lines))
+    results = {
+        "before": before,
+        "after": after,
+        "awareness": {"scores": awareness, "kept": kept},
+        "settings": {k: v for k, v in vars(args).items()},
+        "vision": vision,
+        "counts": prepared["counts"],
+        "seconds": seconds,
+        "total_seconds": total,
+    }
+    (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    return results

@@ -1,0 +1,110 @@
+"""``mmpo pami-demo``: its yes/no training data is true to the clips and apart from the probes; the recipe runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from datamodules.worlds.video import clip_from_objects, make_record, render_clip
+from datamodules.worlds.video_probes import make_video_probes
+from mmpo.recipes.pami_data import EVAL_PROBE_SEED, TRAIN_PROBE_SEED, WORLD, question_type, write_yes_no_split
+
+_MOVE = re.compile(r"does the (\w+) (\w+) move (\w+) \?")
+_COLOR = re.compile(r"is the (\w+) that moves (\w+) (\w+) \?")
+
+
+def _truth(prompt: str, objects) -> bool | None:
+    """The answer the clip's ground truth gives to a direction or colour question (None: another kind)."""
+    if m := _MOVE.fullmatch(prompt):
+        color, shape, direction = m.groups()
+        (o,) = [o for o in objects if (o.color, o.shape) == (color, shape)]
+        return o.direction == direction
+    if m := _COLOR.fullmatch(prompt):
+        shape, direction, color = m.groups()
+        (o,) = [o for o in objects if (o.shape, o.direction) == (shape, direction)]
+        return o.color == color
+    return None
+
+
+def test_yes_no_records_are_true_to_their_clips(tmp_path):
+    from datamodules.vision_text.video_io import read_video
+
+    records = write_yes_no_split(tmp_path, "yesno-train", 24, TRAIN_PROBE_SEED)
+    assert len(records) == 48 and len({r["id"] for r in records}) == 48
+    checked = 0
+    for record in records:
+        objects = clip_from_objects(record["objects"])
+        assert {record["chosen"], record["rejected"]} == {"yes .", "no ."}
+        truth = _truth(record["prompt"], objects)
+        if truth is not None:
+            assert record["chosen"] == ("yes ." if truth else "no ."), record
+            checked += 1
+    assert checked >= 12  # the temporal and semantic probes' direction and colour questions
+    # the written clip is the clip the objects describe (near-lossless H.264)
+    frames, _ = read_video(tmp_path / records[0]["videos"][0], WORLD["num_frames"])
+    want = render_clip(clip_from_objects(records[0]["objects"]), WORLD["num_frames"], WORLD["size"])
+    assert np.abs(frames.numpy().astype(int) - want.astype(int)).mean() < 2.0
+
+
+def test_training_clips_are_not_the_evaluation_probes():
+    def key(objects):
+        return tuple(sorted((o.shape, o.color, o.direction, o.appears, o.side, o.speed, o.start) for o in objects))
+
+    settings = {"num_frames": WORLD["num_frames"], "size": WORLD["size"], "max_objects": WORLD["max_objects"]}
+    train = {key(p.objects) for p in make_video_probes(200, TRAIN_PROBE_SEED, **settings)}
+    held_out = [key(p.objects) for p in make_video_probes(120, EVAL_PROBE_SEED, **settings)]
+    assert len(train) > 150 and not train.intersection(held_out)
+
+
+def test_question_types_of_the_world_and_the_probes():
+    import random
+
+    rng = random.Random(0)
+    for kind in ("direction", "color", "order", "caption"):
+        for _ in range(5):
+            assert question_type(make_record(rng, kind=kind, max_objects=2)["prompt"]) == kind
+    detail_type = {"direction": "direction", "order": "order", "color": "color", "shape": "shape"}
+    detail_type |= {"horizontal": "relation", "vertical": "relation"}
+    for probe in make_video_probes(30, 5, max_objects=2):
+        assert question_type(probe.basic) == question_type(probe.hallucinated) == detail_type[probe.detail]
+
+
+@pytest.mark.slow
+def test_the_demo_runs_end_to_end_at_the_smallest_sizes(tmp_path):
+    from mmpo.recipes.pami_demo import CANDIDATES, METRICS, TYPES, main
+
+    argv = ["--workdir", str(tmp_path), "--seeds", "1", "--n-train", "32", "--n-yes-no", "12", "--n-val", "24"]
+    argv += ["--vision-steps", "5", "--sft-epochs", "1", "--dpo-steps", "2", "--batch-size", "2", "--probes", "6"]
+    results = main(argv)
+    assert json.loads((tmp_path / "results.json").read_text())["before"] == results["before"]
+    for figures in (results["before"], results["after"]["vdpo"][0], results["after"]["pami"][0]):
+        assert {f"{t}/{m}" for t in TYPES for m in METRICS} <= figures.keys()
+        assert all(0.0 <= v <= 1.0 for v in figures.values())
+    scores = results["awareness"]["scores"]
+    for kind in ("direction", "color"):
+        assert set(scores[kind]) == set(CANDIDATES)
+        assert all(0.0 <= s <= math.log(2) for s in scores[kind].values())
+    assert len(results["after"]["vdpo"]) == len(results["after"]["pami"]) == 1
+
+
+def test_selection_counter_counts_the_kept_candidate_by_question_type():
+    from types import SimpleNamespace
+
+    import torch
+
+    from mmpo.recipes.pami_demo import SelectionCounter
+
+    tags = (("original", "reverse", "static", "crop"),) * 3
+    # keep: positions in the group (the original at 0); a kept candidate of weight 0 is a false rejection, dropped
+    last = {
+        "keep": torch.tensor([[0, 1], [0, 3], [0, 1]]),
+        "weights": torch.tensor([[1.0], [0.5], [0.0]]),
+        "tags": tags,
+    }
+    counter = SelectionCounter(SimpleNamespace(last=last), {"a": "direction", "b": "color", "c": "color"})
+    counter.on_train_batch_end(None, None, None, SimpleNamespace(ids=["a", "b", "c"]), 0)
+    assert counter.kept == {"direction": {"reverse": 1}, "color": {"crop": 1}}
