@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 import torch
 import torchvision.transforms.functional as TF
+from helpers.clips import SEEDS, C, H, T, W, gen, index_clip, indices, others_for, random_clip
 
 import augment.video as video
 from augment.video import (
     VIDEO_AUGMENTATIONS,
     ClipSwap,
     ColorJitter,
-    Compose,
     FrameDrop,
     FrameMask,
     FrameRepeat,
     GaussianBlur,
-    RandomChoice,
     Reverse,
     Shuffle,
     SpatialCrop,
@@ -29,32 +25,6 @@ from augment.video import (
     clips_identical,
 )
 
-T, C, H, W = 8, 3, 16, 16
-SEEDS = range(20)
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def index_clip(num_frames: int = T, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
-    """(T, C, H, W) with frame t filled with the value t: a temporal transform's map is readable."""
-    return torch.arange(num_frames, dtype=dtype).view(-1, 1, 1, 1).expand(num_frames, C, H, W).contiguous()
-
-
-def indices(clip: torch.Tensor) -> list[int]:
-    """The source index of every frame of a transformed index-coded clip (all pixels must agree)."""
-    first = clip[:, :1, :1, :1]
-    assert torch.equal(clip, first.expand_as(clip)), "a temporal transform changed pixels within a frame"
-    return [int(v) for v in first.flatten()]
-
-
-def random_clip(dtype: torch.dtype = torch.uint8, seed: int = 123, num_frames: int = T) -> torch.Tensor:
-    g = gen(seed)
-    if dtype == torch.uint8:
-        return torch.randint(0, 256, (num_frames, C, H, W), generator=g, dtype=torch.uint8)
-    return torch.rand(num_frames, C, H, W, generator=g, dtype=torch.float64).to(dtype)
-
 
 def drawn(seed: int, low: float, high: float) -> float:
     """The first uniform a fresh generator with ``seed`` gives through the augmentations' draw."""
@@ -63,10 +33,6 @@ def drawn(seed: int, low: float, high: float) -> float:
 
 # arguments that make an augmentation random where its defaults are deterministic (a fixed speed factor)
 RANDOM_KWARGS = {"speed": {"factor": (0.5, 3.0)}}
-
-
-def others_for(clip: torch.Tensor) -> list[torch.Tensor]:
-    return [(clip.double() * 0 + 200 + i).to(clip.dtype) for i in range(3)]
 
 
 # --------------------------------------------------------------------------- temporal
@@ -356,51 +322,6 @@ def test_registry_builds_every_name():
         build_augmentation("speed", window=2)
 
 
-# --------------------------------------------------------------------------- composition
-
-
-def test_compose_applies_in_order_and_is_reproducible():
-    x = random_clip()
-    assert torch.equal(Compose([Reverse(), Reverse()])(x, gen()), x)
-    pipeline = Compose([Shuffle(), GaussianBlur(), ClipSwap(0.25)])
-    assert pipeline.min_frames == 2 and pipeline.needs_others
-    out = pipeline(x, gen(4), others=others_for(x))
-    assert torch.equal(out, pipeline(x, gen(4), others=others_for(x)))
-    assert not torch.equal(out, pipeline(x, gen(5), others=others_for(x)))
-    # the steps draw from the one generator in turn
-    g = gen(4)
-    step = GaussianBlur()(Shuffle()(x, g), g)
-    assert torch.equal(out, ClipSwap(0.25)(step, g, others=others_for(x)))
-
-
-def test_random_choice_probabilities_and_seeding():
-    x = index_clip()
-    only_reverse = RandomChoice([StaticClip(), Reverse()], probabilities=[0, 3])
-    assert not only_reverse.needs_others and only_reverse.min_frames == 1
-    for seed in SEEDS:
-        assert indices(only_reverse(x, gen(seed))) == list(range(T))[::-1]
-    choice = RandomChoice([Reverse(), SpeedChange(2.0)])
-    outputs = [tuple(indices(choice(x, gen(seed)))) for seed in SEEDS]
-    assert set(outputs) == {tuple(range(T))[::-1], (0, 2, 4, 6, 0, 2, 4, 6)}
-    assert outputs == [tuple(indices(choice(x, gen(seed)))) for seed in SEEDS]
-    assert choice.choose(gen(0)) == choice.choose(gen(0))
-
-
-@pytest.mark.parametrize(
-    "build, match",
-    [
-        (lambda: Compose([]), "at least one augmentation"),
-        (lambda: Compose([Reverse(), "blur"]), r"transforms\[1\] must be a VideoAugmentation"),
-        (lambda: RandomChoice([Reverse()], [0.5, 0.5]), "one entry per transform"),
-        (lambda: RandomChoice([Reverse(), StaticClip()], [1, -1]), ">= 0"),
-        (lambda: RandomChoice([Reverse(), StaticClip()], [0, 0]), "not all be 0"),
-    ],
-)
-def test_composition_errors(build, match):
-    with pytest.raises(ValueError, match=match):
-        build()
-
-
 # --------------------------------------------------------------------------- validation and helpers
 
 
@@ -475,19 +396,6 @@ def test_clips_identical():
         clips_identical(x, x, atol=-1)
 
 
-def test_package_imports_only_torch():
-    allowed = {"__future__", "typing", "collections", "math", "torch", "augment"}
-    modules = ["__init__", "base", "temporal", "spatial", "color", "mixing", "compose"]
-    for path in (Path(video.__file__).parent / f"{name}.py" for name in modules):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
-            for module in names:
-                assert module.split(".")[0] in allowed, f"{path.name} imports {module}"
-                if module.startswith("augment"):
-                    assert module.startswith("augment.video"), f"{path.name} imports {module}"
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", sorted(VIDEO_AUGMENTATIONS))
 def test_cuda_clip_with_a_cpu_generator_matches_cpu(name):
@@ -497,19 +405,3 @@ def test_cuda_clip_with_a_cpu_generator_matches_cpu(name):
     cuda = aug(x.cuda(), gen(0), others=[o.cuda() for o in others_for(x)])
     assert cuda.device.type == "cuda" and cuda.dtype == x.dtype
     assert torch.allclose(cuda.cpu(), cpu, atol=1e-5)
-
-
-def test_the_video_package_imports_without_mmpo_or_datamodules():
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, augment.video\n"
-        "heavy = [m for m in ('mmpo', 'datamodules', 'transformers', 'augment.mia') if m in sys.modules]\n"
-        "print(heavy)\n"
-        "import augment\n"
-        "augment.build_grid  # the MIA-DPO names still load on first use\n"
-        "print('augment.mia' in sys.modules)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
-    assert out[:2] == ["[]", "True"]
