@@ -161,24 +161,23 @@ def _order(clip: _Clip, rng: random.Random) -> _Questions:
     )
 
 
-def _color(clip: _Clip, rng: random.Random) -> _Questions:
-    moving = clip.moving()  # "the <shape> that moves <direction>" needs its motion seen
-    referents = [o for o in _unique(clip.objects, lambda o: (o.shape, o.direction)) if o in moving]
-    absent = [c for c in COLORS if c not in {o.color for o in clip.objects}]
-    if not referents or not absent:
-        return None
-    o, wrong = rng.choice(referents), rng.choice(absent)
-    return tuple(_COLOR.format(shape=o.shape, direction=o.direction, color=c) for c in (o.color, wrong))
+def _detail(
+    asked: str, named_by: str, values: Sequence[str], template: str
+) -> Callable[[_Clip, random.Random], _Questions]:
+    """Ask one moving object's ``asked`` attribute (colour or shape), naming it by its ``named_by`` attribute
+    and its motion; the hallucinated twin asks a value no object of the clip has."""
 
+    def ask(clip: _Clip, rng: random.Random) -> _Questions:
+        moving = clip.moving()  # "the <shape> that moves <direction>" needs its motion seen
+        referents = [o for o in _unique(clip.objects, lambda o: (getattr(o, named_by), o.direction)) if o in moving]
+        absent = [v for v in values if v not in {getattr(o, asked) for o in clip.objects}]
+        if not referents or not absent:
+            return None
+        o, wrong = rng.choice(referents), rng.choice(absent)
+        fixed = {named_by: getattr(o, named_by), "direction": o.direction}
+        return tuple(template.format(**fixed, **{asked: v}) for v in (getattr(o, asked), wrong))
 
-def _shape(clip: _Clip, rng: random.Random) -> _Questions:
-    moving = clip.moving()
-    referents = [o for o in _unique(clip.objects, lambda o: (o.color, o.direction)) if o in moving]
-    absent = [s for s in SHAPES if s not in {o.shape for o in clip.objects}]
-    if not referents or not absent:
-        return None
-    o, wrong = rng.choice(referents), rng.choice(absent)
-    return tuple(_SHAPE.format(color=o.color, direction=o.direction, shape=s) for s in (o.shape, wrong))
+    return ask
 
 
 def _relation(axis: int) -> Callable[[_Clip, random.Random], _Questions]:
@@ -199,8 +198,8 @@ def _relation(axis: int) -> Callable[[_Clip, random.Random], _Questions]:
 _QUESTIONS = {
     "direction": _direction,
     "order": _order,
-    "color": _color,
-    "shape": _shape,
+    "color": _detail("color", "shape", list(COLORS), _COLOR),
+    "shape": _detail("shape", "color", list(SHAPES), _SHAPE),
     "horizontal": _relation(0),
     "vertical": _relation(1),
 }
