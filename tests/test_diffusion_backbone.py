@@ -1,4 +1,4 @@
-"""The diffusion backbone: Diffusion-DPO's statistic on tiny SD 1.5 / SDXL / SD3 builds, checked by hand.
+"""The diffusion backbone: Diffusion-DPO's statistic on tiny SD 1.5 / SDXL / SD3 diffusion_builds, checked by hand.
 
 Every model is a random-init pipeline written by :mod:`mmpo.tiny.diffusion` and loaded back through
 ``from_pretrained(path, subfolder=...)``; the reference numbers are computed here from the components
@@ -24,11 +24,6 @@ from mmpo.losses import DPOLoss, ResponseStats  # noqa: E402
 from mmpo.module import reward_metrics  # noqa: E402
 
 RESOLUTION = 32  # 8 × 8 latents through the tiny VAE
-
-
-@pytest.fixture(scope="module")
-def builds(diffusion_builds) -> dict:
-    return diffusion_builds
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +82,11 @@ def test_core_dpo_loss_is_diffusion_dpo_in_both_published_conventions():
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sd15-v"])
-def test_statistic_by_hand_on_a_tiny_unet(kind, builds, pairs):
+def test_statistic_by_hand_on_a_tiny_unet(kind, diffusion_builds, pairs):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    path = builds[kind]
+    path = diffusion_builds[kind]
     backbone = DiffusionBackbone(str(path))  # the plain UNet, trained in full
     batch = pair_batch(pairs)
     stats = backbone.statistics(backbone.build().train(), batch)
@@ -121,10 +116,10 @@ def test_statistic_by_hand_on_a_tiny_unet(kind, builds, pairs):
     torch.testing.assert_close(stats.logps[b].detach(), -errors, rtol=1e-5, atol=1e-6)
 
 
-def test_flow_matching_statistic_by_hand_on_a_tiny_sd3(builds, pairs):
+def test_flow_matching_statistic_by_hand_on_a_tiny_sd3(diffusion_builds, pairs):
     from diffusers import StableDiffusion3Pipeline
 
-    path = builds["sd3"]
+    path = diffusion_builds["sd3"]
     backbone = DiffusionBackbone(str(path))
     batch = pair_batch(pairs)
     stats = backbone.statistics(backbone.build().train(), batch)
@@ -151,12 +146,12 @@ def test_flow_matching_statistic_by_hand_on_a_tiny_sd3(builds, pairs):
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3"])
-def test_text_conditioning_equals_the_pipelines_encode_prompt(kind, builds):
+def test_text_conditioning_equals_the_pipelines_encode_prompt(kind, diffusion_builds):
     import diffusers
 
-    backbone = DiffusionBackbone(str(builds[kind]))
+    backbone = DiffusionBackbone(str(diffusion_builds[kind]))
     model = backbone.build()
-    pipe = getattr(diffusers, model.pipeline_class).from_pretrained(builds[kind])
+    pipe = getattr(diffusers, model.pipeline_class).from_pretrained(diffusion_builds[kind])
     captions = ["a red circle .", "a blue square and a green triangle ."]
     ours = backbone.encode_text(model, captions)
     with torch.no_grad():
@@ -172,8 +167,8 @@ def test_text_conditioning_equals_the_pipelines_encode_prompt(kind, builds):
         torch.testing.assert_close(ours.pooled, pooled, rtol=0, atol=0)
 
 
-def test_sdxl_unet_gets_the_pooled_embedding_and_size_ids(builds, pairs):
-    backbone = DiffusionBackbone(str(builds["sdxl"]))
+def test_sdxl_unet_gets_the_pooled_embedding_and_size_ids(diffusion_builds, pairs):
+    backbone = DiffusionBackbone(str(diffusion_builds["sdxl"]))
     model = backbone.build()
     seen = {}
     model.denoiser.register_forward_pre_hook(lambda m, args, kwargs: seen.update(kwargs), with_kwargs=True)
@@ -187,8 +182,8 @@ def test_sdxl_unet_gets_the_pooled_embedding_and_size_ids(builds, pairs):
 
 
 @pytest.mark.parametrize("reference", ["adapter", "copy"])
-def test_policy_and_reference_denoise_each_group_at_one_draw(reference, builds, pairs):
-    backbone = lora_backbone(builds["sd15"])
+def test_policy_and_reference_denoise_each_group_at_one_draw(reference, diffusion_builds, pairs):
+    backbone = lora_backbone(diffusion_builds["sd15"])
     model = backbone.build().train()
     ref_model = backbone.frozen_copy(model) if reference == "copy" else model  # taken before training
     perturb_adapter(model)  # as training would move it
@@ -222,10 +217,10 @@ def test_policy_and_reference_denoise_each_group_at_one_draw(reference, builds, 
     assert not torch.equal(t_next, t_policy) and not torch.allclose(x_next, x_policy)
 
 
-def test_evaluation_draws_follow_the_record_and_training_draws_do_not(builds, pairs, tmp_path):
+def test_evaluation_draws_follow_the_record_and_training_draws_do_not(diffusion_builds, pairs, tmp_path):
     lines = (pairs / "train.jsonl").read_text().splitlines(keepends=True)
     (tmp_path / "swapped.jsonl").write_text("".join([lines[1], lines[0], *lines[2:]]))  # records 0 and 1 swapped
-    backbone = DiffusionBackbone(str(builds["sd15"]), eval_seed=7)
+    backbone = DiffusionBackbone(str(diffusion_builds["sd15"]), eval_seed=7)
     model = backbone.build().eval()
     first, again = pair_batch(pairs), pair_batch(pairs)
     swapped = pair_batch(pairs, file=str(tmp_path / "swapped.jsonl"))
@@ -245,11 +240,11 @@ def test_evaluation_draws_follow_the_record_and_training_draws_do_not(builds, pa
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sd3"])
-def test_disabled_adapter_is_exactly_the_base_denoiser(kind, builds, pairs):
-    backbone = lora_backbone(builds[kind])
+def test_disabled_adapter_is_exactly_the_base_denoiser(kind, diffusion_builds, pairs):
+    backbone = lora_backbone(diffusion_builds[kind])
     model = backbone.build()
     perturb_adapter(model)
-    plain = DiffusionBackbone(str(builds[kind]))  # the checkpoint loaded again, no adapter
+    plain = DiffusionBackbone(str(diffusion_builds[kind]))  # the checkpoint loaded again, no adapter
     batch = pair_batch(pairs)
     with torch.no_grad():
         adapted = backbone.statistics(model, batch)
@@ -263,11 +258,11 @@ def test_disabled_adapter_is_exactly_the_base_denoiser(kind, builds, pairs):
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3"])
-def test_saved_adapter_loads_through_diffusers_load_lora_weights(kind, builds, pairs, tmp_path):
+def test_saved_adapter_loads_through_diffusers_load_lora_weights(kind, diffusion_builds, pairs, tmp_path):
     import diffusers
     from safetensors.torch import load_file
 
-    backbone = lora_backbone(builds[kind])
+    backbone = lora_backbone(diffusion_builds[kind])
     model = backbone.build()
     perturb_adapter(model)
     backbone.save(model, tmp_path / "lora")
@@ -275,7 +270,7 @@ def test_saved_adapter_loads_through_diffusers_load_lora_weights(kind, builds, p
     prefix = f"{model.denoiser_name}."
     assert tensors and all(k.startswith(prefix) for k in tensors)
     assert {k.rsplit(".", 2)[-2] for k in tensors} == {"lora_A", "lora_B"}  # PEFT's names
-    pipe = getattr(diffusers, model.pipeline_class).from_pretrained(builds[kind])
+    pipe = getattr(diffusers, model.pipeline_class).from_pretrained(diffusion_builds[kind])
     base = model.with_denoiser(getattr(pipe, model.denoiser_name))
     batch = pair_batch(pairs)
     with torch.no_grad():
@@ -288,8 +283,8 @@ def test_saved_adapter_loads_through_diffusers_load_lora_weights(kind, builds, p
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3"])
-def test_cached_latents_and_embeddings_give_the_same_statistics(kind, builds, pairs, tmp_path):
-    backbone = DiffusionBackbone(str(builds[kind]))
+def test_cached_latents_and_embeddings_give_the_same_statistics(kind, diffusion_builds, pairs, tmp_path):
+    backbone = DiffusionBackbone(str(diffusion_builds[kind]))
     model = backbone.build()
     cached = DiffusionPreferenceDataModule(
         train_file=str(pairs / "train.jsonl"), resolution=RESOLUTION, center_crop=True, random_flip=False,
@@ -319,14 +314,14 @@ def test_batch_meets_the_group_contract(pairs):
     assert batch.to("cpu").noise_draw is None  # a moved copy draws afresh
 
 
-def test_lora_targets_that_match_nothing_are_refused_with_the_right_names(builds):
-    backbone = DiffusionBackbone(str(builds["sd15"]), lora=LoraSettings())  # the VLM's default targets
+def test_lora_targets_that_match_nothing_are_refused_with_the_right_names(diffusion_builds):
+    backbone = DiffusionBackbone(str(diffusion_builds["sd15"]), lora=LoraSettings())  # the VLM's default targets
     with pytest.raises(ValueError, match=r"to_q.*to_out\.0"):
         backbone.build()
 
 
-def test_describe_names_the_denoiser_and_its_target(builds):
-    backbone = lora_backbone(builds["sd3"])
+def test_describe_names_the_denoiser_and_its_target(diffusion_builds):
+    backbone = lora_backbone(diffusion_builds["sd3"])
     model = backbone.build()
     line = backbone.describe(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

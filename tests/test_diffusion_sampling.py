@@ -1,5 +1,5 @@
 """Sampling from a diffusion policy (the sampler, the grid, ``DiffusionSamples``, ``mmpo sample``) and the
-plain denoising (SFT) stage, on tiny random-init SD 1.5 and SD3 builds loaded with ``from_pretrained``.
+plain denoising (SFT) stage, on tiny random-init SD 1.5 and SD3 diffusion_builds loaded with ``from_pretrained``.
 
 The reference images come from diffusers' own pipeline loaded from the saved checkpoint (and its own
 ``load_lora_weights``), not from the code under test.
@@ -38,11 +38,6 @@ FAST = SampleSettings(seed=0, rows=1, num_inference_steps=4, guidance_scale=5.0)
 
 
 @pytest.fixture(scope="module")
-def builds(diffusion_builds) -> dict:
-    return diffusion_builds
-
-
-@pytest.fixture(scope="module")
 def pairs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("diffusion-pairs")
     write_diffusion_pairs(root, n=16, seed=0, image_size=32)
@@ -76,10 +71,10 @@ def base_pipeline(path: Path):
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3"])
-def test_sampler_is_seeded_per_prompt_and_the_disabled_adapter_is_the_base_pipeline(kind, builds):
-    backbone = lora_backbone(builds[kind])
+def test_sampler_is_seeded_per_prompt_and_the_disabled_adapter_is_the_base_pipeline(kind, diffusion_builds):
+    backbone = lora_backbone(diffusion_builds[kind])
     model = perturbed(backbone).train()  # as the module trains it
-    pipe = pipeline_for(model, sampling_scheduler(str(builds[kind])))
+    pipe = pipeline_for(model, sampling_scheduler(str(diffusion_builds[kind])))
     grid = sample_grid(pipe, PROMPTS, FAST)
     assert grid.shape == (1, 3, 3, 32, 32) and 0 <= grid.min() and grid.max() <= 1
     assert torch.equal(grid, sample_grid(pipe, PROMPTS, FAST))  # the same seed: the same images
@@ -90,25 +85,25 @@ def test_sampler_is_seeded_per_prompt_and_the_disabled_adapter_is_the_base_pipel
     torch.testing.assert_close(alone[0, 0], grid[0, 2], atol=1e-5, rtol=0)
     with backbone.adapters_disabled(model):
         reference = sample_grid(pipe, PROMPTS, FAST)
-    assert torch.equal(reference, sample_grid(base_pipeline(builds[kind]), PROMPTS, FAST))
+    assert torch.equal(reference, sample_grid(base_pipeline(diffusion_builds[kind]), PROMPTS, FAST))
     assert not torch.allclose(reference, grid)  # and the adapter changes what is drawn
     assert model.denoiser.training  # sampled in eval mode, then put back
 
 
 @pytest.mark.parametrize("kind", ["sdxl", "sd3"])
-def test_a_half_precision_policy_samples_beside_its_float32_vae(kind, builds):
+def test_a_half_precision_policy_samples_beside_its_float32_vae(kind, diffusion_builds):
     # the SDXL and SD3 configs load the denoiser and text encoders in bfloat16, the VAE stays float32
-    model = DiffusionBackbone(str(builds[kind]), dtype="bfloat16").build()
+    model = DiffusionBackbone(str(diffusion_builds[kind]), dtype="bfloat16").build()
     assert model.denoiser.dtype == torch.bfloat16 and model.vae.dtype == torch.float32
-    pipe = pipeline_for(model, sampling_scheduler(str(builds[kind])))
+    pipe = pipeline_for(model, sampling_scheduler(str(diffusion_builds[kind])))
     settings = SampleSettings(num_inference_steps=2, guidance_scale=5.0)
     grid = sample_grid(pipe, PROMPTS[:2], settings)
     assert grid.dtype == torch.float32 and grid.shape == (1, 2, 3, 32, 32) and torch.isfinite(grid).all()
     assert torch.equal(grid, sample_grid(pipe, PROMPTS[:2], settings))
 
 
-def test_grid_png_is_rows_by_columns_of_images(builds, tmp_path):
-    pipe = base_pipeline(builds["sd15"])
+def test_grid_png_is_rows_by_columns_of_images(diffusion_builds, tmp_path):
+    pipe = base_pipeline(diffusion_builds["sd15"])
     settings = SampleSettings(seed=3, rows=2, num_inference_steps=2, guidance_scale=1.0, resolution=16)
     grid = sample_grid(pipe, PROMPTS, settings)  # (2, 3, 3, 16, 16)
     path = save_grid(grid, tmp_path / "grid.png", PROMPTS)
@@ -146,11 +141,11 @@ def dpo_module(path: Path, lr: float) -> PreferenceModule:
     )  # fmt: skip
 
 
-def test_callback_draws_the_reference_once_and_the_policy_every_n_steps(builds, pairs, tmp_path):
+def test_callback_draws_the_reference_once_and_the_policy_every_n_steps(diffusion_builds, pairs, tmp_path):
     samples = DiffusionSamples(PROMPTS[:2], every_n_steps=2, rows=2, num_inference_steps=4, guidance_scale=5.0)
     logger = TensorBoardLogger(tmp_path / "tb", name="", version=0)
     torch.manual_seed(0)
-    losses = _fit(dpo_module(builds["sd15"], lr=0.05), pairs, 5, [samples], logger, tmp_path)
+    losses = _fit(dpo_module(diffusion_builds["sd15"], lr=0.05), pairs, 5, [samples], logger, tmp_path)
     out = tmp_path / "samples"
     names = ["reference", "step_000002", "step_000004", "step_000005"]  # 5: the last step
     assert samples.written == [out / f"{n}.png" for n in names]
@@ -162,32 +157,30 @@ def test_callback_draws_the_reference_once_and_the_policy_every_n_steps(builds, 
     logged = {tag: [(e.step, e.width, e.height) for e in events.Images(tag)] for tag in events.Tags()["images"]}
     assert logged == {"samples/reference": [(0, 64, 64)], "samples/policy": [(2, 64, 64), (4, 64, 64), (5, 64, 64)]}
     grids = {n: np.asarray(Image.open(out / f"{n}.png")) for n in names}
-    base = sample_grid(base_pipeline(builds["sd15"]), PROMPTS[:2], samples.settings)
+    base = sample_grid(base_pipeline(diffusion_builds["sd15"]), PROMPTS[:2], samples.settings)
     assert np.array_equal(grids["reference"], np.asarray(Image.open(save_grid(base, tmp_path / "base.png"))))
     assert not np.array_equal(grids["step_000005"], grids["reference"])  # the trained adapter draws otherwise
     # sampling consumed none of the training run's random draws: the same losses without the callback
     torch.manual_seed(0)
-    assert _fit(dpo_module(builds["sd15"], lr=0.05), pairs, 5, []) == losses
+    assert _fit(dpo_module(diffusion_builds["sd15"], lr=0.05), pairs, 5, []) == losses
 
 
-def test_mmpo_sample_writes_the_saved_adapters_images(builds, tmp_path):
-    backbone = lora_backbone(builds["sd15"])
+def test_mmpo_sample_writes_the_saved_adapters_images(diffusion_builds, tmp_path):
+    backbone = lora_backbone(diffusion_builds["sd15"])
     model = perturbed(backbone)
     backbone.save(model, tmp_path / "lora")
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text(f"{PROMPTS[1]}\n\n{PROMPTS[2]}\n")
     common = ["--prompts-file", str(prompts_file), "--rows", "2", "--steps", "4", "--guidance", "5", "--seed", "7"]
-    main(
-        ["sample", str(builds["sd15"]), PROMPTS[0], "--lora", str(tmp_path / "lora"), "-o", str(tmp_path / "lora.png")]
-        + common
-    )
-    main(["sample", str(builds["sd15"]), PROMPTS[0], "-o", str(tmp_path / "base.png")] + common)
+    sd15 = str(diffusion_builds["sd15"])
+    main(["sample", sd15, PROMPTS[0], "--lora", str(tmp_path / "lora"), "-o", str(tmp_path / "lora.png")] + common)
+    main(["sample", str(diffusion_builds["sd15"]), PROMPTS[0], "-o", str(tmp_path / "base.png")] + common)
     tuned, base = (np.asarray(Image.open(tmp_path / f"{n}.png")).astype(int) for n in ("lora", "base"))
     assert tuned.shape == base.shape == (2 * 32, 3 * 32, 3)
     assert (tmp_path / "lora.txt").read_text().splitlines()[2] == f"column 2: {PROMPTS[2]}"
     settings = SampleSettings(seed=7, rows=2, num_inference_steps=4, guidance_scale=5.0)
     # diffusers' load_lora_weights of the saved file draws what the trained model draws (to 8-bit rounding)
-    trained = sample_grid(pipeline_for(model, sampling_scheduler(str(builds["sd15"]))), PROMPTS, settings)
+    trained = sample_grid(pipeline_for(model, sampling_scheduler(str(diffusion_builds["sd15"]))), PROMPTS, settings)
     expected = np.asarray(Image.open(save_grid(trained, tmp_path / "trained.png"))).astype(int)
     assert np.abs(tuned - expected).max() <= 1
     assert np.abs(tuned - base).max() > 10  # the adapter changes the images
@@ -200,11 +193,11 @@ def sft_module(path: Path, lr: float) -> PreferenceModule:
     )  # fmt: skip
 
 
-def test_sft_loss_is_the_winners_mean_squared_denoising_error(builds, pairs):
+def test_sft_loss_is_the_winners_mean_squared_denoising_error(diffusion_builds, pairs):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    path = builds["sd15"]
+    path = diffusion_builds["sd15"]
     module = sft_module(path, lr=0.0)
     module.configure_model()
     assert module.reference_mode == "none"
@@ -253,8 +246,8 @@ def heldout_winner_error(module: PreferenceModule, pairs: Path) -> float:
     return torch.cat(errors).mean().item()
 
 
-def test_sft_fit_lowers_the_heldout_denoising_error(builds, pairs, tmp_path):
-    module = sft_module(builds["sd15"], lr=1e-2)
+def test_sft_fit_lowers_the_heldout_denoising_error(diffusion_builds, pairs, tmp_path):
+    module = sft_module(diffusion_builds["sd15"], lr=1e-2)
     module.configure_model()
     before = heldout_winner_error(module, pairs)
     torch.manual_seed(0)
@@ -265,8 +258,8 @@ def test_sft_fit_lowers_the_heldout_denoising_error(builds, pairs, tmp_path):
     assert after < 0.9 * before, (before, after)
 
 
-def test_mmpo_sample_loads_a_fully_fine_tuned_denoiser(builds, tmp_path):
-    backbone = DiffusionBackbone(str(builds["sd15"]))  # no LoRA: save() writes the whole denoiser
+def test_mmpo_sample_loads_a_fully_fine_tuned_denoiser(diffusion_builds, tmp_path):
+    backbone = DiffusionBackbone(str(diffusion_builds["sd15"]))  # no LoRA: save() writes the whole denoiser
     model = backbone.build()
     with torch.no_grad():
         model.denoiser.conv_out.bias.add_(0.5)  # a visible change
@@ -274,7 +267,7 @@ def test_mmpo_sample_loads_a_fully_fine_tuned_denoiser(builds, tmp_path):
     main(
         [
             "sample",
-            str(builds["sd15"]),
+            str(diffusion_builds["sd15"]),
             *PROMPTS[:2],
             "--denoiser",
             str(tmp_path / "unet"),
@@ -285,11 +278,10 @@ def test_mmpo_sample_loads_a_fully_fine_tuned_denoiser(builds, tmp_path):
         ]
     )
     settings = SampleSettings(seed=0, num_inference_steps=4, guidance_scale=7.5)
-    trained = sample_grid(pipeline_for(model, sampling_scheduler(str(builds["sd15"]))), PROMPTS[:2], settings)
+    trained = sample_grid(pipeline_for(model, sampling_scheduler(str(diffusion_builds["sd15"]))), PROMPTS[:2], settings)
     expected = np.asarray(Image.open(save_grid(trained, tmp_path / "trained.png"))).astype(int)
-    base = np.asarray(
-        Image.open(save_grid(sample_grid(base_pipeline(builds["sd15"]), PROMPTS[:2], settings), tmp_path / "b.png"))
-    )
+    base_grid = sample_grid(base_pipeline(diffusion_builds["sd15"]), PROMPTS[:2], settings)
+    base = np.asarray(Image.open(save_grid(base_grid, tmp_path / "b.png")))
     written = np.asarray(Image.open(tmp_path / "ft.png")).astype(int)
     assert np.abs(written - expected).max() <= 1 and np.abs(written - base.astype(int)).max() > 10
 
@@ -304,9 +296,9 @@ def _header_command(config: Path) -> str:
     return command
 
 
-def test_sft_config_parses_and_builds(builds, monkeypatch):
+def test_sft_config_parses_and_builds(diffusion_builds, monkeypatch):
     spec = yaml.safe_load(SFT_CONFIG.read_text())
-    tiny = builds["sd15"]
+    tiny = diffusion_builds["sd15"]
     monkeypatch.setattr(
         DiffusionBackbone, "load_pretrained", lambda self, *args: load_diffusion_model(str(tiny), None, self.dtype)
     )
@@ -330,7 +322,7 @@ def test_sft_config_parses_and_builds(builds, monkeypatch):
 
 
 @pytest.mark.slow
-def test_sft_config_header_command_trains_saves_and_samples(builds, pairs, tmp_path, monkeypatch):
+def test_sft_config_header_command_trains_saves_and_samples(diffusion_builds, pairs, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     argv = [a.replace("YOUR/train.jsonl", str(pairs / "train.jsonl")) for a in shlex.split(_header_command(SFT_CONFIG))]
@@ -339,7 +331,7 @@ def test_sft_config_header_command_trains_saves_and_samples(builds, pairs, tmp_p
     main(
         argv[1:]
         + [
-            f"--model.init_args.backbone.init_args.model_name_or_path={builds['sd15']}",
+            f"--model.init_args.backbone.init_args.model_name_or_path={diffusion_builds['sd15']}",
             f"--model.init_args.save_dir={tmp_path / 'out'}",
             "--data.init_args.resolution=32",
             "--data.init_args.loader.num_workers=0",

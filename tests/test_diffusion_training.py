@@ -1,7 +1,7 @@
 """Diffusion-DPO through ``PreferenceModule`` and the shared loss core, and the diffusion configs.
 
-Training runs on tiny random-init UNet and SD3 builds over synthetic shapes-world pairs; the configs for
-SD 1.5, SDXL and SD3 medium are parsed and built with loading pointed at the tiny builds, and their
+Training runs on tiny random-init UNet and SD3 diffusion_builds over synthetic shapes-world pairs; the configs for
+SD 1.5, SDXL and SD3 medium are parsed and built with loading pointed at the tiny diffusion_builds, and their
 header commands run for one step.
 """
 
@@ -35,11 +35,6 @@ TINY_FOR = {  # the real checkpoint of each config -> the tiny build standing in
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
     "stabilityai/stable-diffusion-3-medium-diffusers": "sd3",
 }
-
-
-@pytest.fixture(scope="module")
-def builds(diffusion_builds) -> dict:
-    return diffusion_builds
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +73,8 @@ def adapter_weights(module: PreferenceModule) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind,beta,lora", [("sd15", 2500.0, True), ("sd3", 50.0, True), ("sd15", 2500.0, False)])
-def test_a_gradient_step_lowers_the_loss_at_the_same_noise(kind, beta, lora, builds, pairs):
-    module = preference_module(builds[kind], beta, lr=0.0, lora=lora)  # β: the configs'
+def test_a_gradient_step_lowers_the_loss_at_the_same_noise(kind, beta, lora, diffusion_builds, pairs):
+    module = preference_module(diffusion_builds[kind], beta, lr=0.0, lora=lora)  # β: the configs'
     module.configure_model()
     assert module.reference_mode == ("adapter" if lora else "copy")
     batch = first_batch(pairs)
@@ -97,8 +92,8 @@ def test_a_gradient_step_lowers_the_loss_at_the_same_noise(kind, beta, lora, bui
 
 
 @pytest.mark.parametrize("kind,beta", [("sd15", 2500.0), ("sd3", 50.0)])
-def test_diffusion_dpo_fit_moves_the_adapter_and_keeps_the_reference(kind, beta, builds, pairs):
-    module = preference_module(builds[kind], beta, lr=1e-3)
+def test_diffusion_dpo_fit_moves_the_adapter_and_keeps_the_reference(kind, beta, diffusion_builds, pairs):
+    module = preference_module(diffusion_builds[kind], beta, lr=1e-3)
     losses: list[float] = []
 
     class Record(L.Callback):
@@ -122,7 +117,7 @@ def test_diffusion_dpo_fit_moves_the_adapter_and_keeps_the_reference(kind, beta,
     assert moved and all(n in moved for n in start if "lora_B" in n)
     assert all(end[n].abs().sum() > 0 for n in end if "lora_B" in n)  # B left zero, the adapter now acts
     # the reference (adapter off) is still the checkpoint's denoiser, exactly
-    plain = DiffusionBackbone(str(builds[kind]))
+    plain = DiffusionBackbone(str(diffusion_builds[kind]))
     batch = first_batch(pairs)
     policy = module.policy.eval()
     with torch.no_grad():
@@ -145,11 +140,11 @@ def _header_commands(config: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_diffusion_configs_parse_and_instantiate(config, builds, monkeypatch):
+def test_diffusion_configs_parse_and_instantiate(config, diffusion_builds, monkeypatch):
     spec = yaml.safe_load(config.read_text())
     model_args = spec["model"]["init_args"]
     backbone_args = dict(model_args["backbone"]["init_args"])
-    tiny = builds[TINY_FOR[backbone_args["model_name_or_path"]]]
+    tiny = diffusion_builds[TINY_FOR[backbone_args["model_name_or_path"]]]
     # loading is pointed at the tiny build; everything else is the config as written
     monkeypatch.setattr(
         DiffusionBackbone, "load_pretrained", lambda self, *args: load_diffusion_model(str(tiny), None, self.dtype)
@@ -181,13 +176,13 @@ def test_diffusion_configs_parse_and_instantiate(config, builds, monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_config_header_command_runs_on_a_tiny_model(config, builds, pairs, tmp_path, monkeypatch):
+def test_config_header_command_runs_on_a_tiny_model(config, diffusion_builds, pairs, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     spec = yaml.safe_load(config.read_text())
     (command,) = _header_commands(config)
     argv = [a.replace("YOUR/train.jsonl", str(pairs / "train.jsonl")) for a in shlex.split(command)[1:]]
-    tiny = builds[TINY_FOR[spec["model"]["init_args"]["backbone"]["init_args"]["model_name_or_path"]]]
+    tiny = diffusion_builds[TINY_FOR[spec["model"]["init_args"]["backbone"]["init_args"]["model_name_or_path"]]]
     monkeypatch.chdir(REPO)
     main(
         argv
