@@ -344,6 +344,7 @@ class DiffusionPreferenceBatch:
             for a kept tie, in between for a soft label (SmPO-style losses).
         scores: (B, 2) (winner, loser) scores as given in the data, NaN rows for pairs given by a
             label only; None when no pair of the batch had scores.
+        scores_complete: every pair of the batch gave scores (no NaN row), decided by the collator.
         ids: the B record ids.
         skipped: records dropped while building this batch (``on_bad_sample: skip``).
         latents: (2B, c, h, w) cached latents (same row order), when a cache is used.
@@ -359,6 +360,7 @@ class DiffusionPreferenceBatch:
     captions: list[str]
     label: Tensor
     scores: Tensor | None = None
+    scores_complete: bool = False
     ids: list[str] = field(default_factory=list)
     skipped: int = 0
     latents: Tensor | None = None
@@ -392,7 +394,7 @@ class DiffusionPreferenceBatch:
         ``scores`` (B, K) is present when every pair of the batch has scores.
         """
         side = {"soft_labels": self.label}
-        if self.scores is not None and not bool(self.scores.isnan().any()):
+        if self.scores is not None and self.scores_complete:  # known on the host: no device read per step
             side["scores"] = self.scores
         return side
 
@@ -405,6 +407,7 @@ class DiffusionPreferenceBatch:
             captions=list(self.captions),
             label=fn(self.label),
             scores=move(self.scores),
+            scores_complete=self.scores_complete,
             ids=list(self.ids),
             skipped=self.skipped,
             latents=move(self.latents),
@@ -475,6 +478,7 @@ class DiffusionPreferenceCollator:
             captions=[s["caption"] for s in kept],
             label=torch.tensor([s["label"] for s in kept], dtype=torch.float32),
             scores=scores,
+            scores_complete=all(s["scores"] is not None for s in kept),
             ids=[s["id"] for s in kept],
             skipped=skipped,
             latents=latents,
