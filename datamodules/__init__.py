@@ -21,6 +21,7 @@ from datamodules.ranked.lists import (
 from datamodules.ranked.module import RankedPreferenceDataModule
 from datamodules.vision_text.collator import PreferenceDataset, VisionPreferenceCollator, load_image
 from datamodules.vision_text.image_module import ImagePreferenceDataModule
+from datamodules.vision_text.unpaired import UnpairedPreferenceDataModule, load_unpaired_records
 from datamodules.vision_text.video_io import read_video, sample_frame_indices, write_video
 from datamodules.vision_text.video_module import VideoPreferenceDataModule
 from datamodules.vision_text.video_negatives import VideoNegativeSettings, VideoVDPODataModule
@@ -44,6 +45,7 @@ __all__ = [
     "RankedPreferenceDataset",
     "RankedRecord",
     "ShapesWorld",
+    "UnpairedPreferenceDataModule",
     "VideoNegativeSettings",
     "VideoPreferenceDataModule",
     "VideoVDPODataModule",
@@ -55,6 +57,7 @@ __all__ = [
     "load_image",
     "load_preference_records",
     "load_ranked_records",
+    "load_unpaired_records",
     "objects_in_text",
     "parse_record",
     "read_video",

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["chunked_js_divergence", "js_divergence", "masked_token_mean"]
+__all__ = ["chunked_js_divergence", "compute_dtype", "js_divergence", "masked_token_mean"]
 
 LN2 = math.log(2.0)
 # Logits below this count as −inf (a banned token): the floor keeps every log-prob finite, so a
@@ -28,7 +28,7 @@ LN2 = math.log(2.0)
 LOGIT_FLOOR = -1e30
 
 
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
     """float32, or float64 when an input already is (the tests' reference precision)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
@@ -63,7 +63,7 @@ def js_divergence(logits_p: Tensor, logits_q: Tensor, mask: Tensor | None = None
     Returns:
         (..., T) JS divergence in nats, in [0, ln 2], float32 (float64 for float64 inputs).
     """
-    dtype = _compute_dtype(logits_p, logits_q)
+    dtype = compute_dtype(logits_p, logits_q)
     logp = torch.log_softmax(logits_p.to(dtype).clamp(min=LOGIT_FLOOR), dim=-1)
     logq = torch.log_softmax(logits_q.to(dtype).clamp(min=LOGIT_FLOOR), dim=-1)
     return _finish(_js_terms(logp, logq).sum(-1), mask)
@@ -75,7 +75,7 @@ def _chunk_logits(
     """(..., T, hi − lo) logits of vocabulary columns [lo, hi), upcast to the compute dtype."""
     # The matmul runs in the inputs' dtype, as the model's own head does; only the chunk is upcast.
     logits = F.linear(hidden, weight[lo:hi], None if bias is None else bias[lo:hi])
-    logits = logits.to(_compute_dtype(hidden, weight))
+    logits = logits.to(compute_dtype(hidden, weight))
     if scale != 1.0:
         logits = logits * scale
     if softcap is not None:

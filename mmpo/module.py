@@ -22,10 +22,14 @@ from mmpo.backbones.protocol import Backbone
 from mmpo.losses import LossOutput, PreferenceLoss, ResponseStats
 from mmpo.pami import PaMiSelector
 from mmpo.prediction import JsonlPredictionWriter, PredictSettings, decode_prompt, generate_from_batch
+from mmpo.rank_gather import gather_variable
 from mmpo.reference.strategies import ReferenceName, ReferenceStrategy, resolve_reference
 from mmpo.rng_state import CHECKPOINT_KEY, TrainingRandomness, gather, restore
+from mmpo.token_kl import token_kl_statistics
 
-__all__ = ["PreferenceModule", "reward_metrics"]
+__all__ = ["LOSS_STATE_KEY", "PreferenceModule", "reward_metrics"]
+
+LOSS_STATE_KEY = "mmpo_loss_state"  # a stateful loss's running statistics in Lightning checkpoints
 
 
 def reward_metrics(out: LossOutput, policy: ResponseStats) -> dict[str, Tensor]:
@@ -34,8 +38,14 @@ def reward_metrics(out: LossOutput, policy: ResponseStats) -> dict[str, Tensor]:
     For pairs (K = 2) response 0 is "chosen" and response 1 "rejected". For K > 2, "rejected" is the
     mean over responses 1..K-1, a margin is response 0's reward minus that mean, an accuracy counts
     groups whose response 0 beats every other, and ``rewards/ranking_accuracy`` is the share of
-    response pairs (i < j) whose rewards keep the data's order.
+    response pairs (i < j) whose rewards keep the data's order. A loss's own metrics replace the figures
+    of the same name. Unpaired feedback (``policy.desirable`` set: response 1 is a mismatched completion
+    for KTO's reference point, not a rejected response) gets no pair figures: only the loss's own, which
+    KTO and BCO report under TRL's names (means over the desirable and the undesirable examples).
     """
+    own = {k: v.float().mean() for k, v in out.metrics.items()}
+    if policy.desirable is not None:
+        return own
     if policy.group_size == 2:
         margins = out.chosen_rewards - out.rejected_rewards
         metrics = {
@@ -63,7 +73,7 @@ def reward_metrics(out: LossOutput, policy: ResponseStats) -> dict[str, Tensor]:
             "logps/rejected": logps_rest.mean(),
             "logps/accuracies": (logps[:, 0] > logps_rest.amax(1)).float().mean(),
         }
-    return {**metrics, **{k: v.float().mean() for k, v in out.metrics.items()}}
+    return {**metrics, **own}
 
 
 _HOST_MEMORY_NOTED = False  # the allocator note is printed once per process
@@ -206,12 +216,17 @@ class PreferenceModule(L.LightningModule):
             # chose them ran the reference over every row, so it gives the reference statistics too
             batch, side["candidate_weights"], reference = self.candidates.select(self, batch, split)
         with self.backbone.media_reuse(self.policy) if self._share_media else contextlib.nullcontext():
-            policy = self.backbone.statistics(self.policy, batch).with_side(**side)
+            if self.loss.requires_token_kl and reference is None:  # TDPO, SparsePO: KL from both models' passes
+                policy, reference = token_kl_statistics(self, batch)
+            else:
+                policy = self.backbone.statistics(self.policy, batch)
+            policy = policy.with_side(**side)
             if reference is None:
                 reference = self.reference.statistics(self, batch, split)
         return self.loss(policy, reference), policy, reference
 
     def _step(self, batch: PreferenceBatch, stage: str) -> Tensor | None:
+        self.loss.train(stage == "train")  # a stateful loss updates its running statistics in training steps only
         trainer = getattr(self, "_trainer", None)
         if trainer is not None and trainer.world_size > 1:
             return self._agreed_step(batch, stage, trainer.world_size)
@@ -246,6 +261,8 @@ class PreferenceModule(L.LightningModule):
             out, policy, _ = self.compute(batch, stage)
             loss = out.losses.mean()
             flags[0] = (~torch.isfinite(loss.detach())).float()
+        else:  # the loss's reductions over ranks are collectives: take part in them with nothing to add
+            self.loss.idle(self.device)
         flags[1:] = torch.tensor([batch.num_groups, batch.skipped, batch.truncated], dtype=flags.dtype)
         table = self.all_gather(flags).tolist()  # (world_size, 4): the one read back of the step
         self._count_data(stage, int(sum(row[2] for row in table)), int(sum(row[3] for row in table)))
@@ -404,6 +421,8 @@ class PreferenceModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         global _HOST_MEMORY_NOTED
+        several = getattr(self.trainer, "world_size", 1) > 1
+        self.loss.set_gather((lambda values: gather_variable(values, self.all_gather)) if several else None)
         if not (self.keep_host_memory and self.trainer.strategy.root_device.type == "cpu"):
             return
         if keep_freed_memory() and not _HOST_MEMORY_NOTED:
@@ -429,6 +448,8 @@ class PreferenceModule(L.LightningModule):
         # every rank makes the checkpoint, rank 0 writes it: its entry holds each rank's random streams
         trainer = getattr(self, "_trainer", None)
         checkpoint[CHECKPOINT_KEY] = gather(self._training_rng, trainer.world_size if trainer else 1)
+        if self.loss.stateful:  # the same on every rank (the loss reduces what it adds over ranks)
+            checkpoint[LOSS_STATE_KEY] = self.loss.state_dict()
         if not self.checkpoint_trainable_only:
             return
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
@@ -438,6 +459,11 @@ class PreferenceModule(L.LightningModule):
         trainer = getattr(self, "_trainer", None)
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         reason = restore(self._training_rng, checkpoint.get(CHECKPOINT_KEY), rank, world_size)
+        if LOSS_STATE_KEY in checkpoint:
+            self.loss.load_state_dict(checkpoint[LOSS_STATE_KEY])
+        elif self.loss.stateful:
+            name = type(self.loss).__name__
+            rank_zero_warn(f"[mmpo] the checkpoint holds no running state for {name}: it starts afresh")
         if reason and trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             rank_zero_warn(
                 f"[mmpo] the random streams of the training steps (LoRA dropout) are not restored: {reason}. "

@@ -68,14 +68,8 @@ class PaMiSelector:
         return min(1.0, trainer.global_step / total)
 
     def _reference_model(self, module: Any):
-        name = module.reference.name
-        if name == "adapter":
-            return module.policy, module.backbone.adapters_disabled(module.policy)
-        model = getattr(module.reference, "model", None)
-        if model is None:
-            self.check(name)
-            raise ValueError(f"reference {name!r} holds no model to score candidates with")
-        return model, torch.no_grad()
+        self.check(module.reference.name)
+        return module.reference.reference_model(module)  # (model, context); the caller runs it under no_grad
 
     @torch.no_grad()
     def _reference_pass(self, module: Any, batch: PreferenceBatch) -> tuple[Tensor, Tensor]:

@@ -168,8 +168,8 @@ def test_processor_kwargs_reach_the_processor_and_the_cache_fingerprint(world, t
 
 def test_pair_records_carry_their_side_information_into_the_batch(world, tiny_llava, tmp_path):
     rows = _rows(world, 4)
-    rows[0].update(scores=[2.5, -1.0], weight=0.5, dimension_id=3, soft_label=0.9)
-    rows[1].update(scores=[0.0, 1.0], weight=2.0, dimension_id=0, soft_label=0.25)
+    rows[0].update(scores=[2.5, -1.0], weight=0.5, dimension_id=3, soft_label=0.9, orientations=[1, -1])
+    rows[1].update(scores=[0.0, 1.0], weight=2.0, dimension_id=0, soft_label=0.25, orientations=[0, 1])
     path = tmp_path / "side.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n")
     dm = ImagePreferenceDataModule(
@@ -180,6 +180,7 @@ def test_pair_records_carry_their_side_information_into_the_batch(world, tiny_ll
     assert batch.scores.tolist() == [[2.5, -1.0], [0.0, 1.0]]
     assert batch.weights.tolist() == [0.5, 2.0] and batch.dimension_ids.tolist() == [3, 0]
     assert batch.soft_labels.tolist() == [0.8999999761581421, 0.25]  # float32
+    assert batch.orientations.tolist() == [[1.0, -1.0], [0.0, 1.0]]  # (B, D)
     plain = ImagePreferenceDataModule(str(tiny_llava), train_file=str(world / "train.jsonl"), loader={"batch_size": 2})
     plain.setup("fit")
     assert next(iter(plain.train_dataloader())).side_info() == {}
@@ -199,6 +200,9 @@ def test_pair_records_carry_their_side_information_into_the_batch(world, tiny_ll
         ("weight", -1, "'weight' must be a finite number >= 0"),
         ("dimension_id", 1.5, "'dimension_id' must be an integer >= 0"),
         ("soft_label", 1.5, r"'soft_label' must be a number in \[0, 1\]"),
+        ("orientations", [1, 2], "'orientations' must be a non-empty list of 1, -1 or 0"),
+        ("orientations", [], "'orientations' must be a non-empty list"),
+        ("orientations", [True], "'orientations' must be a non-empty list"),
     ],
 )
 def test_bad_side_information_is_a_bad_record_naming_the_field(world, tmp_path, field, value, message):

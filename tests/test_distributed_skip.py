@@ -23,7 +23,7 @@ from lightning import Callback
 from datamodules import ImagePreferenceDataModule
 from mmpo.backbones import LoraSettings, VisionLanguageBackbone
 from mmpo.diagnostics import count_device_syncs
-from mmpo.losses import DPOLoss
+from mmpo.losses import DPOLoss, LCPOLoss
 from mmpo.module import PreferenceModule
 
 pytestmark = pytest.mark.slow
@@ -84,7 +84,8 @@ class _Record(Callback):
 
     def _save(self, trainer) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        record = {"weights": self.weights, "metrics": metrics, "syncs": self.syncs}
+        loss_state = trainer.lightning_module.loss.state_dict()
+        record = {"weights": self.weights, "metrics": metrics, "syncs": self.syncs, "loss_state": loss_state}
         torch.save(record, self.out / f"rank{trainer.global_rank}.pt")
 
     def on_train_start(self, trainer, pl_module):
@@ -123,10 +124,10 @@ def _deadline(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-def _module(tiny_llava, cls=PreferenceModule, optimizer=None, **kwargs):
+def _module(tiny_llava, cls=PreferenceModule, optimizer=None, loss=None, **kwargs):
     backbone = VisionLanguageBackbone(str(tiny_llava), lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     optimizer = optimizer or functools.partial(torch.optim.SGD, lr=0.5)
-    return cls(backbone, DPOLoss(beta=0.1), optimizer=optimizer, **kwargs)
+    return cls(backbone, loss or DPOLoss(beta=0.1), optimizer=optimizer, **kwargs)
 
 
 def _data(tiny_llava, train_file):
@@ -181,6 +182,28 @@ def test_a_rank_whose_records_are_all_bad_adds_nothing_and_the_run_goes_on(world
     # a step reads back two values, as on one process: the gathered table (in place of the loss check)
     # and the gradient check
     assert zero["syncs"] == one["syncs"] == {"mmpo/module.py _agreed_step": 1, "mmpo/module.py _grads_finite": 1}
+
+
+def test_a_stateful_loss_keeps_one_state_on_every_rank_when_a_rank_has_no_records(world, tiny_llava, tmp_path):
+    """LCPO's η moves with the posteriors of every rank's pairs; a rank whose records were all skipped takes
+    part in that reduction with none (no hang), so the ranks agree with one process on the good records."""
+    data = tmp_path / "data"
+    shutil.copytree(world, data)
+    (data / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()[:4]]
+    _write(
+        data / "half-bad.jsonl", [{**r, "images": ["images/corrupt.png"]} if i % 2 else r for i, r in enumerate(rows)]
+    )
+    _write(data / "good.jsonl", rows[::2])
+
+    def module():
+        return _module(tiny_llava, loss=LCPOLoss(eta_init=0.9, eta_rate=0.5))
+
+    ranks = _fit(module(), _data(tiny_llava, data / "half-bad.jsonl"), tmp_path / "ddp", max_epochs=1)
+    (single,) = _fit(module(), _data(tiny_llava, data / "good.jsonl"), tmp_path / "one", 1, max_epochs=1)
+    etas = [r["loss_state"]["eta"] for r in ranks]
+    assert etas[0] == etas[1] != 0.9
+    assert etas[0] == pytest.approx(single["loss_state"]["eta"], rel=1e-9)
 
 
 def test_a_nan_on_one_rank_skips_that_step_on_every_rank(world, tiny_llava, tmp_path):

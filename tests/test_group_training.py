@@ -4,9 +4,9 @@ import json
 import math
 import shutil
 
-import lightning as L
 import pytest
 import torch
+from helpers.callbacks import LossesInMemory
 from helpers.data import write_ranked
 from helpers.trainers import quiet_trainer
 from PIL import Image
@@ -25,17 +25,8 @@ from mmpo.reference import (
 )
 
 
-class _Record(L.Callback):
-    def __init__(self):
-        self.losses, self.metrics = [], []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.losses.append(float(outputs["loss"]))
-        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
-
-
 def _fit(module, dm, root, steps):
-    rec = _Record()
+    rec = LossesInMemory()
     trainer = quiet_trainer(max_steps=steps, num_sanity_val_steps=0, callbacks=[rec], default_root_dir=str(root))
     trainer.fit(module, datamodule=dm)
     return rec

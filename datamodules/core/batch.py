@@ -11,7 +11,7 @@ __all__ = ["SIDE_FIELDS", "PreferenceBatch"]
 
 
 # Side information a group may carry, with its shape per group: (K,) per response, () per group.
-SIDE_FIELDS = ("scores", "weights", "dimension_ids", "soft_labels")
+SIDE_FIELDS = ("scores", "weights", "dimension_ids", "soft_labels", "desirable", "orientations")
 
 
 @dataclass
@@ -47,6 +47,10 @@ class PreferenceBatch:
         weights: (B,) float weight of each group, or None.
         dimension_ids: (B,) long id of the preference dimension a group was labelled on, or None.
         soft_labels: (B,) float probability that response 0 is preferred to response 1, or None.
+        desirable: (B,) bool, whether group b's response 0 is desirable (unpaired feedback: response 1
+            is then a mismatched completion for KTO's reference point), or None.
+        orientations: (B, D) float, per preference dimension d: 1 where response 0 is preferred on it,
+            −1 where response 1 is, 0 where neither (``CombinedLoss(orient_by=...)``), or None.
         response_tags: per group, a name for each of its K responses (e.g. the augmentation that made
             a response's clip: ``("original", "reverse", ...)``), for logs; None when the data has none.
     """
@@ -66,6 +70,8 @@ class PreferenceBatch:
     weights: Tensor | None = None
     dimension_ids: Tensor | None = None
     soft_labels: Tensor | None = None
+    desirable: Tensor | None = None
+    orientations: Tensor | None = None
     response_tags: tuple[tuple[str, ...], ...] | None = None
 
     def __post_init__(self) -> None:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from datamodules.core.sources import BadSampleError, default_root, is_file_source, iter_raw_records, source_kind
 
@@ -25,6 +26,7 @@ __all__ = [
     "is_file_source",
     "iter_raw_records",
     "load_preference_records",
+    "load_records",
     "parse_prompt_and_images",
     "parse_prompt_and_media",
     "parse_record",
@@ -274,8 +276,9 @@ def parse_side_information(raw: dict[str, Any], where: str) -> dict[str, Any]:
     Record fields: ``scores`` (two finite numbers, the chosen then the rejected response's score from
     a reward model or another objective; MADPO, MODPO), ``weight`` (a finite number ≥ 0), ``dimension_id``
     (an integer ≥ 0, the preference dimension the pair was labelled on), ``soft_label`` (a number in
-    [0, 1], the probability that the chosen response is preferred; soft-label DPO). Absent or null
-    fields are left out.
+    [0, 1], the probability that the chosen response is preferred; soft-label DPO), ``orientations``
+    (one of 1, −1 or 0 per preference dimension: the chosen response is preferred on it, the rejected
+    one is, or neither; ``CombinedLoss(orient_by=...)``). Absent or null fields are left out.
 
     Raises:
         BadSampleError: a field of the wrong kind or out of range, naming ``where`` and the field.
@@ -301,6 +304,15 @@ def parse_side_information(raw: dict[str, Any], where: str) -> dict[str, Any]:
         if not (_finite(label) and 0 <= label <= 1):
             raise BadSampleError(f"{where}: 'soft_label' must be a number in [0, 1], got {label!r}")
         out["soft_labels"] = float(label)
+    orientations = raw.get("orientations")
+    if orientations is not None:
+        ok = isinstance(orientations, list) and orientations
+        if not (ok and all(isinstance(x, int) and not isinstance(x, bool) and x in (-1, 0, 1) for x in orientations)):
+            raise BadSampleError(
+                f"{where}: 'orientations' must be a non-empty list of 1, -1 or 0 (per preference dimension: "
+                f"chosen preferred, rejected preferred, neither), got {orientations!r}"
+            )
+        out["orientations"] = [float(x) for x in orientations]
     return out
 
 
@@ -365,6 +377,35 @@ def load_preference_records(
     Returns:
         The valid records and the list of problems (one message per skipped record).
     """
+    root = default_root(path, data_root)
+
+    def parse(raw: dict[str, Any], where: str) -> tuple[list[PreferenceRecord], list[str]]:
+        return [parse_record(raw, where, root, image_token, response_only)], []
+
+    return load_records(path, parse, on_bad_sample)
+
+
+R = TypeVar("R")
+
+
+def load_records(
+    path: Any,
+    parse: Callable[[dict[str, Any], str], tuple[list[R], list[str]]],
+    on_bad_sample: str = "error",
+) -> tuple[list[R], list[str]]:
+    """Every record of a data source through ``parse``, with bad ones raised or skipped and reported.
+
+    The one loop behind the record loaders of every data family (pairs, ranked lists, unpaired feedback).
+
+    Args:
+        path: what :func:`iter_raw_records` reads.
+        parse: one raw record and its ``<file>:<line>`` to the records it gives (usually one) and notes on
+            what it left out; a ``BadSampleError`` it raises makes the record bad.
+        on_bad_sample: ``"error"`` raises on the first bad record; ``"skip"`` drops it and reports it.
+
+    Returns:
+        The records and the problems (one message per skipped record, then the notes, in file order).
+    """
     if on_bad_sample not in ("error", "skip"):
         raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
     records, problems = [], []
@@ -372,7 +413,9 @@ def load_preference_records(
         try:
             if isinstance(raw, Exception):
                 raise raw
-            records.append(parse_record(raw, where, default_root(path, data_root), image_token, response_only))
+            parsed, notes = parse(raw, where)
+            records.extend(parsed)
+            problems.extend(notes)
         except BadSampleError as e:
             if on_bad_sample == "error":
                 raise

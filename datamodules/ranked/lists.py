@@ -19,6 +19,7 @@ import copy
 import math
 import os
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -29,7 +30,7 @@ from datamodules.core.records import (
     BadSampleError,
     PreferenceRecord,
     default_root,
-    iter_raw_records,
+    load_records,
     parse_prompt_and_images,
     response_text,
 )
@@ -183,6 +184,7 @@ def load_ranked_records(
     data_root: str | os.PathLike | None = None,
     on_bad_sample: str = "error",
     image_token: str = "<image>",
+    expand: Callable[[dict[str, Any], str], tuple[list[dict[str, Any]], list[str]]] | None = None,
 ) -> tuple[list[RankedRecord], list[str]]:
     """Read and validate every multi-response record of a .jsonl, .json or .parquet file.
 
@@ -191,24 +193,20 @@ def load_ranked_records(
         data_root: directory media paths are relative to (default: the file's directory).
         on_bad_sample: ``"error"`` raises on the first bad record; ``"skip"`` drops it and reports it.
         image_token: the placeholder that marks an image in plain-text prompts.
+        expand: turns one raw record into several, with notes on what it left out (directional
+            scoring: :meth:`~datamodules.ranked.directional.DirectionSettings.expand`); a
+            ``BadSampleError`` it raises is a bad record.
 
     Returns:
         The valid records and the list of problems (one message per skipped record).
     """
-    if on_bad_sample not in ("error", "skip"):
-        raise ValueError(f"on_bad_sample must be 'error' or 'skip', got {on_bad_sample!r}")
     root = default_root(path, data_root)
-    records, problems = [], []
-    for where, raw in iter_raw_records(path):
-        try:
-            if isinstance(raw, Exception):
-                raise raw
-            records.append(parse_ranked_record(raw, where, root, image_token))
-        except BadSampleError as e:
-            if on_bad_sample == "error":
-                raise
-            problems.append(str(e))
-    return records, problems
+
+    def parse(raw: dict[str, Any], where: str) -> tuple[list[RankedRecord], list[str]]:
+        raws, notes = expand(raw, where) if expand is not None else ([raw], [])
+        return [parse_ranked_record(item, where, root, image_token) for item in raws], notes
+
+    return load_records(path, parse, on_bad_sample)
 
 
 def _index_pairs(scores: list[float], order: list[int], strategy: str) -> list[tuple[int, int]]:

@@ -22,6 +22,8 @@ _SIDE_KEYS = {
     "weights": torch.float32,
     "dimension_ids": torch.long,
     "soft_labels": torch.float32,
+    "desirable": torch.bool,
+    "orientations": torch.float32,
 }
 
 # Keys of a processor's output that describe text, not media (PaliGemma's processor also returns labels).
@@ -202,7 +204,8 @@ class VisionPreferenceCollator:
     - ``video_metadata`` (and ``rejected_video_metadata``): one :func:`video_metadata` dict per video,
       which :class:`PreferenceDataset` writes;
     - side information: ``scores`` (K floats), ``weights`` (a float), ``dimension_ids`` (an int),
-      ``soft_labels`` (a float), batched into the :class:`PreferenceBatch` fields of those names;
+      ``soft_labels`` (a float), ``desirable`` (a bool), batched into the :class:`PreferenceBatch` fields of
+      those names;
     - ``candidate_names``: the K − 1 names of responses 1..K−1 (online video negatives: the
       augmentation of each candidate clip), batched into ``response_tags`` with response 0 "original".
 
@@ -387,5 +390,9 @@ def _side_tensors(encoded: list[_Encoded], ids: list[str]) -> dict[str, torch.Te
         if not all(present):
             missing = [rid for rid, p in zip(ids, present, strict=True) if not p]
             raise ValueError(f"records {missing[:5]} lack {name!r}, which other records of their batch carry")
-        out[name] = torch.tensor([e.side[name] for e in encoded], dtype=dtype)
+        values = [e.side[name] for e in encoded]
+        if len({len(v) for v in values if isinstance(v, list)}) > 1:
+            lengths = {rid: len(v) for rid, v in zip(ids, values, strict=True)}
+            raise ValueError(f"records of one batch carry {name!r} of different lengths: {lengths}")
+        out[name] = torch.tensor(values, dtype=dtype)
     return out

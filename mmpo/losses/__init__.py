@@ -7,6 +7,7 @@ see docs/losses.md for the table of formulas, defaults and papers.
 from mmpo.losses.asymmetric import AsymmetricDPOLoss, asymmetric_dpo_loss
 from mmpo.losses.base import LossOutput, PairLogps, PreferenceLoss, ResponseStats, mean_token_logps
 from mmpo.losses.combined import CombinedLoss
+from mmpo.losses.label_noise import LCPOLoss, lcpo_loss, lcpo_posterior
 from mmpo.losses.listwise import (
     LambdaRankLoss,
     PlackettLuceLoss,
@@ -45,16 +46,31 @@ from mmpo.losses.scored import (
     modpo_loss,
     soft_label_dpo_loss,
 )
+from mmpo.losses.token_level import SparsePOLoss, TDPOLoss, activation_masks, sparse_po_loss, tdpo_loss
 from mmpo.losses.triple import TriplePreferenceLoss, triple_preference_loss
+from mmpo.losses.unpaired import (
+    BCOLoss,
+    BCOPairLoss,
+    KTOLoss,
+    bco_loss,
+    bco_pair_loss,
+    kto_loss,
+    kto_reference_point,
+    unpaired_metrics,
+)
 
 __all__ = [
     "ASFTLoss",
     "AsymmetricDPOLoss",
+    "BCOLoss",
+    "BCOPairLoss",
     "CombinedLoss",
     "DPOLoss",
     "FDPOLoss",
     "HingeLoss",
     "IPOLoss",
+    "KTOLoss",
+    "LCPOLoss",
     "LDDPOLoss",
     "LNDPOLoss",
     "LambdaRankLoss",
@@ -71,17 +87,26 @@ __all__ = [
     "SFTLoss",
     "SimPOLoss",
     "SoftLabelDPOLoss",
+    "SparsePOLoss",
+    "TDPOLoss",
     "TreePreferenceLoss",
     "TriplePreferenceLoss",
+    "activation_masks",
     "asft_loss",
     "asymmetric_dpo_loss",
+    "bco_loss",
+    "bco_pair_loss",
     "dcg_pair_weights",
     "dpo_loss",
     "f_divergence_link",
     "fdpo_loss",
     "hinge_loss",
     "ipo_loss",
+    "kto_loss",
+    "kto_reference_point",
     "lambda_rank_loss",
+    "lcpo_loss",
+    "lcpo_posterior",
     "length_desensitized_logps",
     "ln_dpo_loss",
     "log_odds",
@@ -96,6 +121,9 @@ __all__ = [
     "sft_loss",
     "simpo_loss",
     "soft_label_dpo_loss",
+    "sparse_po_loss",
+    "tdpo_loss",
     "tree_ranking_loss",
     "triple_preference_loss",
+    "unpaired_metrics",
 ]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,8 +43,19 @@ class ResponseStats:
         candidate_weights: (B, K) non-negative weight of each response as a rejected candidate against
             response 0 (PaMi-VDPO's selection weights; column 0 is not read). Only
             :class:`~mmpo.losses.MultiInstanceVDPOLoss` reads it.
+        desirable: (B,) bool (or 0/1), whether the group's response 0 is desirable (unpaired feedback;
+            KTO and BCO read it).
+        orientations: (B, D) per preference dimension: 1 where response 0 is preferred on it, −1 where
+            response 1 is, 0 where neither. :class:`~mmpo.losses.CombinedLoss` orients each component by
+            one dimension (``orient_by``).
+        token_kl: (B, K, T) per-token KL(π_ref(·|x,y<t) ‖ πθ(·|x,y<t)) over the full vocabulary, aligned
+            with ``token_logps``, 0 where masked; on the policy's statistics, with its gradient
+            (``mmpo.token_kl``). Only losses with ``requires_token_kl`` read it.
+        token_activation: (B, K, T) the mean over the hidden axis of the model's final hidden state at
+            the position that predicts each token, 0 where masked; on the reference's statistics where
+            the token KL is computed (SparsePO's activation masks read it).
 
-    Side information (``scores`` … ``candidate_weights``) rides on the policy's statistics; None when
+    Side information (``scores`` … ``orientations``) rides on the policy's statistics; None when
     the data has none.
     """
 
@@ -55,6 +68,10 @@ class ResponseStats:
     dimension_ids: Tensor | None = None
     soft_labels: Tensor | None = None
     candidate_weights: Tensor | None = None
+    desirable: Tensor | None = None
+    orientations: Tensor | None = None
+    token_kl: Tensor | None = None
+    token_activation: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.logps.dim() != 2 or self.logps.shape[1] < 2:
@@ -147,7 +164,8 @@ class ResponseStats:
 
     def with_side(self, **side: Tensor | None) -> ResponseStats:
         """A copy carrying the given side information (``scores``, ``weights``, ...)."""
-        unknown = set(side) - {"scores", "weights", "dimension_ids", "soft_labels", "candidate_weights"}
+        known = {"scores", "weights", "dimension_ids", "soft_labels", "candidate_weights", "desirable", "orientations"}
+        unknown = set(side) - known
         if unknown:
             raise TypeError(f"unknown side information {sorted(unknown)}")
         values = {f.name: getattr(self, f.name) for f in fields(ResponseStats)}
@@ -274,12 +292,71 @@ class PreferenceLoss(ABC):
         max_group_size: the most responses per group the loss reads: 2 for a pair loss (responses
             0 and 1), None for a list loss that reads all K.
         requires_scores: whether the loss needs per-response ``scores``.
+        requires_desirable_labels: whether the loss needs the per-group ``desirable`` labels of
+            unpaired feedback (KTO, BCO).
+        requires_token_kl: whether the loss needs the per-token full-vocabulary KL (``token_kl`` on the
+            policy's statistics; TDPO, SparsePO): the module then runs both models to their hidden states.
+        stateful: whether the loss keeps running statistics across steps (BCO's reward mean, LCPO's
+            label-noise estimate). Such a loss updates them in its forward only while ``training`` is
+            true (the module sets it per step: training steps only), reduces what it adds over ranks with
+            :meth:`gather`, and returns them from :meth:`state_dict`, which the module writes into every
+            Lightning checkpoint and restores on resume.
+        gathers_per_call: how many times one call reduces over ranks with :meth:`gather` (0 for most losses);
+            the default :meth:`idle` makes that many calls with empty tensors.
     """
 
     requires_reference: bool = True
     requires_token_logps: bool = False
     max_group_size: int | None = 2
     requires_scores: bool = False
+    requires_desirable_labels: bool = False
+    requires_token_kl: bool = False
+    stateful: bool = False
+    gathers_per_call: int = 0
+    training: bool = True
+    _gather_fn: Callable[[Tensor], Tensor] | None = None
+
+    # -- running state (stateful losses); the defaults serve the stateless ones -----------------------
+    def train(self, mode: bool = True) -> PreferenceLoss:
+        """Set whether the following calls are training steps (which may update running statistics)."""
+        self.training = mode
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running statistics to checkpoint (empty for a stateless loss)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but a checkpoint holds {sorted(state)}")
+
+    def idle(self, device: torch.device | str) -> None:
+        """Take part in a call's reductions over ranks without data (a rank whose records were all skipped).
+
+        Called by the module on such a rank in place of the loss. A loss that calls :meth:`gather` makes
+        the same calls here with empty tensors, in the same order (the default: ``gathers_per_call`` calls),
+        and a stateful one updates its state from the other ranks' values as its call would.
+        """
+        for _ in range(self.gathers_per_call):
+            self.gather(torch.empty(0, dtype=torch.float64, device=device))
+
+    def set_gather(self, fn: Callable[[Tensor], Tensor] | None) -> None:
+        """Install how :meth:`gather` reaches the other ranks (the module does this; None: one process)."""
+        self._gather_fn = fn
+
+    def gather(self, values: Tensor) -> Tensor:
+        """The (N,) ``values`` of every rank concatenated in rank order (N may differ per rank).
+
+        In one process that is ``values`` itself.
+
+        A loss that reduces a batch statistic over ranks (KTO's reference point, a stateful loss's running
+        statistics) calls this on 1-D tensors, and makes :meth:`idle` make the same calls with empty ones,
+        so that every rank computes the same value.
+        """
+        if values.dim() != 1:
+            raise ValueError(f"gather takes 1-D tensors, got {tuple(values.shape)}")
+        return values if self._gather_fn is None else self._gather_fn(values)
 
     def __call__(self, policy: ResponseStats, reference: ResponseStats | None = None) -> LossOutput:
         """Compute the loss of B groups (pairs when K = 2).
@@ -320,6 +397,17 @@ class PreferenceLoss(ABC):
             )
         if self.requires_scores and policy.scores is None:
             raise ValueError(f"{name} needs per-response scores (B, K); the data carries none")
+        if self.requires_desirable_labels and policy.desirable is None:
+            raise ValueError(
+                f"{name} needs per-group 'desirable' labels (unpaired feedback); the data carries none: "
+                "serve unpaired records (datamodules.UnpairedPreferenceDataModule)"
+            )
+        if self.requires_token_kl and policy.token_kl is None:
+            raise ValueError(
+                f"{name} needs the per-token KL over the full vocabulary (token_kl on the policy statistics), "
+                "computed from both models' hidden states (mmpo.token_kl.token_kl_statistics); cached reference "
+                "log-probs cannot give it"
+            )
         return self.forward(policy, reference)
 
     @abstractmethod

@@ -7,7 +7,9 @@ is built, sets itself up once the policy exists, and answers ``statistics(module
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -18,6 +20,7 @@ from torch import Tensor, nn
 from datamodules.core.cache_source import ReferenceCacheData
 from mmpo.backbones.protocol import Backbone
 from mmpo.losses.base import PreferenceLoss, ResponseStats
+from mmpo.reference.adapter_snapshot import snapshot_active
 from mmpo.reference.cache import ReferenceCache, compute_reference_cache, data_fingerprint, model_fingerprint
 
 if TYPE_CHECKING:
@@ -68,6 +71,13 @@ class ReferenceStrategy(ABC):
     def statistics(self, module: PreferenceModule, batch: Any, split: str) -> ResponseStats | None:
         """The reference's statistics of ``batch`` (no gradient), or None."""
 
+    def reference_model(self, module: PreferenceModule) -> tuple[nn.Module, AbstractContextManager]:
+        """The model that computes as the reference, and the context to run it in (under ``no_grad``).
+
+        For passes beyond ``statistics`` (the per-token KL of ``mmpo.token_kl``).
+        """
+        raise ValueError(f"reference {self.name!r} runs no reference model")
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -78,6 +88,11 @@ class NoReference(ReferenceStrategy):
     name = "none"
 
     def check(self, loss: PreferenceLoss, backbone: Backbone) -> None:
+        if loss.requires_token_kl:
+            raise ValueError(
+                f"{type(loss).__name__} needs the reference model's next-token distributions (per-token KL): "
+                "reference 'none' runs no reference; use adapter, copy or a separate checkpoint"
+            )
         if loss.requires_reference:
             raise ValueError(f"{type(loss).__name__} needs a reference model; reference 'none' is not possible")
 
@@ -86,10 +101,15 @@ class NoReference(ReferenceStrategy):
 
 
 class DisabledAdapter(ReferenceStrategy):
-    """The policy with its LoRA adapter switched off: no second model in memory."""
+    """The policy with its LoRA adapter switched off: no second model in memory.
+
+    After a refresh (:func:`mmpo.reference.refresh.refresh_reference`, Curry-DPO stages, APO rounds) the
+    reference is a frozen snapshot adapter beside the trained one (``snapshot`` True), run instead.
+    """
 
     name = "adapter"
     reuses_policy_media = True
+    snapshot: bool = False
 
     def check(self, loss: PreferenceLoss, backbone: Backbone) -> None:
         super().check(loss, backbone)
@@ -97,8 +117,16 @@ class DisabledAdapter(ReferenceStrategy):
             raise ValueError("reference 'adapter' needs a LoRA backbone (set backbone.lora)")
 
     def statistics(self, module: PreferenceModule, batch: Any, split: str) -> ResponseStats:
-        with torch.no_grad(), module.backbone.adapters_disabled(module.policy):
+        with torch.no_grad(), self._switched(module):
             return module.backbone.statistics(module.policy, batch)
+
+    def reference_model(self, module: PreferenceModule) -> tuple[nn.Module, AbstractContextManager]:
+        return module.policy, self._switched(module)
+
+    def _switched(self, module: PreferenceModule) -> AbstractContextManager:
+        if self.snapshot:
+            return snapshot_active(module.policy)
+        return module.backbone.adapters_disabled(module.policy)
 
 
 class _FrozenModel(ReferenceStrategy):
@@ -108,12 +136,16 @@ class _FrozenModel(ReferenceStrategy):
         self.model: nn.Module | None = None
 
     def statistics(self, module: PreferenceModule, batch: Any, split: str) -> ResponseStats:
+        model, _ = self.reference_model(module)
+        with torch.no_grad():
+            return module.backbone.statistics(model, batch)
+
+    def reference_model(self, module: PreferenceModule) -> tuple[nn.Module, AbstractContextManager]:
         if self.model is None:
             raise RuntimeError(f"the {self.name} reference is not set up (configure_model has not run)")
         if next(self.model.parameters()).device != module.device:
             self.model.to(module.device)
-        with torch.no_grad():
-            return module.backbone.statistics(self.model, batch)
+        return self.model, contextlib.nullcontext()
 
 
 class FrozenCopy(_FrozenModel):
@@ -163,6 +195,14 @@ class CachedReference(ReferenceStrategy):
     def __init__(self, cache_dir: str | None = None) -> None:
         self.cache_dir = cache_dir
         self._caches: dict[str, ReferenceCache] = {}
+
+    def check(self, loss: PreferenceLoss, backbone: Backbone) -> None:
+        super().check(loss, backbone)
+        if loss.requires_token_kl:
+            raise ValueError(
+                f"{type(loss).__name__} needs the reference's full next-token distributions (per-token KL), which "
+                "cached log-probs do not hold; use reference adapter, copy or a separate checkpoint"
+            )
 
     def statistics(self, module: PreferenceModule, batch: Any, split: str) -> ResponseStats:
         if split not in self._caches:

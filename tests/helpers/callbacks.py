@@ -26,13 +26,16 @@ class RecordLosses(L.Callback):
 
 
 class LossesInMemory(L.Callback):
-    """Keep each training batch's loss in ``self.losses`` (for in-process fits)."""
+    """Keep each training batch's loss in ``self.losses``, and the logged figures after it in ``self.metrics``
+    (for in-process fits)."""
 
     def __init__(self) -> None:
         self.losses: list[float] = []
+        self.metrics: list[dict[str, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.losses.append(float(outputs["loss"]))
+        self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items()})
 
 
 class KillAtStep(L.Callback):

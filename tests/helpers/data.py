@@ -32,3 +32,37 @@ def write_mixed(world: Path, path: Path) -> Path:
     rows[3]["images"] = []
     path.write_text("\n".join(json.dumps(r) for r in rows))
     return path
+
+
+def write_unpaired(world: Path, path: Path, n_pairs: int = 4) -> list[dict]:
+    """Unpaired records from the world's first pairs: each chosen answer desirable, each rejected one not.
+
+    Records alternate desirable / undesirable and follow the world's order (2·n_pairs records).
+    """
+    pairs = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()[:n_pairs]]
+    rows = []
+    for p in pairs:
+        for side, label in (("chosen", True), ("rejected", False)):
+            rows.append(
+                {"id": f"{p['id']}-{side}", "prompt": p["prompt"], "images": p["images"], "completion": p[side],
+                 "label": label}
+            )  # fmt: skip
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return rows
+
+
+def write_rewards(world: Path, path: Path, n: int = 4) -> Path:
+    """``n`` records with reward vectors (helpfulness, verbosity) of three responses, for directional scoring.
+
+    Response 0 (the world's chosen answer) is helpful and long, 1 (its rejected one) neither, 2 less helpful
+    and short: along helpfulness 0 is best and 1 worst; along "less verbose" 2 is best and 0 worst.
+    """
+    rows = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()[:n]]
+    out = [
+        {"id": f"d{i}", "images": r["images"], "prompt": r["prompt"],
+         "responses": [r["chosen"], r["rejected"], "square square square ."],
+         "rewards": [[1.0, 0.5], [0.0, 0.0], [0.6, -0.5]]}
+        for i, r in enumerate(rows)
+    ]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in out))
+    return path
