@@ -329,8 +329,19 @@ class VisionLanguageBackbone(Backbone):
         return None
 
     def save(self, model: nn.Module, out_dir: str | os.PathLike) -> None:
-        """Save the adapter (LoRA) or the full model, plus the processor, in standard HF format."""
-        model.save_pretrained(out_dir)
+        """Save the adapter (LoRA) or the full model, plus the processor, in standard HF format.
+
+        Only the trained adapter is written: a frozen snapshot adapter (the refreshed reference of
+        ``mmpo.iterative``) lives in the callback's checkpoint state, not in the export.
+        """
+        from peft import PeftModel
+
+        if isinstance(model, PeftModel):
+            from mmpo.reference.adapter_snapshot import SNAPSHOT_ADAPTER
+
+            model.save_pretrained(out_dir, selected_adapters=[n for n in model.peft_config if n != SNAPSHOT_ADAPTER])
+        else:
+            model.save_pretrained(out_dir)
         try:
             from transformers import AutoProcessor
 
