@@ -13,7 +13,8 @@ from mmpo.backbones import VisionLanguageBackbone
 from mmpo.cli import MMPOCLI, main
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# complete configs: the top level and the ranked-data recipes (Curry-DPO, DPA)
+CONFIGS = sorted([*(REPO / "configs").glob("*.yaml"), *(REPO / "configs" / "ranked").glob("*.yaml")])
 _HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 
 
@@ -37,10 +38,17 @@ def test_every_config_the_docs_name_is_one_the_next_test_instantiates():
     top_level = {n for n in named if "/" not in n.removeprefix("configs/")}
     assert "configs/quickstart.yaml" in top_level  # the README's own quickstart is among them
     assert top_level <= {f"configs/{p.name}" for p in CONFIGS}
+    ranked = {n for n in named if n.startswith("configs/ranked/")}
+    assert ranked <= {str(p.relative_to(REPO)) for p in CONFIGS}
     # below the top level: the MIA-DPO stages (tests/test_mia_demo.py), the partial logging configs
-    # (tests/test_loggers.py), the partial QLoRA config (its command: tests/test_commands.py) and the diffusion
-    # configs (tests/test_diffusion_training.py builds them and runs their commands)
-    below = ("configs/mia_dpo/", "configs/logging/", "configs/quantization/", "configs/diffusion/")
+    # (tests/test_loggers.py), the partial QLoRA config (its command: tests/test_commands.py), the diffusion
+    # configs (tests/test_diffusion_training.py builds them and runs their commands); configs/ranked/ is built below;
+    # the iterative and partial loss configs (tests/test_iterative.py, test_unpaired_data.py,
+    # test_losses_token_level.py; test_commands.py runs their commands)
+    below = (
+        "configs/mia_dpo/", "configs/logging/", "configs/quantization/", "configs/diffusion/", "configs/ranked/",
+        "configs/iterative/", "configs/losses/",
+    )  # fmt: skip
     assert {n for n in named - top_level if not n.startswith(below)} == set()
 
 

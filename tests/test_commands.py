@@ -18,12 +18,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.data import write_rewards, write_unpaired
 
 from mmpo.backbones.quantization import bitsandbytes_unavailable
 from mmpo.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 PLACEHOLDER_DATA = ("YOUR/train.jsonl", "data/train.jsonl")
+# placeholders for data of another shape, written from the shapes world (image paths relative to it)
+PLACEHOLDER_WRITERS = {"data/unpaired.jsonl": write_unpaired, "YOUR/rewards.jsonl": write_rewards}
 MIA_DEMO_TEST = "tests/test_mia_demo.py::test_demo_runs_end_to_end_at_toy_size"
 RUN_ELSEWHERE = {
     "mmpo mia-demo": MIA_DEMO_TEST,
@@ -40,6 +43,10 @@ RUN_ELSEWHERE = {
     },
     "mmpo fit --config configs/diffusion/sd15_sft_lora.yaml --data.init_args.train_file=YOUR/train.jsonl": (
         "tests/test_diffusion_sampling.py::test_sft_config_header_command_trains_saves_and_samples"
+    ),
+    # Curry-DPO: ranked records and 4 steps across a curriculum stage boundary
+    "mmpo fit --config configs/ranked/curry_dpo_lora.yaml --data.init_args.train_file=YOUR/ranked.jsonl": (
+        "tests/test_iterative.py::test_curry_dpo_config_header_command_runs_on_a_tiny_model"
     ),
     # the partial logging configs, each after the quickstart's (W&B offline, MLflow to a local folder)
     "mmpo fit --config configs/quickstart.yaml --config configs/logging/mlflow.yaml": (
@@ -123,7 +130,11 @@ def test_real_model_command(command, world, tiny_llava, video_world, video_llava
     model = video_llava if video else tiny_llava
     data = str(video_world["train"]) if video else str(world / "train.jsonl")
     argv = [next((a.replace(p, data) for p in PLACEHOLDER_DATA if p in a), a) for a in argv]
-    overrides = [
+    written = [(p, write(world, tmp_path / Path(p).name)) for p, write in PLACEHOLDER_WRITERS.items() if p in command]
+    for placeholder, _ in written:
+        argv = [a.replace(placeholder, str(tmp_path / Path(placeholder).name)) for a in argv]
+    overrides = [f"--data.init_args.data_root={world}"] if written else []
+    overrides += [
         f"--model.init_args.backbone.init_args.model_name_or_path={model}",
         f"--model.init_args.save_dir={tmp_path / 'out'}",
         "--trainer.accelerator=cpu",

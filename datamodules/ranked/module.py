@@ -13,6 +13,7 @@ from datamodules.core.settings import (
     migrate_flat_settings,
     settings_dict,
 )
+from datamodules.ranked.directional import DirectionSettings
 from datamodules.ranked.lists import PairStrategy, RankedListDataset, RankedPreferenceDataset, load_ranked_records
 from datamodules.vision_text.image_module import ImagePreferenceDataModule
 
@@ -36,11 +37,16 @@ class RankedPreferenceDataModule(ImagePreferenceDataModule):
         serve_lists: serve each record whole, as one group of its K responses best first with their
             (B, K) scores, for list losses (``mmpo.losses.PlackettLuceLoss``); every record of a
             file needs the same K. ``pair_strategy`` and the curriculum do not apply.
+        direction: directional preference alignment (DPA): records carry per-response reward vectors
+            (``rewards``), each direction of :class:`~datamodules.ranked.directional.DirectionSettings`
+            scores them vᵀr and serves the record once more, the direction written into its prompt.
+            None (or no directions): records carry ``scores`` or a ``ranking``.
     """
 
     settings_groups: ClassVar[dict[str, type]] = {
         **ImagePreferenceDataModule.settings_groups,
         "curriculum": CurriculumSettings,
+        "direction": DirectionSettings,
     }
 
     def __init__(
@@ -49,6 +55,7 @@ class RankedPreferenceDataModule(ImagePreferenceDataModule):
         pair_strategy: PairStrategy = "best_vs_rest",
         curriculum: CurriculumSettings | None = None,
         serve_lists: bool = False,
+        direction: DirectionSettings | None = None,
         **kwargs: Any,
     ) -> None:
         owner = type(self).__name__
@@ -58,16 +65,22 @@ class RankedPreferenceDataModule(ImagePreferenceDataModule):
             raise ValueError("serve_lists serves whole lists: the pair curriculum (curriculum.*) does not apply")
         self.serve_lists = serve_lists
         self.pair_strategy = pair_strategy
+        self.direction = as_settings(DirectionSettings, direction, "direction")
         super().__init__(*args, **kwargs)
 
     def hyperparameters(self) -> dict[str, Any]:
-        extra = {"pair_strategy": self.pair_strategy, "curriculum": settings_dict(self.curriculum)}
+        extra = {
+            "pair_strategy": self.pair_strategy,
+            "curriculum": settings_dict(self.curriculum),
+            "direction": settings_dict(self.direction),
+        }
         return {**super().hyperparameters(), **extra, "serve_lists": self.serve_lists}
 
     def build_dataset(
         self, split: str, path: str, root: str
     ) -> tuple[RankedPreferenceDataset | RankedListDataset, list[str]]:
-        records, problems = load_ranked_records(path, root, self.on_bad_sample, self.image_placeholder)
+        expand = self.direction.expand if self.direction.active else None
+        records, problems = load_ranked_records(path, root, self.on_bad_sample, self.image_placeholder, expand)
         if self.serve_lists:
             sizes = sorted({len(r.responses) for r in records})
             if len(sizes) > 1:
