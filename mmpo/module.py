@@ -20,6 +20,7 @@ from datamodules.core.batch import PreferenceBatch
 from mmpo.allocator import DEFAULT_KEEP_BYTES, keep_freed_memory
 from mmpo.backbones.protocol import Backbone
 from mmpo.losses import LossOutput, PreferenceLoss, ResponseStats
+from mmpo.metrics import reward_metrics
 from mmpo.pami import PaMiSelector
 from mmpo.prediction import JsonlPredictionWriter, PredictSettings, decode_prompt, generate_from_batch
 from mmpo.rank_gather import gather_variable
@@ -27,53 +28,9 @@ from mmpo.reference.strategies import ReferenceName, ReferenceStrategy, resolve_
 from mmpo.rng_state import CHECKPOINT_KEY, TrainingRandomness, gather, restore
 from mmpo.token_kl import token_kl_statistics
 
-__all__ = ["LOSS_STATE_KEY", "PreferenceModule", "reward_metrics"]
+__all__ = ["LOSS_STATE_KEY", "PreferenceModule", "reward_metrics"]  # reward_metrics lives in mmpo.metrics
 
 LOSS_STATE_KEY = "mmpo_loss_state"  # a stateful loss's running statistics in Lightning checkpoints
-
-
-def reward_metrics(out: LossOutput, policy: ResponseStats) -> dict[str, Tensor]:
-    """The logged figures of a batch, under TRL's names, from the loss output and the policy statistics.
-
-    For pairs (K = 2) response 0 is "chosen" and response 1 "rejected". For K > 2, "rejected" is the
-    mean over responses 1..K-1, a margin is response 0's reward minus that mean, an accuracy counts
-    groups whose response 0 beats every other, and ``rewards/ranking_accuracy`` is the share of
-    response pairs (i < j) whose rewards keep the data's order. A loss's own metrics replace the figures
-    of the same name. Unpaired feedback (``policy.desirable`` set: response 1 is a mismatched completion
-    for KTO's reference point, not a rejected response) gets no pair figures: only the loss's own, which
-    KTO and BCO report under TRL's names (means over the desirable and the undesirable examples).
-    """
-    own = {k: v.float().mean() for k, v in out.metrics.items()}
-    if policy.desirable is not None:
-        return own
-    if policy.group_size == 2:
-        margins = out.chosen_rewards - out.rejected_rewards
-        metrics = {
-            "rewards/chosen": out.chosen_rewards.mean(),
-            "rewards/rejected": out.rejected_rewards.mean(),
-            "rewards/margins": margins.mean(),
-            "rewards/accuracies": (margins > 0).float().mean(),
-            "logps/chosen": policy.chosen.detach().mean(),
-            "logps/rejected": policy.rejected.detach().mean(),
-            "logps/accuracies": (policy.chosen > policy.rejected).float().mean(),
-        }
-    else:
-        rewards, logps = out.rewards, policy.logps.detach()
-        rest, logps_rest = rewards[:, 1:], logps[:, 1:]
-        k = rewards.shape[1]
-        upper = torch.triu(torch.ones(k, k, dtype=torch.bool, device=rewards.device), diagonal=1)
-        ordered = (rewards[:, :, None] > rewards[:, None, :])[:, upper]  # (B, K(K-1)/2), i < j
-        metrics = {
-            "rewards/chosen": rewards[:, 0].mean(),
-            "rewards/rejected": rest.mean(),
-            "rewards/margins": (rewards[:, 0] - rest.mean(1)).mean(),
-            "rewards/accuracies": (rewards[:, 0] > rest.amax(1)).float().mean(),
-            "rewards/ranking_accuracy": ordered.float().mean(),
-            "logps/chosen": logps[:, 0].mean(),
-            "logps/rejected": logps_rest.mean(),
-            "logps/accuracies": (logps[:, 0] > logps_rest.amax(1)).float().mean(),
-        }
-    return {**metrics, **own}
 
 
 _HOST_MEMORY_NOTED = False  # the allocator note is printed once per process
@@ -212,6 +169,12 @@ class PreferenceModule(L.LightningModule):
     ) -> tuple[LossOutput, ResponseStats, ResponseStats | None]:
         """Policy and reference statistics for a batch, and the loss on them."""
         side, reference = batch.side_info(), None
+        if "desirable" in side and not self.loss.requires_desirable_labels:
+            # response 1 of an unpaired group is a mismatched completion, not a rejected answer
+            raise ValueError(
+                f"{type(self.loss).__name__} compares responses as chosen and rejected, but this batch holds unpaired "
+                f"feedback (records {batch.ids[:3]}...); train it with an unpaired loss (KTOLoss, BCOLoss)"
+            )
         if self.candidates is not None:  # each group's selected responses, weighted; the scoring pass that
             # chose them ran the reference over every row, so it gives the reference statistics too
             batch, side["candidate_weights"], reference = self.candidates.select(self, batch, split)

@@ -2,7 +2,7 @@
 
 Reads Lightning's ``CSVLogger`` file (``metrics.csv``) and TensorBoard event files found under the run
 directory (the newest version of each), and draws the TRL-named figures the module logs (see
-:func:`mmpo.module.reward_metrics`) against the optimizer step: chosen and rejected rewards, their
+:func:`mmpo.metrics.reward_metrics`) against the optimizer step: chosen and rejected rewards, their
 margin, the reward accuracy and the loss, training and validation where logged. Training figures
 logged every step are drawn as lines, their epoch means and the validation figures as markers.
 

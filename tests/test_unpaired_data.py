@@ -16,7 +16,7 @@ from helpers.trainers import quiet_trainer
 from datamodules import BadSampleError, UnpairedPreferenceDataModule, load_unpaired_records
 from datamodules.vision_text.unpaired import UnpairedCollator, UnpairedDataset
 from mmpo.backbones import LoraSettings, VisionLanguageBackbone
-from mmpo.losses import BCOLoss, KTOLoss
+from mmpo.losses import BCOLoss, CombinedLoss, DPOLoss, KTOLoss, SFTLoss
 from mmpo.module import LOSS_STATE_KEY, PreferenceModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -118,6 +118,16 @@ def test_datamodule_serves_labelled_groups_and_refuses_what_cannot_work(world, t
         dm.reference_cache_split("train")
     with pytest.raises(ValueError, match="batch_size must be >= 2"):
         UnpairedPreferenceDataModule(str(tiny_llava), train_file=str(tmp_path / "u.jsonl"), loader={"batch_size": 1})
+    # a pair loss would read the KL completion as a rejected answer: refused, naming the records
+    module = PreferenceModule(VisionLanguageBackbone(str(tiny_llava), lora=LoraSettings(r=4)), DPOLoss())
+    module.configure_model()
+    with pytest.raises(ValueError, match=r"DPOLoss compares responses .* unpaired feedback .*KTOLoss"):
+        module.compute(batches[0])
+    kto_and_sft = PreferenceModule(
+        VisionLanguageBackbone(str(tiny_llava), lora=LoraSettings(r=4)), CombinedLoss([KTOLoss(), SFTLoss()])
+    )
+    kto_and_sft.configure_model()
+    assert torch.isfinite(kto_and_sft.compute(batches[0])[0].losses).all()  # a mix with an unpaired loss runs
 
 
 @pytest.mark.parametrize("loss", [KTOLoss(beta=0.1), BCOLoss(beta=0.1)], ids=repr)
