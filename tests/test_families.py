@@ -13,6 +13,7 @@ import re
 import pytest
 import torch
 from helpers.callbacks import LossesInMemory
+from helpers.equivalence import assert_same_logps_losses_and_gradients, comparison_module
 from helpers.trainers import quiet_trainer
 
 import mmpo.backbones.vlm as vlm
@@ -69,8 +70,6 @@ IMAGE_TOKENS = {  # per 32-pixel image
 }
 # Families that take the naive path, and the notice that says why; the others take the shared prompt pass.
 NAIVE = {
-    "qwen2_vl": "Qwen2VLForConditionalGeneration has multimodal rotary positions",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration has multimodal rotary positions",
     "paligemma2": "PaliGemmaForConditionalGeneration is not supported (a scaled LM head",
     "gemma3": "the per-token inputs token_type_ids are not split between prompt and responses",
     "mllama": "MllamaForConditionalGeneration reads images through cross-attention layers",
@@ -208,6 +207,16 @@ def test_shared_prompt_pass_equals_the_naive_forward(tiny, batches, family):
             backbone.shared_prefix = True
         torch.testing.assert_close(shared, naive, atol=1e-5, rtol=1e-5)
         assert shared[batch.response_mask].lt(0).all()
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_multimodal_rotary_positions_continue_over_the_responses_with_the_naive_gradients(tiny, batches, family):
+    # the prompt's 3-axis positions come from the model's get_rope_index; the responses continue from the largest
+    # position + 1, so a LoRA step's losses and gradients equal the naive path's (2 images per prompt)
+    path, batch = tiny(family), batches(family, 2)
+    shared = comparison_module(path, lora=True)
+    naive = comparison_module(path, lora=True, shared_prefix=False)
+    assert_same_logps_losses_and_gradients(shared, naive, batch)
 
 
 def _with(batch: PreferenceBatch, **fields) -> PreferenceBatch:

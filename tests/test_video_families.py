@@ -180,9 +180,10 @@ def test_batched_statistics_equal_each_group_alone(tiny, files, video_world, fam
     torch.testing.assert_close(out.losses, torch.cat([a[0].losses for a in alone]), atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(policy.tokens, torch.cat([a[1].tokens for a in alone]), atol=0, rtol=0)
     assert not torch.equal(policy.logps, reference.logps)  # the adapter's B matrices are drawn: it acts
-    if family == "llava_onevision":  # the shared prompt pass takes OneVision's videos; the naive path agrees
-        naive = comparison_module(path, lora=True, shared_prefix=False)
-        assert_same_logps_losses_and_gradients(module, naive, batch)
+    # the shared prompt pass takes every family's videos (Qwen's with their multimodal rotary positions
+    # continued over the responses); the naive path agrees, gradients included
+    naive = comparison_module(path, lora=True, shared_prefix=False)
+    assert_same_logps_losses_and_gradients(module, naive, batch)
 
 
 def test_qwen2_5_vl_timing_follows_the_decoded_frames(tiny, files, video_world):

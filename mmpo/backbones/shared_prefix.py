@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from datamodules.vision_text.collator import TOKEN_ALIGNED_MEDIA
 from mmpo.backbones.module_scan import modules_found_once
 from mmpo.logprobs import head_logprobs, span_coordinates
 
@@ -48,14 +49,12 @@ __all__ = ["checkpointing_fallback_reason", "shared_prefix_supported", "shared_p
 def shared_prefix_supported(base: nn.Module) -> bool:
     """Whether ``base`` can take the shared-prefix path.
 
-    Needs an inner model returning hidden states and taking a key/value cache, a plain LM head, and
-    ordinary 1-D positions: models with multimodal rotary positions (Qwen2-VL's ``get_rope_index``)
-    keep position state between calls and take the naive path.
+    Needs an inner model returning hidden states and taking a key/value cache, and a plain LM head.
+    Multimodal rotary positions (Qwen2-VL's ``get_rope_index``) are computed here for the prompts and
+    continued over the responses (:func:`_rope_positions`).
     """
     inner = getattr(base, "model", None)
     if inner is None or not hasattr(base, "get_output_embeddings"):
-        return False
-    if hasattr(inner, "get_rope_index") or hasattr(inner, "rope_deltas"):
         return False
     text_cfg = getattr(base.config, "text_config", base.config)
     return not any(getattr(text_cfg, a, None) for a in ("final_logit_softcapping", "logit_scale"))
@@ -172,7 +171,10 @@ def _response_pass(inner: nn.Module, prompt: _PromptCache, repeats: int, **input
     return hidden
 
 
-def _left_padded_prompts(batch: Any, pad_id: int, prompt_lengths: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+def _left_padded_prompts(
+    batch: Any, pad_id: int, prompt_lengths: tuple[int, ...], per_token: dict[str, Tensor]
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """The B prompts left-padded to one width (Tp), their mask, and per-token inputs cut and padded alike."""
     b = batch.num_groups
     lengths = batch.prompt_lengths[:b]  # (B,)
     width = max(prompt_lengths[:b])
@@ -181,7 +183,34 @@ def _left_padded_prompts(batch: Any, pad_id: int, prompt_lengths: tuple[int, ...
     valid = src >= 0
     ids = batch.input_ids[:b].gather(1, src.clamp(min=0))
     ids = torch.where(valid, ids, torch.full_like(ids, pad_id))
-    return ids, valid.long()
+    # per-token inputs (B, T, ...) in the first rows' layout (the media of a group's rows are stored once)
+    cut = {}
+    for key, v in per_token.items():
+        index = src.clamp(min=0).view(*src.shape, *[1] * (v.dim() - 2)).expand(-1, -1, *v.shape[2:])
+        picked = v[:b].gather(1, index)
+        cut[key] = torch.where(valid.view(*valid.shape, *[1] * (v.dim() - 2)), picked, torch.zeros_like(picked))
+    return ids, valid.long(), cut
+
+
+def _rope_positions(
+    inner: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, inputs: dict[str, Tensor], lengths: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Multimodal rotary positions of the prompts (3, B, Tp), and each group's first response position (B,).
+
+    The model's own ``get_rope_index`` numbers the (left-padded) prompts' image and text tokens; text
+    after them continues from the largest position + 1, one per token, in all three axes, which is what
+    the model computes for the whole row on the naive path. Passing the positions keeps the model from
+    computing (and storing) its own on the cache-reading response pass.
+    """
+    accepted = inspect.signature(inner.get_rope_index).parameters
+    kwargs = {key: v for key, v in inputs.items() if key in accepted}
+    positions, deltas = inner.get_rope_index(prompt_ids, attention_mask=prompt_mask, **kwargs)  # (3, B, Tp), (B, 1)
+    return positions, lengths + deltas.view(-1).to(lengths.dtype)
+
+
+def _axes(positions: Tensor, rope: bool) -> Tensor:
+    """(B, W) text positions as the model takes them: (3, B, W) with multimodal rotary positions."""
+    return positions[None].expand(3, -1, -1) if rope else positions
 
 
 def _response_ids(batch: Any, rows: Tensor, width: int, counts: Tensor, pad_id: int) -> Tensor:
@@ -228,7 +257,7 @@ def _packing_pays(response_lengths: tuple[int, ...], prompt_width: int) -> bool:
 
 def _packed_responses(
     inner: nn.Module, head: nn.Module, batch: Any, prompt_mask: Tensor, last: Tensor, cache: _PromptCache, pad_id: int,
-    chunk_size: int, kind: str, response_lengths: tuple[int, ...],
+    chunk_size: int, kind: str, response_lengths: tuple[int, ...], starts_at: Tensor, rope: bool,
 ) -> Tensor:  # fmt: skip
     """A group's K responses in one row on the group's (unrepeated) cache, under a block mask.
 
@@ -248,7 +277,7 @@ def _packed_responses(
     ids = torch.cat([_response_ids(batch, groups + j * b, widths[j], counts[j], pad_id) for j in range(k)], dim=1)
     cols = [torch.arange(w, device=dev) for w in widths]
     valid = torch.cat([cols[j][None] < counts[j][:, None] for j in range(k)], dim=1)  # (B, W)
-    positions = batch.prompt_lengths[:b, None] + torch.cat(cols)[None]  # (B, W)
+    positions = _axes(starts_at[:, None] + torch.cat(cols)[None], rope)  # (B, W), or (3, B, W)
 
     # Key j is visible to query q when both are in the same response and j <= q, or j is a real
     # prompt token. A padding query sees the prompt, so no row of the mask is empty.
@@ -297,10 +326,17 @@ def shared_prefix_token_logps(
     mask = batch.response_mask.bool()  # (N, T), N = K·B
     prompt_lengths, response_lengths = batch.host_lengths()
 
-    # 1. Prompts (and each group's images, stored once per group by the collator) once.
-    prompt_ids, prompt_mask = _left_padded_prompts(batch, pad_id, prompt_lengths)
-    media = batch.media
-    positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+    # 1. Prompts (and each group's images, stored once per group by the collator) once. Per-token inputs
+    # (Qwen2-VL's mm_token_type_ids) are cut to the prompts; the responses are text, which they leave out.
+    per_token = {key: v for key, v in batch.media.items() if key in TOKEN_ALIGNED_MEDIA}
+    prompt_ids, prompt_mask, prompt_inputs = _left_padded_prompts(batch, pad_id, prompt_lengths, per_token)
+    media = {**{key: v for key, v in batch.media.items() if key not in per_token}, **prompt_inputs}
+    starts_at = batch.prompt_lengths[:b]  # (B,) position of each group's first response token
+    rope = hasattr(inner, "get_rope_index")
+    if rope:
+        positions, starts_at = _rope_positions(inner, prompt_ids, prompt_mask, media, starts_at)
+    else:
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
     # prompts of one length need no mask: plain causal attention, and no check of the mask's values
     same_length = len(set(prompt_lengths[:b])) == 1
     prompt_hidden, cache = _prompt_pass(
@@ -318,7 +354,7 @@ def shared_prefix_token_logps(
                 "packed responses need the sdpa or eager attention implementation and no sliding-window layers"
             )
         return _packed_responses(
-            inner, head, batch, prompt_mask, last, cache, pad_id, chunk_size, kind, response_lengths
+            inner, head, batch, prompt_mask, last, cache, pad_id, chunk_size, kind, response_lengths, starts_at, rope
         )
 
     # 2. Responses on the cache repeated for each (layer by layer, inside the layer), interleaved rows:
@@ -329,7 +365,7 @@ def shared_prefix_token_logps(
     resp_valid = torch.arange(width, device=mask.device)[None, :] < counts[:, None]  # (N, Tr)
     resp_ids = _response_ids(batch, order, width, counts, pad_id)
     full_mask = torch.cat([prompt_mask.repeat_interleave(k, dim=0), resp_valid.long()], dim=1)
-    resp_pos = batch.prompt_lengths[order][:, None] + torch.arange(width, device=mask.device)
+    resp_pos = _axes(starts_at.repeat_interleave(k)[:, None] + torch.arange(width, device=mask.device), rope)
     hidden = _response_pass(
         inner, cache, k, input_ids=resp_ids, attention_mask=full_mask, position_ids=resp_pos
     )  # (N, Tr, H)

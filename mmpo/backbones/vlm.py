@@ -35,6 +35,8 @@ DEFAULT_LORA_TARGETS = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|
 
 _VISION_PATTERNS = ("vision_tower", "visual", "vision_model", "image_encoder")
 _PROJECTOR_PATTERNS = ("multi_modal_projector", "visual.merger", "mm_projector")
+# per-token inputs the shared prompt pass cuts to the prompts (the responses are text, which they leave out)
+_SPLIT_INPUTS = frozenset({"mm_token_type_ids"})
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -107,9 +109,10 @@ class VisionLanguageBackbone(Backbone):
         shared_prefix: run each group's prompt and images once and its K responses on its key/value
             cache (same losses and gradients as running the prompt K times), with or without gradient
             checkpointing. Falls back to the naive path, with a one-time notice, for groups whose
-            responses see different media, for models with multimodal rotary positions (Qwen2-VL,
-            Qwen2.5-VL), images read through cross-attention (Llama 3.2 Vision) or a soft-capped LM head
-            (PaliGemma 2), and under reentrant checkpointing (``use_reentrant=True``, not mmpo's setting).
+            responses see different media, for images read through cross-attention (Llama 3.2 Vision), a
+            soft-capped LM head (PaliGemma 2) or per-token inputs other than Qwen2-VL's token types (Gemma
+            3), and under reentrant checkpointing (``use_reentrant=True``, not mmpo's setting). Multimodal
+            rotary positions (Qwen2-VL, Qwen2.5-VL) are continued over the responses.
         quantization: load the frozen base in 4 or 8 bits (QLoRA, through bitsandbytes); needs ``lora``.
             The reference is then the quantized base with the adapter off; ``mmpo export`` merges the
             adapter into the base loaded in ``dtype``, not into the quantized weights.
@@ -315,14 +318,12 @@ class VisionLanguageBackbone(Backbone):
     def _naive_reason(base: nn.Module, batch: Any) -> str | None:
         if not getattr(batch, "shared_prompt", False):
             return "the responses of a group see different media"
-        name, inner = type(base).__name__, getattr(base, "model", None)
-        if hasattr(inner, "get_rope_index") or hasattr(inner, "rope_deltas"):
-            return f"{name} has multimodal rotary positions"
+        name = type(base).__name__
         if getattr(getattr(base.config, "text_config", base.config), "cross_attention_layers", None):
             return f"{name} reads images through cross-attention layers"
         if not shared_prefix_supported(base):
             return f"{name} is not supported (a scaled LM head, or no inner model)"
-        if per_token := sorted(key for key in batch.media if key in TOKEN_ALIGNED_MEDIA):
+        if per_token := sorted(key for key in batch.media if key in TOKEN_ALIGNED_MEDIA and key not in _SPLIT_INPUTS):
             return f"the per-token inputs {', '.join(per_token)} are not split between prompt and responses"
         if base.training and torch.is_grad_enabled() and _checkpointing(base):
             return checkpointing_fallback_reason(base)
