@@ -71,7 +71,6 @@ IMAGE_TOKENS = {  # per 32-pixel image
 # Families that take the naive path, and the notice that says why; the others take the shared prompt pass.
 NAIVE = {
     "paligemma2": "PaliGemmaForConditionalGeneration is not supported (a scaled LM head",
-    "gemma3": "the per-token inputs token_type_ids are not split between prompt and responses",
     "mllama": "MllamaForConditionalGeneration reads images through cross-attention layers",
 }
 SHARED = [f for f in TINY_FAMILIES if f not in NAIVE]
@@ -209,10 +208,11 @@ def test_shared_prompt_pass_equals_the_naive_forward(tiny, batches, family):
         assert shared[batch.response_mask].lt(0).all()
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
-def test_multimodal_rotary_positions_continue_over_the_responses_with_the_naive_gradients(tiny, batches, family):
-    # the prompt's 3-axis positions come from the model's get_rope_index; the responses continue from the largest
-    # position + 1, so a LoRA step's losses and gradients equal the naive path's (2 images per prompt)
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "gemma3"])
+def test_positions_and_token_types_carried_to_the_responses_give_the_naive_gradients(tiny, batches, family):
+    # Qwen: the prompt's 3-axis positions come from the model's get_rope_index and the responses continue from
+    # the largest position + 1. Gemma 3: the token types (an image's tokens attend to each other) are cut to the
+    # prompt; the responses are text. A LoRA step's losses and gradients equal the naive path's (2 images)
     path, batch = tiny(family), batches(family, 2)
     shared = comparison_module(path, lora=True)
     naive = comparison_module(path, lora=True, shared_prefix=False)

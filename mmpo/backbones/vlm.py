@@ -36,7 +36,7 @@ DEFAULT_LORA_TARGETS = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|
 _VISION_PATTERNS = ("vision_tower", "visual", "vision_model", "image_encoder")
 _PROJECTOR_PATTERNS = ("multi_modal_projector", "visual.merger", "mm_projector")
 # per-token inputs the shared prompt pass cuts to the prompts (the responses are text, which they leave out)
-_SPLIT_INPUTS = frozenset({"mm_token_type_ids"})
+_SPLIT_INPUTS = frozenset({"mm_token_type_ids", "token_type_ids"})
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -110,8 +110,8 @@ class VisionLanguageBackbone(Backbone):
             cache (same losses and gradients as running the prompt K times), with or without gradient
             checkpointing. Falls back to the naive path, with a one-time notice, for groups whose
             responses see different media, for images read through cross-attention (Llama 3.2 Vision), a
-            soft-capped LM head (PaliGemma 2) or per-token inputs other than Qwen2-VL's token types (Gemma
-            3), and under reentrant checkpointing (``use_reentrant=True``, not mmpo's setting). Multimodal
+            soft-capped LM head (PaliGemma 2) or per-token inputs other than Qwen2-VL's and Gemma 3's token
+            types, and under reentrant checkpointing (``use_reentrant=True``, not mmpo's setting). Multimodal
             rotary positions (Qwen2-VL, Qwen2.5-VL) are continued over the responses.
         quantization: load the frozen base in 4 or 8 bits (QLoRA, through bitsandbytes); needs ``lora``.
             The reference is then the quantized base with the adapter off; ``mmpo export`` merges the
