@@ -44,6 +44,21 @@ RUN_ELSEWHERE = {
     "mmpo fit --config configs/diffusion/sd15_sft_lora.yaml --data.init_args.train_file=YOUR/train.jsonl": (
         "tests/test_diffusion_sampling.py::test_sft_config_header_command_trains_saves_and_samples"
     ),
+    # RankDPO (ranked lists of images) and DCPO (a caption per image): tiny diffusion model, lists / dual-caption pairs
+    "mmpo fit --config configs/diffusion/sd15_rankdpo_lora.yaml --data.init_args.train_file=YOUR/ranked.jsonl": (
+        "tests/test_diffusion_training.py::test_config_header_command_runs_on_a_tiny_model"
+    ),
+    "mmpo fit --config configs/diffusion/sd15_dcpo_lora.yaml --data.init_args.train_file=YOUR/train.jsonl": (
+        "tests/test_diffusion_training.py::test_config_header_command_runs_on_a_tiny_model"
+    ),
+    # the model families' configs over the LLaVA recipe: each built on its family's tiny model
+    **{
+        f"mmpo fit --config configs/llava15_7b_dpo_lora.yaml --config configs/families/{p.stem}.yaml "
+        "--data.init_args.train_file=YOUR/train.jsonl": (
+            f"tests/test_families.py::test_family_config_over_the_llava_recipe_builds_the_family_with_its_default_lora[{p.stem}]"
+        )
+        for p in sorted((REPO / "configs" / "families").glob("*.yaml"))
+    },
     # Curry-DPO: ranked records and 4 steps across a curriculum stage boundary
     "mmpo fit --config configs/ranked/curry_dpo_lora.yaml --data.init_args.train_file=YOUR/ranked.jsonl": (
         "tests/test_iterative.py::test_curry_dpo_config_header_command_runs_on_a_tiny_model"

@@ -9,6 +9,7 @@ the table of what these tests cover.
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -217,6 +218,49 @@ def test_positions_and_token_types_carried_to_the_responses_give_the_naive_gradi
     shared = comparison_module(path, lora=True)
     naive = comparison_module(path, lora=True, shared_prefix=False)
     assert_same_logps_losses_and_gradients(shared, naive, batch)
+
+
+# configs/families/: each family's smallest real checkpoint, given over the complete LLaVA-1.5 recipe
+FAMILY_CONFIGS = {
+    "qwen2_5_vl_3b": "qwen2_5_vl",
+    "llava_onevision_0_5b": "llava_onevision",
+    "idefics3_8b": "idefics3",
+    "smolvlm_256m": "smolvlm",
+    "paligemma2_3b": "paligemma2",
+    "gemma3_4b": "gemma3",
+    "llama32_11b_vision": "mllama",
+    "mistral3_24b": "mistral3",
+    "pixtral_12b": "pixtral",
+    "internvl3_1b": "internvl",
+}
+
+
+@pytest.mark.parametrize(("config", "family"), FAMILY_CONFIGS.items())
+def test_family_config_over_the_llava_recipe_builds_the_family_with_its_default_lora(tiny, monkeypatch, config, family):
+    # loading stubbed with the family's tiny build: the config as written otherwise, and the default LoRA
+    # targets fit the family (every projection of its language model, nothing of its vision tower)
+    import yaml
+
+    from mmpo.cli import MMPOCLI
+
+    repo = Path(__file__).resolve().parents[1]
+    path = tiny(family)
+    load = vlm.VisionLanguageBackbone.load_pretrained
+    monkeypatch.setattr(vlm.VisionLanguageBackbone, "load_pretrained", lambda self: load(_backbone(path)))
+    partial = repo / "configs" / "families" / f"{config}.yaml"
+    spec = yaml.safe_load(partial.read_text())
+    args = ["--config", str(repo / "configs/llava15_7b_dpo_lora.yaml"), "--config", str(partial)]
+    cli = MMPOCLI(args=[*args, "--trainer.accelerator=cpu", "--trainer.devices=1"], run=False)
+    hub = spec["model"]["init_args"]["backbone"]["init_args"]["model_name_or_path"]
+    assert cli.model.backbone.model_name_or_path == hub and cli.datamodule.processor_name == hub
+    assert cli.model.save_dir == spec["model"]["init_args"]["save_dir"]
+    assert cli.datamodule.processor_kwargs == (spec.get("data", {}).get("init_args", {}).get("processor_kwargs") or {})
+    assert f"--config configs/families/{config}.yaml" in partial.read_text()  # its header command names it
+    cli.model.configure_model()
+    adapted = _adapted(cli.model.policy)
+    layers = cli.model.policy.config.get_text_config().num_hidden_layers
+    assert len(adapted) == layers * len(PROJECTIONS)
+    assert not any(v in n for n in adapted for v in VISION)
 
 
 def _with(batch: PreferenceBatch, **fields) -> PreferenceBatch:
