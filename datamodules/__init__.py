@@ -10,6 +10,12 @@ from datamodules.core.settings import CurriculumSettings, FrameSettings, LoaderS
 from datamodules.diffusion.cache import build_latent_cache
 from datamodules.diffusion.module import DiffusionPreferenceDataModule, write_diffusion_pairs
 from datamodules.diffusion.pairs import DiffusionPairRecord, DiffusionPreferenceBatch, load_diffusion_records
+from datamodules.diffusion.ranked import (
+    DiffusionRankedDataModule,
+    DiffusionRankedRecord,
+    load_diffusion_ranked_records,
+    write_diffusion_lists,
+)
 from datamodules.ranked.lists import (
     RankedPair,
     RankedPreferenceDataset,
@@ -33,6 +39,8 @@ __all__ = [
     "DiffusionPairRecord",
     "DiffusionPreferenceBatch",
     "DiffusionPreferenceDataModule",
+    "DiffusionRankedDataModule",
+    "DiffusionRankedRecord",
     "EpochShuffleSampler",
     "FrameSettings",
     "ImagePreferenceDataModule",
@@ -53,6 +61,7 @@ __all__ = [
     "build_latent_cache",
     "curriculum_order",
     "expand_pairs",
+    "load_diffusion_ranked_records",
     "load_diffusion_records",
     "load_image",
     "load_preference_records",
@@ -63,6 +72,7 @@ __all__ = [
     "read_video",
     "sample_frame_indices",
     "vocabulary",
+    "write_diffusion_lists",
     "write_diffusion_pairs",
     "write_shapes_world",
     "write_video",

@@ -21,6 +21,7 @@ pytest.importorskip("diffusers")
 import lightning as L  # noqa: E402
 
 from datamodules.diffusion.module import DiffusionPreferenceDataModule, write_diffusion_pairs  # noqa: E402
+from datamodules.diffusion.ranked import write_diffusion_lists  # noqa: E402
 from mmpo.backbones import DiffusionBackbone, LoraSettings  # noqa: E402
 from mmpo.backbones.diffusion import DIFFUSION_LORA_TARGETS  # noqa: E402
 from mmpo.backbones.diffusion_model import load_diffusion_model  # noqa: E402
@@ -42,6 +43,17 @@ def pairs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("diffusion-pairs")
     write_diffusion_pairs(root, n=8, seed=0, image_size=32)
     return root
+
+
+@pytest.fixture(scope="module")
+def command_data(pairs, tmp_path_factory) -> dict[str, Path]:
+    """The data each header command's placeholder stands for: pairs, pairs with a second caption (DCPO), lists."""
+    dual, lists = tmp_path_factory.mktemp("dcpo-pairs"), tmp_path_factory.mktemp("ranked-lists")
+    return {
+        "pairs": pairs / "train.jsonl",
+        "dual": write_diffusion_pairs(dual, n=8, seed=0, image_size=32, caption_rejected=True),
+        "lists": write_diffusion_lists(lists, n=8, k=3, seed=0, image_size=32),
+    }
 
 
 def datamodule(pairs: Path, batch_size: int = 4) -> DiffusionPreferenceDataModule:
@@ -176,12 +188,16 @@ def test_diffusion_configs_parse_and_instantiate(config, diffusion_builds, monke
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_config_header_command_runs_on_a_tiny_model(config, diffusion_builds, pairs, tmp_path, monkeypatch):
+def test_config_header_command_runs_on_a_tiny_model(config, diffusion_builds, command_data, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     spec = yaml.safe_load(config.read_text())
     (command,) = _header_commands(config)
-    argv = [a.replace("YOUR/train.jsonl", str(pairs / "train.jsonl")) for a in shlex.split(command)[1:]]
+    data = {"YOUR/train.jsonl": command_data["dual" if "dcpo" in config.stem else "pairs"]}  # DCPO: two captions
+    data["YOUR/ranked.jsonl"] = command_data["lists"]
+    argv = shlex.split(command)[1:]
+    for placeholder, file in data.items():
+        argv = [a.replace(placeholder, str(file)) for a in argv]
     tiny = diffusion_builds[TINY_FOR[spec["model"]["init_args"]["backbone"]["init_args"]["model_name_or_path"]]]
     monkeypatch.chdir(REPO)
     main(

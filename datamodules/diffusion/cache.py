@@ -12,7 +12,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
 from datamodules.core.records import BadSampleError
@@ -57,7 +56,7 @@ def _encode_and_write(
     pixels, todo = [], []
     for i, key in pending:
         try:
-            pixels.append(dataset.pixels(i))  # (2, C, H, W) image_0, image_1; centre crop, no flip
+            pixels.append(dataset.pixels(i))  # (K, C, H, W) the record's images in data order; centre crop, no flip
             todo.append((i, key))
         except BadSampleError as e:
             if dataset.on_bad_sample != "skip":
@@ -66,15 +65,16 @@ def _encode_and_write(
             stats.skipped += 1
     if not todo:
         return
-    n = len(todo)
+    n, counts = len(todo), [p.shape[0] for p in pixels]  # K images per record (pairs: 2)
+    total = sum(counts)
     with torch.no_grad():
-        latents = encode_images(rearrange(torch.stack(pixels), "n two c h w -> (n two) c h w"))
-        if not isinstance(latents, Tensor) or latents.shape[0] != 2 * n:
+        latents = encode_images(torch.cat(pixels))  # (ΣK, C, H, W) -> (ΣK, c, h, w)
+        if not isinstance(latents, Tensor) or latents.shape[0] != total:
             shape = tuple(latents.shape) if isinstance(latents, Tensor) else type(latents).__name__
             raise ValueError(
-                f"encode_images got {2 * n} images and must return a Tensor with first axis {2 * n}, got {shape}"
+                f"encode_images got {total} images and must return a Tensor with first axis {total}, got {shape}"
             )
-        latents = rearrange(latents.detach().cpu(), "(n two) ... -> n two ...", two=2)
+        latents = latents.detach().cpu().split(counts)  # per record (K, c, h, w)
         captions = [dataset.records[i].caption for i, _ in todo]
         text = _text_outputs(encode_text(captions), n) if encode_text is not None else {}
     for j, (i, key) in enumerate(todo):
@@ -110,7 +110,7 @@ def build_latent_cache(
         encode_text: captions (N) -> (N, L, D) embeddings padded to one length L, or a mapping with
             ``text_embeds`` and further (N, ...) tensors; None caches latents only.
         cache_dir: the cache directory.
-        batch_size: pairs per encoder call (2 * batch_size images).
+        batch_size: records per encoder call (K · batch_size images, K = 2 for pairs).
         encoder_id: identity of the encoders, part of every key (see :mod:`datamodules.diffusion.latent_cache`).
         show_progress: show a tqdm progress bar.
 

@@ -1,12 +1,12 @@
 """The on-disk cache of VAE latents and text embeddings of diffusion preference pairs: keys, entries, reading.
 
 One safetensors file per record, ``cache_dir/<key[:2]>/<key>.safetensors``. The key is a fingerprint
-of everything the encoders saw: the caption, the bytes of both image files, the resolution and the
+of everything the encoders saw: the caption, the bytes of every image file, the resolution and the
 caller's ``encoder_id`` (e.g. ``"sd15-vae-mean+clip-l"``; change it whenever the encoders, their
 weights or the way they are called change). Editing an image or a caption therefore gives a new key
 and a fresh entry; an old entry is never read for new data. An entry holds::
 
-    latents      (2, c, h, w)  encode_images(image_0, image_1), in the data's order (not winner first)
+    latents      (K, c, h, w)  encode_images(image_0, image_1, ...), in the data's order (not best first)
     text_embeds  (L, D)        encode_text(caption); absent when built without a text encoder
     text.<name>  (...)         further outputs when encode_text returns a mapping (SDXL's pooled embeds)
 
@@ -16,7 +16,7 @@ Entries are written to a temporary file and renamed, so an interrupted build lea
 entry and a second build resumes where the first stopped. With ``on_bad_sample="skip"`` a record
 whose images cannot be decoded gets a ``<key>.bad`` marker holding the reason instead of an entry.
 
-Looking an entry up hashes the record's two image files (reading them, not decoding them), so the
+Looking an entry up hashes the record's image files (reading them, not decoding them), so the
 images must stay on disk next to the cache.
 """
 

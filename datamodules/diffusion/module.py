@@ -20,6 +20,7 @@ from datamodules.core.samplers import EpochShuffleSampler
 from datamodules.core.settings import LoaderSettings, as_settings, migrate_flat_settings, settings_dict
 from datamodules.diffusion.cache import CacheStats, build_latent_cache
 from datamodules.diffusion.pairs import (
+    DiffusionPairRecord,
     DiffusionPreferenceCollator,
     DiffusionPreferenceDataset,
     EpochTaggedSampler,
@@ -36,7 +37,7 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
     """Pick-a-Pic-style pairs (caption, two images, a label or two scores) for Diffusion-DPO.
 
     Records are read from JSONL / JSON / Parquet (see :mod:`datamodules.diffusion.pairs`); batches are
-    :class:`~datamodules.diffusion.pairs.DiffusionPreferenceBatch`, winners first. Training pairs get a
+    :class:`~datamodules.diffusion.batch.DiffusionPreferenceBatch`, winners first. Training pairs get a
     random crop (unless ``center_crop``) and flip shared by both images of a pair and drawn from
     (seed, epoch, index); validation and test pairs are centre-cropped and not flipped.
 
@@ -60,6 +61,9 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
             carry label 0.5 for soft-label losses.
         cache_dir: directory of cached latents and text embeddings (None decodes images every epoch).
         cache_encoder_id: the encoder id the cache was built with (default: the only one in ``cache_dir``).
+        dual_captions: DCPO: every record gives ``caption_rejected``, the dispreferred image's own
+            caption, and each image is conditioned on its caption (a record without one is a bad
+            record). False conditions both images on ``caption`` and leaves ``caption_rejected`` unread.
     """
 
     #: the settings groups this class takes, by argument name
@@ -79,6 +83,7 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         drop_ties: bool = True,
         cache_dir: str | None = None,
         cache_encoder_id: str | None = None,
+        dual_captions: bool = False,
         **flat_settings: Any,
     ) -> None:
         super().__init__()
@@ -99,6 +104,7 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         self.drop_ties = drop_ties
         self.cache_dir = cache_dir
         self.cache_encoder_id = cache_encoder_id
+        self.dual_captions = dual_captions
         self.datasets: dict[str, DiffusionPreferenceDataset] = {}
         self.problems: dict[str, list[str]] = {}
         if cache_dir is not None and (random_flip or not center_crop):
@@ -117,6 +123,7 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
                 "drop_ties": drop_ties,
                 "cache_dir": cache_dir,
                 "cache_encoder_id": cache_encoder_id,
+                "dual_captions": dual_captions,
             }
         )
 
@@ -127,9 +134,10 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
             if path is None or split in self.datasets:
                 continue
             root = self.data_root if self.data_root is not None else str(Path(path).parent)
-            records, problems = load_diffusion_records(path, root, self.on_bad_sample, self.drop_ties)
+            records, problems = self.read_records(path, root)
             if not records:
-                raise ValueError(f"{path}: no usable pairs ({len(problems)} skipped, ties dropped: {self.drop_ties})")
+                what = type(self).record_kind
+                raise ValueError(f"{path}: no usable {what} ({len(problems)} skipped, ties dropped: {self.drop_ties})")
             if problems:
                 n = len(problems) + len(records)
                 log.warning("%s: skipped %d bad record(s) of %d; first: %s", path, len(problems), n, problems[0])
@@ -145,6 +153,13 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
                 cache_dir=self.cache_dir,
                 cache_encoder_id=self.cache_encoder_id,
             )
+
+    #: what a record is, for messages
+    record_kind: ClassVar[str] = "pairs"
+
+    def read_records(self, path: str, root: str) -> tuple[list[DiffusionPairRecord], list[str]]:
+        """The valid records of one file and the problems of the skipped ones (subclasses read other records)."""
+        return load_diffusion_records(path, root, self.on_bad_sample, self.drop_ties, self.dual_captions)
 
     def build_cache(
         self,
@@ -228,6 +243,7 @@ def write_diffusion_pairs(
     split: str = "train",
     tie_fraction: float = 0.0,
     score_fraction: float = 0.0,
+    caption_rejected: bool = False,
 ) -> Path:
     """Write ``n`` synthetic pairs from the shapes world: ``root/<split>.jsonl`` and ``root/images/``.
 
@@ -243,6 +259,8 @@ def write_diffusion_pairs(
         split: file name stem and image name prefix.
         tie_fraction: share of pairs labelled 0.5 (ties).
         score_fraction: share of (non-tie) pairs given ``scores`` instead of ``label_0``.
+        caption_rejected: also write ``caption_rejected``, the caption of the dispreferred image's
+            scene (DCPO's second caption); the records are otherwise the same.
 
     Returns:
         The JSONL file.
@@ -271,6 +289,8 @@ def write_diffusion_pairs(
             "image_0": names[0],
             "image_1": names[1],
         }
+        if caption_rejected:  # no draw from rng: the other fields stay what they are without it
+            record["caption_rejected"] = caption_for(wrong)
         if rng.random() < tie_fraction:
             record["label_0"] = 0.5
         elif rng.random() < score_fraction:

@@ -6,6 +6,8 @@ latents with the group's one (t, ε), runs the denoiser once over all K·B rows,
 :class:`~mmpo.losses.ResponseStats` (B, K) with ``tokens = 1``. The shared loss core then gives
 Diffusion-DPO: ``DPOLoss(β)`` on these statistics is −log σ(β[(e_ref^w − e_θ^w) − (e_ref^l − e_θ^l)]),
 the official objective with ``β = β_official / 2`` (docs/diffusion.md has the table of conventions).
+A ranked list of K > 2 images is the same computation with more rows (RankDPO: ``LambdaRankLoss``);
+a batch with ``image_captions`` conditions each image on its own caption instead of the group's (DCPO).
 
 Policy and reference must see the same (t, ε). The backbone draws it on its first pass over a batch
 object and stores it on the batch (``batch.noise_draw``); the reference pass of the same batch reads
@@ -177,15 +179,28 @@ class DiffusionBackbone(Backbone):
         encoder_id = f"{self.model_name_or_path}@{revision}:{model.family}:vae-mean:text-{self.dtype}"
         return {"encode_images": lambda x: self.encode_images(model, x), "encode_text": text, "encoder_id": encoder_id}
 
+    def encode_image_captions(self, model: DiffusionModel, image_captions: list[list[str]]) -> TextConditioning:
+        """Each image's own conditioning (K·B, ...), response-major, from ``image_captions[k][b]`` (DCPO).
+
+        One encoder call per response k over its B captions, so that a response whose captions equal
+        the groups' gets exactly the embeddings the shared-caption path repeats.
+        """
+        parts = [self.encode_text(model, captions) for captions in image_captions]  # K × (B, ...)
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])
+        return TextConditioning(torch.cat([p.embeds for p in parts]), pooled)
+
     def _inputs(self, model: DiffusionModel, batch: Any) -> tuple[Tensor, TextConditioning]:
-        """Clean latents (K·B, c, h, w) and the groups' conditioning (B, ...): from the cache, else encoded."""
+        """Clean latents (K·B, c, h, w) and the conditioning: the groups' (B, ...) from the cache or
+        encoded, or each image's (K·B, ...) when the batch has per-image captions."""
         if self._reused is not None and (kept := self._reused.get(id(batch))) is not None and kept[0] is batch:
             return kept[1], kept[2]
         if batch.latents is not None:
             latents = batch.latents.float()
         else:
             latents = self.encode_images(model, batch.pixel_values)
-        if batch.text_embeds is not None:
+        if getattr(batch, "image_captions", None) is not None:
+            text = self.encode_image_captions(model, batch.image_captions)
+        elif batch.text_embeds is not None:
             text = TextConditioning(batch.text_embeds, batch.text_extra.get("pooled"))
             if model.family != "sd" and text.pooled is None:
                 raise ValueError(
@@ -234,15 +249,17 @@ class DiffusionBackbone(Backbone):
         """−(mean squared denoising error) (B, K) of ``model`` on ``batch``, ``tokens`` = 1.
 
         One denoiser forward over the batch's K·B rows (row k·B + b: response k of group b), every row
-        of a group at the group's (t, ε).
+        of a group at the group's (t, ε), conditioned on the group's caption or, with per-image
+        captions (DCPO), on its own.
         """
         k = batch.group_size
-        latents, text = self._inputs(model, batch)  # (K·B, c, h, w), (B, ...)
+        latents, text = self._inputs(model, batch)  # (K·B, c, h, w), (B, ...) or per image (K·B, ...)
+        per_image = getattr(batch, "image_captions", None) is not None
         draw = self._draw(model, batch, latents).rows(k)  # (K·B, ...)
         schedule = model.schedule
         dtype = model.denoiser.dtype
         noisy = schedule.noisy(latents, draw).to(dtype)
-        prediction = self.denoise(model, noisy, draw.timesteps, text.rows(k, dtype))
+        prediction = self.denoise(model, noisy, draw.timesteps, text.rows(1 if per_image else k, dtype))
         errors = denoising_errors(prediction, schedule.target(latents, draw))  # (K·B,)
         logps = -rearrange(errors, "(k b) -> b k", k=k)
         return ResponseStats(logps=logps, tokens=torch.ones_like(logps))
