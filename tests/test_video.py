@@ -245,6 +245,16 @@ def test_random_bytes_empty_and_text_files(tmp_path):
         _assert_bad(path)
 
 
+@pytest.mark.parametrize("width", [16, 48, 72])
+def test_frame_widths_decord_cannot_copy_are_bad_records_naming_the_file(tmp_path, width):
+    # decord 0.6 opens these valid H.264 files (48 px high) but fails to copy their frames out ("The size
+    # must exactly match"); 32 and 64 px wide decode (the other tests). No frames come back half-copied:
+    # the record is reported, naming the file
+    path = tmp_path / f"w{width}.mp4"
+    write_video(path, np.full((2, 48, width, 3), 128, dtype=np.uint8))
+    assert "cannot decode frames" in _assert_bad(path)
+
+
 @pytest.mark.parametrize("keep", [0.02, 0.3, 0.6, 0.9, -16, -1])
 def test_truncated_mp4(clip_path, tmp_path, keep):
     # The moov header sits at the front (faststart): a cut inside the header or the frame data fails
