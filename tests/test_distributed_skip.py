@@ -203,7 +203,8 @@ def test_a_stateful_loss_keeps_one_state_on_every_rank_when_a_rank_has_no_record
     (single,) = _fit(module(), _data(tiny_llava, data / "good.jsonl"), tmp_path / "one", 1, max_epochs=1)
     etas = [r["loss_state"]["eta"] for r in ranks]
     assert etas[0] == etas[1] != 0.9
-    assert etas[0] == pytest.approx(single["loss_state"]["eta"], rel=1e-9)
+    # the weights agree to float32 rounding (as in the test above), so the posteriors and eta do too
+    assert etas[0] == pytest.approx(single["loss_state"]["eta"], rel=1e-6)
 
 
 def test_a_nan_on_one_rank_skips_that_step_on_every_rank(world, tiny_llava, tmp_path):
