@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.diffusion import diffusion_config_cli
 
 pytest.importorskip("diffusers")
 
@@ -196,21 +197,7 @@ def test_cached_latents_with_dual_captions_give_the_statistics_from_pixels(diffu
 
 
 def test_dcpo_config_builds_and_reads_a_caption_per_image(diffusion_builds, dual, monkeypatch):
-    from mmpo.backbones.diffusion_model import load_diffusion_model
-    from mmpo.cli import MMPOCLI
-
-    config = Path(__file__).resolve().parents[1] / "configs" / "diffusion" / "sd15_dcpo_lora.yaml"
-    tiny = diffusion_builds["sd15"]
-    monkeypatch.setattr(
-        DiffusionBackbone, "load_pretrained", lambda self, *args: load_diffusion_model(str(tiny), None, self.dtype)
-    )
-    args = ["--config", str(config), "--trainer.accelerator=cpu", "--trainer.devices=1"]
-    args += [
-        f"--data.init_args.train_file={dual / 'train.jsonl'}",
-        "--data.init_args.resolution=32",
-        "--data.init_args.loader.num_workers=0",
-    ]
-    cli = MMPOCLI(args=args, run=False)
+    cli = diffusion_config_cli("sd15_dcpo_lora.yaml", diffusion_builds["sd15"], dual / "train.jsonl", monkeypatch)
     module, dm = cli.model, cli.datamodule
     assert type(module.loss) is DPOLoss and module.loss.beta == 250.0 and dm.dual_captions
     module.configure_model()

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.diffusion import diffusion_config_cli
 from PIL import Image
 
 pytest.importorskip("diffusers")
@@ -311,21 +312,7 @@ def test_cached_lists_give_the_statistics_computed_from_pixels(diffusion_builds,
 
 
 def test_rankdpo_config_builds_and_trains_on_ranked_lists(diffusion_builds, lists, monkeypatch):
-    from mmpo.backbones.diffusion_model import load_diffusion_model
-    from mmpo.cli import MMPOCLI
-
-    config = Path(__file__).resolve().parents[1] / "configs" / "diffusion" / "sd15_rankdpo_lora.yaml"
-    tiny = diffusion_builds["sd15"]
-    monkeypatch.setattr(
-        DiffusionBackbone, "load_pretrained", lambda self, *args: load_diffusion_model(str(tiny), None, self.dtype)
-    )
-    args = ["--config", str(config), "--trainer.accelerator=cpu", "--trainer.devices=1"]
-    args += [
-        f"--data.init_args.train_file={lists / 'train.jsonl'}",
-        "--data.init_args.resolution=32",
-        "--data.init_args.loader.num_workers=0",
-    ]
-    cli = MMPOCLI(args=args, run=False)
+    cli = diffusion_config_cli("sd15_rankdpo_lora.yaml", diffusion_builds["sd15"], lists / "train.jsonl", monkeypatch)
     module, dm = cli.model, cli.datamodule
     assert type(dm) is DiffusionRankedDataModule and type(module.loss) is LambdaRankLoss
     assert (module.loss.beta, module.loss.positions, module.loss.normalize) == (2500.0, "policy", False)

@@ -1,0 +1,27 @@
+"""Building a diffusion config's run through the CLI on a tiny checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def diffusion_config_cli(config: str, tiny: Path, train_file: Path, monkeypatch):
+    """``configs/diffusion/<config>`` built by ``MMPOCLI`` (not run) with loading pointed at ``tiny``, training on
+    ``train_file`` at 32 px without loader workers, on the CPU."""
+    from mmpo.backbones import DiffusionBackbone
+    from mmpo.backbones.diffusion_model import load_diffusion_model
+    from mmpo.cli import MMPOCLI
+
+    monkeypatch.setattr(
+        DiffusionBackbone, "load_pretrained", lambda self, *args: load_diffusion_model(str(tiny), None, self.dtype)
+    )
+    args = ["--config", str(REPO / "configs" / "diffusion" / config), "--trainer.accelerator=cpu"]
+    args += [
+        "--trainer.devices=1",
+        f"--data.init_args.train_file={train_file}",
+        "--data.init_args.resolution=32",
+        "--data.init_args.loader.num_workers=0",
+    ]
+    return MMPOCLI(args=args, run=False)
