@@ -142,6 +142,9 @@ def _fit(module, dm, out, devices=2, **trainer_args):
         devices=devices, strategy=strategy, limit_val_batches=0, callbacks=[_Record(out)], default_root_dir=str(out),
         **trainer_args,
     )  # fmt: skip
+    # the policy and its LoRA weights are drawn in configure_model from the global RNG, which spawned ranks
+    # inherit from this process at launch: seeded, a one-process run and a DDP run start from one initialisation
+    torch.manual_seed(0)
     with _deadline(300):
         trainer.fit(module, datamodule=dm)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(devices)]
@@ -187,10 +190,8 @@ def test_a_rank_whose_records_are_all_bad_adds_nothing_and_the_run_goes_on(world
 def test_a_stateful_loss_keeps_one_state_on_every_rank_when_a_rank_has_no_records(world, tiny_llava, tmp_path):
     """LCPO's eta moves with the posteriors of every rank's pairs; a rank whose records were all skipped takes
     part in that reduction with none (no hang), so the ranks agree with one process on the good records.
-
-    The policy and its LoRA weights are built in ``configure_model`` from the global RNG, which spawned
-    ranks inherit from the parent at launch: each fit is seeded, or the one-process run starts from
-    whatever earlier tests left in the generator (that made the two differ by 2.6e-4 in a full-suite run)."""
+    (Before ``_fit`` seeded the generator, the two started from different LoRA weights when earlier tests
+    had used it, and their eta differed by 2.6e-4 in a full-suite run.)"""
     data = tmp_path / "data"
     shutil.copytree(world, data)
     (data / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
@@ -200,7 +201,6 @@ def test_a_stateful_loss_keeps_one_state_on_every_rank_when_a_rank_has_no_record
     _write(data / "good.jsonl", rows[::2])
 
     def fit(train_file, out, devices):
-        torch.manual_seed(0)
         module = _module(tiny_llava, loss=LCPOLoss(eta_init=0.9, eta_rate=0.5))
         return _fit(module, _data(tiny_llava, train_file), out, devices, max_epochs=1)
 
