@@ -27,6 +27,7 @@ from mmpo.rank_gather import gather_variable
 from mmpo.reference.strategies import ReferenceName, ReferenceStrategy, resolve_reference
 from mmpo.rng_state import CHECKPOINT_KEY, TrainingRandomness, gather, restore
 from mmpo.token_kl import token_kl_statistics
+from mmpo.token_masks import TokenMaskNetwork
 
 __all__ = ["LOSS_STATE_KEY", "PreferenceModule", "reward_metrics"]  # reward_metrics lives in mmpo.metrics
 
@@ -134,6 +135,7 @@ class PreferenceModule(L.LightningModule):
             candidates.check(self.reference.name)
         self.reference_cache_dir = reference_cache_dir
         self.policy: nn.Module | None = None
+        self.token_mask_network: nn.Module | None = None  # SparsePO's learned masks, built with the policy
         self._share_media = False
         self._skipped: dict[str, int] = {}  # bad records dropped this epoch, per stage
         self._training_rng = TrainingRandomness()  # what training steps draw from (dropout), kept in checkpoints
@@ -149,6 +151,13 @@ class PreferenceModule(L.LightningModule):
         if self.policy is not None:
             return
         self.policy = self.backbone.build().train()  # from_pretrained returns eval mode
+        if self.loss.learned_token_masks:  # trainable: it joins the optimizer, the checkpoints and DDP
+            config = self.backbone.unwrap(self.policy).config
+            text = getattr(config, "text_config", config)
+            eps = getattr(text, "rms_norm_eps", None) or getattr(text, "layer_norm_eps", None) or 1e-5
+            self.token_mask_network = TokenMaskNetwork(
+                text.num_hidden_layers, text.hidden_size, self.loss.independent_masks, self.loss.mask_dropout, eps
+            )
         self._share_media = self.reference.reuses_policy_media and self.backbone.media_shareable(self.policy)
         self.reference.setup(self)
         rank_zero_info(f"[mmpo] {self.backbone.describe(self.policy)}; reference: {self.reference_mode}")

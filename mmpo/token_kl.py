@@ -244,15 +244,18 @@ def token_kl_statistics(
         (B, K, R): ``token_logps`` and ``mask`` on both; ``token_kl`` (KL(π_ref ‖ πθ) per token, with the
         policy's gradient) on the policy's; ``token_activation`` (the mean over the hidden axis of the
         reference's final hidden state at the position that predicts each token, no gradient) on the
-        reference's.
+        reference's, and there too ``token_masks`` (B, K, R, 2) when the module holds a
+        ``token_mask_network`` (SparsePO's learned masks, from the reference's per-layer hidden states).
     """
     backbone, k = module.backbone, batch.group_size
     if chunk_size is None:
         chunk_size = getattr(module.loss, "kl_chunk_size", DEFAULT_KL_CHUNK)
+    network = getattr(module, "token_mask_network", None)  # SparsePO's learned masks
     model, context = module.reference.reference_model(module)
     with torch.no_grad(), context:
-        ref_hidden, mask, head, ref_logps = backbone.response_hidden(model, batch)  # (N, R, H), (N, R), (N, T)
-        reference_head = _reference_head(head)
+        ref_out = backbone.response_hidden(model, batch, layers=True) if network is not None else None
+        ref_hidden, mask, head, ref_logps = ref_out[:4] if ref_out else backbone.response_hidden(model, batch)
+        reference_head = _reference_head(head)  # (N, R, H), (N, R), (N, T) above
     pol_hidden, _, policy_head, pol_logps = backbone.response_hidden(module.policy, batch)
     kl = chunked_token_kl(ref_hidden, pol_hidden, reference_head, policy_head, mask, chunk_size)  # (N, R)
     prompts, counts = batch.host_lengths()
@@ -263,4 +266,7 @@ def token_kl_statistics(
     reference = ResponseStats.from_rows(ref_cols, cols_mask, k)
     policy = dataclasses.replace(policy, token_kl=_group_layout(kl, k))
     reference = dataclasses.replace(reference, token_activation=_group_layout(activation, k))
+    if network is not None:  # (N, L, R, H) → (N, R, 2) masks with the network's gradient, 0 past a row's end
+        masks = network(ref_out[4]) * mask[..., None]
+        reference = dataclasses.replace(reference, token_masks=masks.view(k, -1, *masks.shape[1:]).transpose(0, 1))
     return policy, reference

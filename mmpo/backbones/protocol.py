@@ -71,9 +71,12 @@ class Backbone(ABC):
         """A frozen model loaded from another checkpoint, for the ``SeparateCheckpoint`` reference."""
         raise NotImplementedError(f"{type(self).__name__} cannot load a separate reference checkpoint")
 
-    def response_hidden(self, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor, nn.Module, Tensor]:
+    def response_hidden(
+        self, model: nn.Module, batch: Any, layers: bool = False
+    ) -> tuple[Tensor, Tensor, nn.Module, Tensor] | tuple[Tensor, Tensor, nn.Module, Tensor, Tensor]:
         """Hidden states predicting each row's response tokens, their mask, the output head and the rows'
-        response-token log-probs (PaMi-VDPO's scoring pass, which doubles as the reference pass)."""
+        response-token log-probs (PaMi-VDPO's scoring pass, which doubles as the reference pass); with
+        ``layers``, every decoder layer's hidden states at those positions as a fifth element (N, L, R, H)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose response hidden states")
 
     def media_shareable(self, model: nn.Module) -> bool:

@@ -283,7 +283,9 @@ class VisionLanguageBackbone(Backbone):
         logits = base(**inputs, use_cache=False).logits  # (N, T, V)
         return response_logprobs(logits, batch.input_ids, batch.response_mask, self.logprob_chunk_size)
 
-    def response_hidden(self, model: nn.Module, batch: Any) -> tuple[Tensor, Tensor, nn.Module, Tensor]:
+    def response_hidden(
+        self, model: nn.Module, batch: Any, layers: bool = False
+    ) -> tuple[Tensor, Tensor, nn.Module, Tensor] | tuple[Tensor, Tensor, nn.Module, Tensor, Tensor]:
         """Final hidden states at the positions that predict each row's response tokens, the LM head, and
         the response-token log-probs of the same pass.
 
@@ -291,9 +293,17 @@ class VisionLanguageBackbone(Backbone):
         responses see different media (online video negatives); the log-probs are those
         :meth:`token_logps` computes on that path, so a caller may use them as the model's statistics.
 
+        Args:
+            model: the policy, or the reference's model.
+            batch: the preference batch.
+            layers: also return every decoder layer's output at the same positions (SparsePO's learned
+                masks read them).
+
         Returns:
             ``(hidden (N, R, H), mask (N, R), head, token_logps (N, T))``: position j of row i predicts
-            response token j (R the longest response; mask False past a row's end).
+            response token j (R the longest response; mask False past a row's end); with ``layers``, a
+            fifth element (N, L, R, H): the L decoder layers' outputs (the model's ``hidden_states`` after
+            the embeddings) at those positions.
         """
         base = self.unwrap(model)
         inner, head = getattr(base, "model", None), base.get_output_embeddings()
@@ -301,7 +311,8 @@ class VisionLanguageBackbone(Backbone):
         if inner is None or head is None or any(getattr(text_cfg, a, None) for a in ("final_logit_softcapping",)):
             raise ValueError(f"{type(base).__name__}: response hidden states need an inner model and a plain LM head")
         inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.row_media()}
-        hidden = inner(**inputs, use_cache=False).last_hidden_state  # (N, T, H)
+        out = inner(**inputs, use_cache=False, output_hidden_states=layers)
+        hidden = out.last_hidden_state  # (N, T, H)
         prompts, counts = batch.host_lengths()
         token_logps = response_logprobs_from_hidden(
             hidden, head, batch.input_ids, batch.response_mask, self.logprob_chunk_size, (prompts, counts)
@@ -311,8 +322,12 @@ class VisionLanguageBackbone(Backbone):
         starts = torch.tensor(prompts, device=hidden.device) - 1  # the prompt's last token predicts token 0
         positions = (starts[:, None] + offsets[None]).clamp(max=hidden.shape[1] - 1)  # (N, R)
         mask = offsets[None] < torch.tensor(counts, device=hidden.device)[:, None]  # (N, R)
-        picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # (N, R, H)
-        return picked, mask, head, token_logps
+        index = positions[..., None].expand(-1, -1, hidden.shape[-1])  # (N, R, H)
+        picked = hidden.gather(1, index)  # (N, R, H)
+        if not layers:
+            return picked, mask, head, token_logps
+        per_layer = torch.stack([h.gather(1, index) for h in out.hidden_states[1:]], dim=1)  # (N, L, R, H)
+        return picked, mask, head, token_logps, per_layer
 
     @staticmethod
     def _naive_reason(base: nn.Module, batch: Any) -> str | None:

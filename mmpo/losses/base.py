@@ -54,6 +54,9 @@ class ResponseStats:
         token_activation: (B, K, T) the mean over the hidden axis of the model's final hidden state at
             the position that predicts each token, 0 where masked; on the reference's statistics where
             the token KL is computed (SparsePO's activation masks read it).
+        token_masks: (B, K, T, 2) learned per-token weights ≥ 0 of the reward (``[..., 0]``) and KL
+            (``[..., 1]``) terms, with the mask network's gradient; on the reference's statistics where the
+            training module holds a token mask network (SparsePO's learned masks, ``mmpo.token_masks``).
 
     Side information (``scores`` … ``orientations``) rides on the policy's statistics; None when
     the data has none.
@@ -72,6 +75,7 @@ class ResponseStats:
     orientations: Tensor | None = None
     token_kl: Tensor | None = None
     token_activation: Tensor | None = None
+    token_masks: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.logps.dim() != 2 or self.logps.shape[1] < 2:
@@ -296,6 +300,9 @@ class PreferenceLoss(ABC):
             unpaired feedback (KTO, BCO).
         requires_token_kl: whether the loss needs the per-token full-vocabulary KL (``token_kl`` on the
             policy's statistics; TDPO, SparsePO): the module then runs both models to their hidden states.
+        learned_token_masks: whether the training module must build and train a token mask network
+            whose per-token masks reach the loss as ``token_masks`` on the reference's statistics
+            (SparsePO's learned masks, ``mmpo.token_masks``).
         stateful: whether the loss keeps running statistics across steps (BCO's reward mean, LCPO's
             label-noise estimate). Such a loss updates them in its forward only while ``training`` is
             true (the module sets it per step: training steps only), reduces what it adds over ranks with
@@ -311,6 +318,7 @@ class PreferenceLoss(ABC):
     requires_scores: bool = False
     requires_desirable_labels: bool = False
     requires_token_kl: bool = False
+    learned_token_masks: bool = False
     stateful: bool = False
     gathers_per_call: int = 0
     training: bool = True

@@ -181,36 +181,97 @@ class TDPOLoss(PreferenceLoss):
 
 
 class SparsePOLoss(PreferenceLoss):
-    """SparsePO with activation masks (Christopoulou et al., 2024), see :func:`sparse_po_loss`.
+    """SparsePO (Christopoulou et al., 2024) with activation or learned masks, see :func:`sparse_po_loss`.
 
-    The masks are the official "activation" kind (MaPO in its code) read from what the backbone
+    ``masks="activation"``: the official "activation" kind (MaPO in its code) read from what the backbone
     exposes: for each response token, the mean over the hidden axis of the reference's *final* hidden
     state at the position that predicts it (``ResponseStats.token_activation``), rescaled min–max to
     [0, 1] over the response (:func:`activation_masks`). The official code averages the same mapping
     over every layer's MLP, attention and residual activations and the logits; using the last hidden
-    state alone is this implementation's reading. One mask serves reward and KL, without a gradient,
-    so the L1 penalties of learned masks would be constants and are not offered. Learned masks (small
-    networks over every layer's reference hidden states, trained with the policy) are not implemented:
-    they are trainable modules, which a loss of this package does not hold, and they read per-layer
-    hidden states the backbone does not expose.
+    state alone is this implementation's reading. One mask serves reward and KL, without a gradient, so
+    the L1 penalties would be constants: they must be 0 here.
+
+    ``masks="learned"``: the masks come from a small network over the reference's per-layer hidden
+    states (``mmpo.token_masks.TokenMaskNetwork``, the official ``simple_all`` model), which the training
+    module builds and trains with the policy (it is in the optimizer and the checkpoints); the loss reads
+    them from ``ResponseStats.token_masks`` and adds λ_u‖m_u‖₁ + λ_d‖m_d‖₁. With one common mask on both
+    terms (the official default) each λ is halved, as the official code does, so the common mask is not
+    penalised twice.
 
     Args:
         beta: temperature β > 0 (official default 0.1).
         mask_reward: weight the log-ratios by the mask (else every token weighs 1).
         mask_kl: weight the KL by the mask (else every token weighs 1; with neither, this is TDPO1).
         kl_chunk_size: response positions projected through both heads at once (memory, not maths).
+        masks: ``activation`` or ``learned``.
+        l1_reward: λ_u ≥ 0, the L1 weight of the learned reward mask (summed over both responses' tokens;
+            official default 0).
+        l1_kl: λ_d ≥ 0, likewise for the KL mask.
+        independent_masks: learned masks only: one network for the reward mask and one for the KL mask
+            (official ``rw_kl_independent``), else one common mask (the default).
+        mask_dropout: learned masks only: the network's dropout (official ``mask_dropout`` 0.01).
     """
 
     requires_token_kl = True
     requires_token_logps = True
 
     def __init__(
-        self, beta: float = 0.1, mask_reward: bool = True, mask_kl: bool = True, kl_chunk_size: int = 128
+        self,
+        beta: float = 0.1,
+        mask_reward: bool = True,
+        mask_kl: bool = True,
+        kl_chunk_size: int = 128,
+        masks: Literal["activation", "learned"] = "activation",
+        l1_reward: float = 0.0,
+        l1_kl: float = 0.0,
+        independent_masks: bool = False,
+        mask_dropout: float = 0.01,
     ) -> None:
         check_positive("beta", beta)
         if kl_chunk_size < 1:
             raise ValueError(f"kl_chunk_size must be >= 1, got {kl_chunk_size}")
+        if masks not in ("activation", "learned"):
+            raise ValueError(f"masks must be 'activation' or 'learned', got {masks!r}")
+        for name, value in (("l1_reward", l1_reward), ("l1_kl", l1_kl)):
+            if not (value >= 0 and value != float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            if value and masks != "learned":
+                raise ValueError(
+                    f"{name} penalises learned masks only (masks='learned'); activation masks are constants"
+                )
+        if masks == "learned" and not (mask_reward or mask_kl):
+            raise ValueError("masks='learned' with mask_reward and mask_kl both off learns nothing: turn one on")
         self.beta, self.mask_reward, self.mask_kl, self.kl_chunk_size = beta, mask_reward, mask_kl, kl_chunk_size
+        if not 0 <= mask_dropout < 1:
+            raise ValueError(f"mask_dropout must be in [0, 1), got {mask_dropout}")
+        self.masks, self.l1_reward, self.l1_kl = masks, l1_reward, l1_kl
+        self.independent_masks, self.mask_dropout = independent_masks, mask_dropout
+
+    @property
+    def learned_token_masks(self) -> bool:
+        """Whether the training module must build and train a token mask network for this loss."""
+        return self.masks == "learned"
+
+    def _weights(self, reference: ResponseStats, mask: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(B, 2, T) reward and KL weights, 0 outside the responses."""
+        name = type(self).__name__
+        if self.masks == "learned":
+            learned = reference.token_masks
+            if learned is None:
+                raise ValueError(
+                    f"{name}(masks='learned') needs the learned token masks (token_masks on the reference statistics), "
+                    "which the training module computes with its token mask network"
+                )
+            if learned.shape[:3] != (mask.shape[0], reference.group_size, mask.shape[-1]):
+                raise ValueError(
+                    f"{name}: token_masks {tuple(learned.shape)} do not fit the token layout {tuple(mask.shape)}"
+                )
+            learned = learned[:, :2].to(dtype) * mask[..., None].to(dtype)
+            return learned[..., 0], learned[..., 1]
+        if reference.token_activation is None:
+            raise ValueError(f"{name} needs the reference's token_activation (mmpo.token_kl.token_kl_statistics)")
+        weights = activation_masks(reference.token_activation[:, :2], mask).to(dtype)
+        return weights, weights
 
     def forward(self, policy: ResponseStats, reference: ResponseStats | None) -> LossOutput:
         name = type(self).__name__
@@ -225,16 +286,25 @@ class SparsePOLoss(PreferenceLoss):
         valid = mask.to(pol_tokens.dtype)
         ones = valid
         if self.mask_reward or self.mask_kl:
-            if reference.token_activation is None:
-                raise ValueError(f"{name} needs the reference's token_activation (mmpo.token_kl.token_kl_statistics)")
-            weights = activation_masks(reference.token_activation[:, :2], mask).to(pol_tokens.dtype)
-        reward_masks = weights if self.mask_reward else ones
-        kl_masks = weights if self.mask_kl else ones
+            reward_weights, kl_weights = self._weights(reference, mask, pol_tokens.dtype)
+        reward_masks = reward_weights if self.mask_reward else ones
+        kl_masks = kl_weights if self.mask_kl else ones
         logratios = (pol_tokens - ref_tokens) * valid
-        losses = sparse_po_loss(logratios, kl * valid, reward_masks, kl_masks, self.beta)
+        l1_reward = self.l1_reward if self.mask_reward else 0.0
+        l1_kl = self.l1_kl if self.mask_kl else 0.0
+        if self.masks == "learned" and self.mask_reward and self.mask_kl and not self.independent_masks:
+            l1_reward, l1_kl = l1_reward / 2, l1_kl / 2  # one common mask, counted in both terms
+        losses = sparse_po_loss(logratios, kl * valid, reward_masks, kl_masks, self.beta, l1_reward, l1_kl)
         rewards = self.beta * (reward_masks * logratios).sum(-1)  # (B, 2): β·u
         metrics = {"kl/chosen": kl[:, 0].sum(-1), "kl/rejected": kl[:, 1].sum(-1)}
-        if self.mask_reward or self.mask_kl:
-            counts = valid.sum(-1).clamp(min=1.0)
-            metrics["mask/mean"] = ((weights * valid).sum(-1) / counts).mean(-1)
+        counts = valid.sum(-1).clamp(min=1.0)  # (B, 2)
+        shown = {}
+        if self.masks == "activation" and (self.mask_reward or self.mask_kl):
+            shown["mask/mean"] = reward_weights  # one mask serves both terms
+        if self.masks == "learned" and self.mask_reward:
+            shown["mask/mean"] = reward_masks
+        if self.masks == "learned" and self.mask_kl and (self.independent_masks or not self.mask_reward):
+            shown["mask/kl_mean"] = kl_masks
+        for key, weights in shown.items():
+            metrics[key] = ((weights * valid).sum(-1) / counts).mean(-1)
         return LossOutput.pair(losses, rewards[:, 0], rewards[:, 1], **metrics)
