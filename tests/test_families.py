@@ -359,3 +359,62 @@ def test_predict_generates_what_generate_gives_for_each_prompt(tiny, batches, pa
     images = [[Image.open(world / p).convert("RGB") for p in r["images"]] for r in rows]
     expected = generate_answers(model, processor, [r["prompt"] for r in rows], images, batch_size=1, max_new_tokens=6)
     assert [tok.decode(r, skip_special_tokens=True).strip() for r in responses] == [e.strip() for e in expected]
+
+
+@pytest.fixture(scope="module")
+def mixed_files(world, tmp_path_factory):
+    """Two-pair files whose prompts differ in image count (1 and 2) or in image size (64 × 64 and 64 × 32),
+    and each pair alone."""
+    from PIL import Image
+
+    rows = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()[:2]]
+    out = tmp_path_factory.mktemp("mixed-media")  # the files' data root
+    (out / "images").mkdir()
+    first, second = (Image.open(world / r["images"][0]).convert("RGB") for r in rows)
+    first.save(out / "images" / "a.png")
+    second.save(out / "images" / "b.png")
+    second.crop((0, 0, 64, 32)).save(out / "images" / "wide.png")
+    rows = [{**rows[0], "images": ["images/a.png"]}, {**rows[1], "images": ["images/b.png"]}]
+    two = ["images/b.png", "images/a.png"]
+    sets = {
+        "counts": [rows[0], {**rows[1], "images": two, "prompt": "<image> <image> " + rows[1]["prompt"]}],
+        "sizes": [rows[0], {**rows[1], "images": ["images/wide.png"]}],
+    }
+    files = {}
+    for name, records in sets.items():
+        files[name] = out / f"{name}.jsonl"
+        files[name].write_text("".join(json.dumps(r) + "\n" for r in records))
+        for i, r in enumerate(records):
+            files[name, i] = out / f"{name}-{i}.jsonl"
+            files[name, i].write_text(json.dumps(r) + "\n")
+    return files
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mix", ["counts", "sizes"])
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
+def test_prompts_with_different_image_counts_or_sizes_share_a_batch(tiny, mixed_files, family, mix):
+    # the collator zero-pads what the family's processor returns per prompt (Idefics3's images axis, Mllama's
+    # images axis, Pixtral's pixels) as the processor pads a batch itself: each pair's log-probs are its own
+    path = tiny(family)
+    backbone = _backbone(path)
+    model = backbone.build().eval()
+
+    def first(file, size):
+        dm = ImagePreferenceDataModule(
+            str(path), train_file=str(file), data_root=str(file.parent), loader={"batch_size": size, "shuffle": False}
+        )
+        dm.setup("fit")
+        return next(iter(dm.train_dataloader()))
+
+    with torch.no_grad():
+        together = backbone.statistics(model, first(mixed_files[mix], 2)).logps  # (2 pairs, 2 responses)
+        alone = torch.cat([backbone.statistics(model, first(mixed_files[mix, i], 1)).logps for i in range(2)])
+    if family == "mllama" and mix == "counts":
+        # Mllama's text rows that see no image yet (the template's tokens before <|image|>) attend with
+        # a zeroed mask over every image slot, so the padded slot of the one-image prompt reaches its numbers
+        # (transformers' own batching does the same); the two-image prompt is unpadded and exact
+        torch.testing.assert_close(together[1], alone[1], atol=1e-5, rtol=1e-5)
+        assert 0 < (together[0] - alone[0]).abs().max() < 1e-2
+        return
+    torch.testing.assert_close(together, alone, atol=2e-5, rtol=1e-5)

@@ -347,7 +347,7 @@ class VisionPreferenceCollator:
             parts = [e.media[j][key] for j in blocks for e in encoded if key in e.media[j]]
             if key in self._response_values:
                 parts = [_over_row(p, width, self._response_values[key]) for p in parts]
-            media[key] = torch.cat(parts, dim=0)
+            media[key] = _concat_padded(parts, key, ids)
 
         truncated = sum(e.truncated for e in encoded)
         if truncated and not self._warned_truncation:
@@ -372,6 +372,36 @@ class VisionPreferenceCollator:
             **_side_tensors(encoded, ids),
             response_tags=tuple(tags) if all(t is not None for t in tags) else None,
         )
+
+
+def _concat_padded(parts: list[torch.Tensor], key: str, ids: list[str]) -> torch.Tensor:
+    """Concatenate per-prompt media along dim 0, zero-padding every other dim to the largest.
+
+    Prompts of one batch may hold different numbers of images (Idefics3 / SmolVLM's
+    ``(1, images, 3, H, W)`` pixel values and ``pixel_attention_mask``; Mllama's images axis of
+    ``pixel_values``, ``aspect_ratio_ids``, ``aspect_ratio_mask`` and ``cross_attention_mask``) or
+    images of different sizes (Pixtral keeps aspect ratios). Their processors pad a multi-prompt batch
+    the same way: with zeros, which the models read as no image (an all-zero Idefics3 image is dropped, a
+    zero cross-attention mask attends to nothing, Pixtral crops each image to its ``image_sizes``), except
+    Mllama's ``aspect_ratio_mask``, whose first tile stays 1 in a padded image slot as its image processor
+    leaves it (an all-masked tile attention would change the numbers of the prompt's real images).
+    """
+    if all(p.shape[1:] == parts[0].shape[1:] for p in parts):
+        return torch.cat(parts, dim=0)
+    if len({p.dim() for p in parts}) != 1:
+        shapes = ", ".join(str(tuple(p.shape)) for p in parts)
+        raise ValueError(
+            f"media {key!r} of records {ids} have shapes of different ranks ({shapes}): they cannot share a batch"
+        )
+    target = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+    padded = []
+    for p in parts:
+        out = p.new_zeros((p.shape[0], *target))
+        out[(slice(None), *(slice(0, n) for n in p.shape[1:]))] = p
+        if key == "aspect_ratio_mask":  # (1, images, tiles)
+            out[:, p.shape[1] :, 0] = 1
+        padded.append(out)
+    return torch.cat(padded, dim=0)
 
 
 def _over_row(values: torch.Tensor, width: int, fill: int | None) -> torch.Tensor:
