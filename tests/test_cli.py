@@ -44,10 +44,10 @@ def test_every_config_the_docs_name_is_one_the_next_test_instantiates():
     # (tests/test_loggers.py), the partial QLoRA config (its command: tests/test_commands.py), the diffusion
     # configs (tests/test_diffusion_training.py builds them and runs their commands); configs/ranked/ is built below;
     # the iterative and partial loss configs (tests/test_iterative.py, test_unpaired_data.py,
-    # test_losses_token_level.py; test_commands.py runs their commands)
+    # test_losses_token_level.py; test_commands.py runs their commands); TLPO's stages (tests/test_tlpo_training.py)
     below = (
         "configs/mia_dpo/", "configs/logging/", "configs/quantization/", "configs/diffusion/", "configs/ranked/",
-        "configs/iterative/", "configs/losses/", "configs/families/",
+        "configs/iterative/", "configs/losses/", "configs/families/", "configs/tlpo/",
     )  # fmt: skip
     assert {n for n in named - top_level if not n.startswith(below)} == set()
 

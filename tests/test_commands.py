@@ -51,6 +51,13 @@ RUN_ELSEWHERE = {
     "mmpo fit --config configs/diffusion/sd15_dcpo_lora.yaml --data.init_args.train_file=YOUR/train.jsonl": (
         "tests/test_diffusion_training.py::test_config_header_command_runs_on_a_tiny_model"
     ),
+    # TLPO's two stages: tiny diffusion model, pairs tagged with a dimension, the gate over stage-1 experts
+    **{
+        f"mmpo fit --config configs/tlpo/{name}.yaml --data.init_args.train_file=YOUR/train.jsonl": (
+            "tests/test_tlpo_training.py::test_tlpo_config_header_command_runs_on_a_tiny_model"
+        )
+        for name in ("sd15_expert_lora", "sd15_gate", "sd3_medium_gate")
+    },
     # the model families' configs over the LLaVA recipe: each built on its family's tiny model
     **{
         f"mmpo fit --config configs/llava15_7b_dpo_lora.yaml --config configs/families/{p.stem}.yaml "

@@ -323,3 +323,8 @@ def test_rankdpo_config_builds_and_trains_on_ranked_lists(diffusion_builds, list
     out, policy, _ = module.compute(batch)
     by_hand = torch.stack([dcg_loss_by_hand(torch.zeros(4), batch.scores[b], 2500.0) for b in range(4)])
     torch.testing.assert_close(out.losses.detach(), by_hand.float())  # the fresh adapter: every r = 0
+
+
+def test_tlpo_dimensions_are_refused_for_lists(lists):
+    with pytest.raises(ValueError, match="dimensions .* not supported for ranked lists"):
+        ranked_module(lists, dimensions=["lip_sync"]).setup("fit")

@@ -19,6 +19,7 @@ import yaml
 pytest.importorskip("diffusers")
 
 import lightning as L  # noqa: E402
+from helpers.diffusion import tiny_run_args  # noqa: E402
 
 from datamodules.diffusion.module import DiffusionPreferenceDataModule, write_diffusion_pairs  # noqa: E402
 from datamodules.diffusion.ranked import write_diffusion_lists  # noqa: E402
@@ -200,20 +201,7 @@ def test_config_header_command_runs_on_a_tiny_model(config, diffusion_builds, co
         argv = [a.replace(placeholder, str(file)) for a in argv]
     tiny = diffusion_builds[TINY_FOR[spec["model"]["init_args"]["backbone"]["init_args"]["model_name_or_path"]]]
     monkeypatch.chdir(REPO)
-    main(
-        argv
-        + [
-            f"--model.init_args.backbone.init_args.model_name_or_path={tiny}",
-            f"--model.init_args.save_dir={tmp_path / 'out'}",
-            "--data.init_args.resolution=32",
-            "--data.init_args.loader.num_workers=0",
-            "--trainer.accelerator=cpu",
-            "--trainer.devices=1",
-            "--trainer.max_steps=1",
-            f"--trainer.default_root_dir={tmp_path}",
-            "--trainer.enable_progress_bar=false",
-        ]
-    )
+    main(argv + tiny_run_args(tiny, tmp_path))
     weights = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
     rank = spec["model"]["init_args"]["backbone"]["init_args"]["lora"]["init_args"]["r"]
     assert weights and {w.shape[0] for k, w in weights.items() if "lora_A" in k} == {rank}

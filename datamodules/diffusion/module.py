@@ -64,6 +64,9 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         dual_captions: DCPO: every record gives ``caption_rejected``, the dispreferred image's own
             caption, and each image is conditioned on its caption (a record without one is a bad
             record). False conditions both images on ``caption`` and leaves ``caption_rejected`` unread.
+        dimensions: keep only the pairs whose ``dimension`` is one of these (TLPO: one expert's
+            dimension, or all of them for the gate); every record must then name its dimension (a
+            record without one is a bad record). None keeps every pair.
     """
 
     #: the settings groups this class takes, by argument name
@@ -84,6 +87,7 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         cache_encoder_id: str | None = None,
         dual_captions: bool = False,
+        dimensions: list[str] | None = None,
         **flat_settings: Any,
     ) -> None:
         super().__init__()
@@ -105,6 +109,9 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.cache_encoder_id = cache_encoder_id
         self.dual_captions = dual_captions
+        if dimensions is not None and not dimensions:
+            raise ValueError("dimensions is empty: name at least one, or leave it null to keep every pair")
+        self.dimensions = dimensions
         self.datasets: dict[str, DiffusionPreferenceDataset] = {}
         self.problems: dict[str, list[str]] = {}
         if cache_dir is not None and (random_flip or not center_crop):
@@ -124,6 +131,7 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
                 "cache_dir": cache_dir,
                 "cache_encoder_id": cache_encoder_id,
                 "dual_captions": dual_captions,
+                "dimensions": dimensions,
             }
         )
 
@@ -159,7 +167,9 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
 
     def read_records(self, path: str, root: str) -> tuple[list[DiffusionPairRecord], list[str]]:
         """The valid records of one file and the problems of the skipped ones (subclasses read other records)."""
-        return load_diffusion_records(path, root, self.on_bad_sample, self.drop_ties, self.dual_captions)
+        return load_diffusion_records(
+            path, root, self.on_bad_sample, self.drop_ties, self.dual_captions, self.dimensions
+        )
 
     def build_cache(
         self,

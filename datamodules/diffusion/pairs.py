@@ -17,6 +17,10 @@ carries label 0.5 for soft-label losses (SmPO). Every problem names the file and
 For DCPO (Dual Caption Preference Optimization) a record also gives ``"caption_rejected"``, the caption
 of the dispreferred image (whichever of image_0 / image_1 the label says that is); the preferred image
 keeps ``caption``. It is read only when the loader asks for dual captions.
+
+A record may name the preference dimension it judges, ``"dimension": "lip_sync"`` (TLPO trains one
+expert per dimension). A loader given ``dimensions`` keeps the pairs of those dimensions only, and then
+every record must name one.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ class DiffusionPairRecord:
         label: preference strength of the winner, in [0.5, 1] (1 for a hard label, 0.5 for a tie).
         scores: (winner score, loser score) when the record gave scores.
         caption_rejected: the dispreferred image's own caption (DCPO), when read.
+        dimension: the preference dimension the pair judges (TLPO), when the record names one.
     """
 
     id: str
@@ -82,6 +87,7 @@ class DiffusionPairRecord:
     label: float
     scores: tuple[float, float] | None = None
     caption_rejected: str | None = None
+    dimension: str | None = None
 
     @property
     def is_tie(self) -> bool:
@@ -191,6 +197,7 @@ def parse_diffusion_record(
         raise BadSampleError(f"{where}: missing field(s) {', '.join(missing)}")
     caption = caption_field(raw, "caption", where)
     caption_rejected = caption_field(raw, "caption_rejected", where) if dual_captions else None
+    dimension = caption_field(raw, "dimension", where) if raw.get("dimension") is not None else None
     p0, scores = _preference(raw, where)
     images = (_image(raw, _IMAGE_FIELDS[0], where, data_root), _image(raw, _IMAGE_FIELDS[1], where, data_root))
     winner = 0 if p0 >= 0.5 else 1
@@ -203,6 +210,7 @@ def parse_diffusion_record(
         label=max(p0, 1.0 - p0),
         scores=None if scores is None else (scores[winner], scores[1 - winner]),
         caption_rejected=caption_rejected,
+        dimension=dimension,
     )
 
 
@@ -212,6 +220,7 @@ def load_diffusion_records(
     on_bad_sample: str = "error",
     drop_ties: bool = True,
     dual_captions: bool = False,
+    dimensions: Sequence[str] | None = None,
 ) -> tuple[list[DiffusionPairRecord], list[str]]:
     """Read and validate every pair of a .jsonl, .json or .parquet file.
 
@@ -221,17 +230,27 @@ def load_diffusion_records(
         on_bad_sample: ``"error"`` raises on the first bad record; ``"skip"`` drops it and reports it.
         drop_ties: drop pairs with label 0.5 or equal scores (not counted as problems; logged).
         dual_captions: every record must give ``caption_rejected`` (DCPO); False leaves it unread.
+        dimensions: keep only the pairs of these preference dimensions (TLPO); every record must then
+            give ``dimension``. None keeps every pair, with or without one.
 
     Returns:
         The valid records and the list of problems (one message per skipped record).
     """
     root = Path(data_root) if data_root is not None else Path(path).parent
-    ties = unread = 0
+    ties = unread = other = 0
 
     def parse(raw: dict[str, Any], where: str) -> tuple[list[DiffusionPairRecord], list[str]]:
-        nonlocal ties, unread
+        nonlocal ties, unread, other
         rec = parse_diffusion_record(raw, where, root, dual_captions)
         unread += not dual_captions and raw.get("caption_rejected") is not None
+        if dimensions is not None:
+            if rec.dimension is None:
+                raise BadSampleError(
+                    f"{where}: missing field 'dimension' (the run keeps dimensions {list(dimensions)})"
+                )
+            if rec.dimension not in dimensions:
+                other += 1
+                return [], []
         if drop_ties and rec.is_tie:
             ties += 1
             return [], []
@@ -240,6 +259,10 @@ def load_diffusion_records(
     records, problems = load_records(path, parse, on_bad_sample)
     if ties:
         log.info("%s: dropped %d tied pair(s) (drop_ties=True)", path, ties)
+    if other:
+        log.info("%s: dropped %d pair(s) of other dimensions than %s", path, other, list(dimensions or ()))
+    if dimensions is not None and (absent := sorted(set(dimensions) - {r.dimension for r in records})):
+        log.warning("%s: no pair of dimension(s) %s (dimensions: %s)", path, absent, list(dimensions))
     if unread:
         log.warning("%s: %d record(s) give caption_rejected, not used (dual_captions: false)", path, unread)
     return records, problems

@@ -195,7 +195,7 @@ class DiffusionRankedDataModule(DiffusionPreferenceDataModule):
     The same arguments, augmentation (one crop and flip per list), latent cache and loaders as
     :class:`~datamodules.diffusion.module.DiffusionPreferenceDataModule`; records are read by
     :func:`load_diffusion_ranked_records`. ``drop_ties`` drops lists whose scores are all equal;
-    ``dual_captions`` (per-image captions) is not supported for lists.
+    ``dual_captions`` (per-image captions) and ``dimensions`` are not supported for lists.
     """
 
     record_kind: ClassVar[str] = "ranked lists"
@@ -203,6 +203,8 @@ class DiffusionRankedDataModule(DiffusionPreferenceDataModule):
     def read_records(self, path: str, root: str) -> tuple[list[DiffusionRankedRecord], list[str]]:
         if self.dual_captions:
             raise ValueError("dual_captions (a caption per image, DCPO) is not supported for ranked lists")
+        if self.dimensions is not None:
+            raise ValueError("dimensions (TLPO's per-dimension pairs) is not supported for ranked lists")
         return load_diffusion_ranked_records(path, root, self.on_bad_sample, self.drop_ties)
 
 

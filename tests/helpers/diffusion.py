@@ -25,3 +25,19 @@ def diffusion_config_cli(config: str, tiny: Path, train_file: Path, monkeypatch)
         "--data.init_args.loader.num_workers=0",
     ]
     return MMPOCLI(args=args, run=False)
+
+
+def tiny_run_args(tiny: Path, tmp_path: Path) -> list[str]:
+    """The CLI overrides that run a diffusion config's header command for one CPU step on ``tiny``, at 32 px,
+    saving under ``tmp_path / "out"``."""
+    return [
+        f"--model.init_args.backbone.init_args.model_name_or_path={tiny}",
+        f"--model.init_args.save_dir={tmp_path / 'out'}",
+        "--data.init_args.resolution=32",
+        "--data.init_args.loader.num_workers=0",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.max_steps=1",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+    ]
