@@ -56,6 +56,7 @@ _EXTRA = {
     "export": ("mmpo.export", "a LoRA adapter (or checkpoint) merged into its base model, in transformers format"),
     "plot": ("mmpo.plot", "a run's reward curves (CSV / TensorBoard logs) drawn into a PNG"),
     "sample": ("mmpo.recipes.sample", "a grid of images from a diffusion checkpoint, with a run's LoRA adapter"),
+    "eval-hallucination": ("mmpo.recipes.eval_hallucination", "POPE / CHAIR / MMHal-Bench on your files, JSON + table"),
 }
 
 
