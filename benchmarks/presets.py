@@ -66,7 +66,7 @@ class Preset:
     text_ff: int
     vocab_words: int = 2000
     model_vocab: int | None = None
-    family: str = "llama"  # language model: "llama" (build_tiny_llava) or "qwen2"
+    family: str = "llama"  # "llama" (build_tiny_llava), "qwen2" (LLaVA with a Qwen2 LM) or "qwen2_vl" (Qwen2-VL)
     vision_feature_layer: int = -1
     tied_embeddings: bool = False
     notes: str = ""
@@ -96,6 +96,26 @@ PRESETS: dict[str, Preset] = {
             text_kv_heads=4,
             text_ff=256,
             notes="2-layer CLIP width 64, 64 px / patch 8 (64 image tokens); 4-layer Llama width 128",
+        ),
+        Preset(
+            name="tiny-qwen2vl",
+            device="cpu",
+            dtype="float32",
+            batch={1: 4, 3: 4},
+            image_size=32,
+            patch_size=8,  # 4-pixel patches merged 2 x 2: 16 image tokens, as 8-pixel patches count them
+            vision_width=32,
+            vision_layers=1,
+            vision_heads=2,
+            vision_ff=64,
+            text_width=64,
+            text_layers=2,
+            text_heads=4,
+            text_kv_heads=2,
+            text_ff=128,
+            family="qwen2_vl",
+            notes="mmpo.tiny.families' Qwen2-VL (multimodal rotary positions): 32 px images, 16 tokens each; "
+            "1-layer tower width 32; 2-layer LM width 64",
         ),
         Preset(
             name="cpu-real",
@@ -164,6 +184,10 @@ def build_model(preset: Preset, root: Path) -> Path:
             heads=preset.text_heads,
             seed=0,
         )
+    if preset.family == "qwen2_vl":
+        from mmpo.tiny.families import build_tiny_qwen2_vl
+
+        return build_tiny_qwen2_vl(out, words=words(preset.vocab_words), seed=0)
     return _build_qwen2_llava(preset, out)
 
 

@@ -13,15 +13,15 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "bench_dpo.py"
 
 
-def _bench(tmp_path: Path, framework: str) -> list[dict]:
+def _bench(tmp_path: Path, framework: str, preset: str = "tiny", timeout: int = 120) -> list[dict]:
     out = tmp_path / f"{framework}.json"
-    cmd = [sys.executable, str(SCRIPT), "--preset=tiny", "--images", "1", "--steps=2", "--warmup=0"]
+    cmd = [sys.executable, str(SCRIPT), f"--preset={preset}", "--images", "1", "--steps=2", "--warmup=0"]
     cmd += [f"--frameworks={framework}", "--threads=1", f"--workdir={tmp_path / 'work'}", f"--out={out}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "pairs/s" in proc.stdout  # the table was printed
     rows = json.loads(out.read_text())["results"]
-    assert [r["framework"] for r in rows] == [framework]
+    assert [r["framework"] for r in rows] == framework.split(",")
     return rows
 
 
@@ -117,3 +117,15 @@ def test_video_dpo_bench_runs_the_pami_pair_and_reports_their_ratio(tmp_path):
     ratio = report["ratios"]["pami"]
     assert ratio["throughput"] == pytest.approx(pami["clips_per_s"] / naive["clips_per_s"])
     assert "pami: " in proc.stdout and "x the naive clips/s" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_qwen2_vl_preset_runs_mmpo_and_trl_on_multimodal_rotary_positions(tmp_path):
+    # the tiny Qwen2-VL of mmpo.tiny.families: both frameworks train on the same data with the same
+    # 128 response tokens (each child checks it), and the ratio is reported
+    pytest.importorskip("trl")
+    mmpo, trl = _bench(tmp_path, "mmpo,trl", preset="tiny-qwen2vl", timeout=300)
+    config = json.loads((tmp_path / "work" / "tiny-qwen2vl" / "model" / "config.json").read_text())
+    assert config["model_type"] == "qwen2_vl"
+    assert mmpo["response_tokens"] == trl["response_tokens"] == _presets().RESPONSE_TOKENS
+    assert mmpo["speedup_vs_trl"] == pytest.approx(mmpo["pairs_per_s"] / trl["pairs_per_s"])
