@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,23 @@ def test_the_qwen2_vl_preset_runs_mmpo_and_trl_on_multimodal_rotary_positions(tm
     assert config["model_type"] == "qwen2_vl"
     assert mmpo["response_tokens"] == trl["response_tokens"] == _presets().RESPONSE_TOKENS
     assert mmpo["speedup_vs_trl"] == pytest.approx(mmpo["pairs_per_s"] / trl["pairs_per_s"])
+
+
+@pytest.mark.slow
+def test_the_diffusion_bench_runs_mmpo_and_the_diffusers_example_step_and_reports_their_ratio(tmp_path):
+    script = REPO / "benchmarks" / "bench_diffusion_dpo.py"
+    out = tmp_path / "diffusion.json"
+    cmd = [sys.executable, str(script), "--steps=1", "--warmup=0", "--batch=2", "--resolution=32", "--threads=1"]
+    cmd += [f"--workdir={tmp_path / 'w'}", f"--out={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = {r["framework"]: r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {"mmpo", "mmpo-uncached", "diffusers"}
+    for row in rows.values():
+        assert row["timed_steps"] == 1 and row["pairs_per_s"] > 0 and math.isfinite(row["loss"])
+        # the same LoRA on the same UNet: rank 4 on to_q, to_k, to_v, to_out.0
+        assert row["trainable_params"] == rows["diffusers"]["trainable_params"]
+    assert rows["mmpo"]["speedup_vs_diffusers"] == pytest.approx(
+        rows["mmpo"]["pairs_per_s"] / rows["diffusers"]["pairs_per_s"]
+    )
+    assert rows["mmpo"]["cache_seconds"] > 0 and "cache_seconds" not in rows["mmpo-uncached"]
