@@ -22,6 +22,7 @@ __all__ = [
     "response_logprobs",
     "response_logprobs_from_hidden",
     "sequence_stats",
+    "soft_capped",
     "span_coordinates",
 ]
 
@@ -64,6 +65,24 @@ def head_logprobs(h: Tensor, lm_head: Callable[[Tensor], Tensor], targets: Tenso
             lm_head(h[s : s + chunk_size]), targets[s : s + chunk_size], chunk_size
         )
     return flat
+
+
+def soft_capped(lm_head: Callable[[Tensor], Tensor], cap: float | None) -> Callable[[Tensor], Tensor]:
+    """``lm_head`` followed by the logit soft-cap ``cap · tanh(logits / cap)``; ``lm_head`` itself if ``cap`` is None.
+
+    Gemma 2 (and PaliGemma 2 over it) caps its final logits so (``final_logit_softcapping``, Gemma Team
+    2024, "Gemma 2", section 2). The cap is applied in the head's dtype, before the float32
+    log-softmax, as transformers' models apply it before their loss.
+    """
+    if cap is None:
+        return lm_head
+    if not cap > 0:
+        raise ValueError(f"the logit soft-cap must be > 0 or None, got {cap}")
+
+    def capped(h: Tensor) -> Tensor:
+        return torch.tanh(lm_head(h) / cap) * cap
+
+    return capped
 
 
 def span_coordinates(counts: Tensor, total: int) -> tuple[Tensor, Tensor]:

@@ -3,7 +3,10 @@
 A naive preference step runs every group's prompt (image tokens included) and its images once per
 response, K times per model (twice for a pair). Here the prompt runs once and the K responses run on
 its key/value cache. Gradients reach the prompt and the vision tower through the cache, so the
-losses and gradients equal the naive path's.
+losses and gradients equal the naive path's. Images read through cross-attention layers (Llama 3.2
+Vision) leave their keys and values in the same cache; a soft-capped head (PaliGemma 2) is capped as
+the model's forward caps it; a bidirectional prompt (PaliGemma's prefix) is bidirectional in the prompt
+pass, and its responses attend causally after it, as on the naive path.
 
 Two layouts for the responses: *packed* puts a group's K responses side by side in one row on the
 group's (unrepeated) cache under a block mask; *repeated* repeats the cache K times and runs one
@@ -31,7 +34,7 @@ import contextlib
 import copy
 import functools
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -41,23 +44,37 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from datamodules.vision_text.collator import TOKEN_ALIGNED_MEDIA
 from mmpo.backbones.module_scan import modules_found_once
-from mmpo.logprobs import head_logprobs, span_coordinates
+from mmpo.logprobs import head_logprobs, soft_capped, span_coordinates
 
-__all__ = ["checkpointing_fallback_reason", "shared_prefix_supported", "shared_prefix_token_logps"]
+__all__ = ["checkpointing_fallback_reason", "logit_head", "shared_prefix_supported", "shared_prefix_token_logps"]
 
 
 def shared_prefix_supported(base: nn.Module) -> bool:
     """Whether ``base`` can take the shared-prefix path.
 
-    Needs an inner model returning hidden states and taking a key/value cache, and a plain LM head.
+    Needs an inner model returning hidden states and taking a key/value cache, and an LM head that is a
+    projection, soft-capped or not (:func:`logit_head`); a scaled head (``logit_scale``) is refused.
     Multimodal rotary positions (Qwen2-VL's ``get_rope_index``) are computed here for the prompts and
     continued over the responses (:func:`_rope_positions`).
     """
     inner = getattr(base, "model", None)
     if inner is None or not hasattr(base, "get_output_embeddings"):
         return False
-    text_cfg = getattr(base.config, "text_config", base.config)
-    return not any(getattr(text_cfg, a, None) for a in ("final_logit_softcapping", "logit_scale"))
+    return not getattr(getattr(base.config, "text_config", base.config), "logit_scale", None)
+
+
+def logit_head(base: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``base``'s LM head as its forward applies it: the output projection, then the final logit soft-cap
+    (``final_logit_softcapping``: Gemma 2, PaliGemma 2) where the config sets one.
+    """
+    cap = getattr(getattr(base.config, "text_config", base.config), "final_logit_softcapping", None)
+    return soft_capped(base.get_output_embeddings(), cap)
+
+
+# First position of a row where the model numbers positions itself: PaliGemma counts from 1
+# (``PaliGemmaModel.forward``), the others from 0. Rotary attention depends only on differences, so
+# this keeps the two paths' numbers identical rather than equal up to rounding.
+_FIRST_POSITION = {"paligemma": 1}
 
 
 @functools.cache
@@ -104,15 +121,21 @@ class _PromptCache(DynamicCache):
     lengths size the masks; the recording never changes once the response pass starts.
     """
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, cross_layers: frozenset[int] = frozenset()) -> None:
         super().__init__(config=config)
         self.written: set[int] = set()
         self.read: set[int] | None = None  # layers read, on a reader
         self.repeats = 1
+        self.cross_layers = cross_layers  # cross-attention layers (Mllama): they hold the image states
 
     def reader(self, repeats: int = 1) -> _PromptCache:
         view = copy.copy(self)
         view.read, view.repeats = set(), repeats
+        if self.cross_layers:
+            view.layers = [
+                _CrossStates(layer, i, repeats, view.read) if i in self.cross_layers else layer
+                for i, layer in enumerate(self.layers)
+            ]
         return view
 
     def update(
@@ -129,6 +152,36 @@ class _PromptCache(DynamicCache):
             return key_states, value_states
         self.written.add(layer_idx)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+class _CrossStates:
+    """A cross-attention layer's recorded image keys and values as the response pass reads them.
+
+    Mllama's cross-attention layers, given no image states, read the cache's ``layers[i].keys`` and
+    ``.values`` directly instead of calling ``update``: this gives them the prompt pass's
+    (B, heads, image tokens, d), repeated along the batch for the repeated layout, and notes the read.
+    """
+
+    is_initialized = True
+
+    def __init__(self, layer: Any, index: int, repeats: int, read: set[int]) -> None:
+        self._layer, self._index, self._repeats, self._read = layer, index, repeats, read
+        self._states: dict[str, Tensor] = {}
+
+    def _get(self, name: str) -> Tensor:
+        self._read.add(self._index)
+        if name not in self._states:
+            states = getattr(self._layer, name)
+            self._states[name] = states.repeat_interleave(self._repeats, 0) if self._repeats > 1 else states
+        return self._states[name]
+
+    @property
+    def keys(self) -> Tensor:
+        return self._get("keys")
+
+    @property
+    def values(self) -> Tensor:
+        return self._get("values")
 
 
 @contextlib.contextmanager
@@ -155,8 +208,8 @@ def _run(inner: nn.Module, cache: _PromptCache, **inputs: Any) -> Tensor:
     return out.last_hidden_state
 
 
-def _prompt_pass(inner: nn.Module, **inputs: Any) -> tuple[Tensor, _PromptCache]:
-    cache = _PromptCache(inner.config)
+def _prompt_pass(inner: nn.Module, cross_layers: frozenset[int], **inputs: Any) -> tuple[Tensor, _PromptCache]:
+    cache = _PromptCache(inner.config, cross_layers)
     hidden = _run(inner, cache, **inputs)
     if not cache.written:
         raise RuntimeError("the decoder layers dropped the key/value cache; use the naive path (shared_prefix: false)")
@@ -257,7 +310,7 @@ def _packing_pays(response_lengths: tuple[int, ...], prompt_width: int) -> bool:
 
 def _packed_responses(
     inner: nn.Module, head: nn.Module, batch: Any, prompt_mask: Tensor, last: Tensor, cache: _PromptCache, pad_id: int,
-    chunk_size: int, kind: str, response_lengths: tuple[int, ...], starts_at: Tensor, rope: bool,
+    chunk_size: int, kind: str, response_lengths: tuple[int, ...], starts_at: Tensor, rope: bool, cross: Tensor | None,
 ) -> Tensor:  # fmt: skip
     """A group's K responses in one row on the group's (unrepeated) cache, under a block mask.
 
@@ -290,7 +343,10 @@ def _packed_responses(
     if kind == "eager":  # an additive mask in the model's dtype
         dtype = last.dtype
         visible = torch.zeros(visible.shape, dtype=dtype, device=dev).masked_fill(~visible, torch.finfo(dtype).min)
-    hidden = _response_pass(inner, cache, 1, input_ids=ids, attention_mask=visible, position_ids=positions)  # (B, W, H)
+    extra = {} if cross is None else {"cross_attention_mask": cross.expand(-1, total, *cross.shape[2:])}
+    hidden = _response_pass(
+        inner, cache, 1, input_ids=ids, attention_mask=visible, position_ids=positions, **extra
+    )  # (B, W, H)
 
     # Token i of a response is predicted by the prompt's last state (i = 0) or its own state i-1.
     start = last[:, None]
@@ -321,27 +377,37 @@ def shared_prefix_token_logps(
             (``False``). None packs where the attention allows and the prompt is at least
             ``PACK_MIN_PROMPT_RATIO`` times the longest response.
     """
-    inner, head = base.model, base.get_output_embeddings()
+    inner, head = base.model, logit_head(base)
     b, k = batch.num_groups, batch.group_size
     mask = batch.response_mask.bool()  # (N, T), N = K·B
     prompt_lengths, response_lengths = batch.host_lengths()
 
     # 1. Prompts (and each group's images, stored once per group by the collator) once. Per-token inputs
-    # (Qwen2-VL's mm_token_type_ids) are cut to the prompts; the responses are text, which they leave out.
+    # (Qwen2-VL's mm_token_type_ids, Gemma 3's and PaliGemma's token_type_ids, Mllama's cross_attention_mask)
+    # are cut to the prompts; the responses are text, which the token types leave out (PaliGemma's prompt
+    # attends bidirectionally, its responses causally on the cache).
     per_token = {key: v for key, v in batch.media.items() if key in TOKEN_ALIGNED_MEDIA}
     prompt_ids, prompt_mask, prompt_inputs = _left_padded_prompts(batch, pad_id, prompt_lengths, per_token)
     media = {**{key: v for key, v in batch.media.items() if key not in per_token}, **prompt_inputs}
+    # Mllama reads the images through cross-attention layers: the prompt pass records their image keys and
+    # values in the cache, and every response token sees the images its prompt's last token sees (the
+    # collator extends that row of the mask over the responses), (B, 1, images, tiles).
+    cross = prompt_inputs["cross_attention_mask"][:, -1:] if "cross_attention_mask" in prompt_inputs else None
+    text_cfg = getattr(base.config, "text_config", base.config)
+    cross_layers = frozenset(getattr(text_cfg, "cross_attention_layers", None) or ())
     starts_at = batch.prompt_lengths[:b]  # (B,) position of each group's first response token
     rope = hasattr(inner, "get_rope_index")
     if rope:
         positions, starts_at = _rope_positions(inner, prompt_ids, prompt_mask, media, starts_at)
     else:
-        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)
+        first = _FIRST_POSITION.get(getattr(base.config, "model_type", None), 0)
+        positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0) + first
+        starts_at = starts_at + first
     # prompts of one length need no mask: plain causal attention, and no check of the mask's values
     same_length = len(set(prompt_lengths[:b])) == 1
     prompt_hidden, cache = _prompt_pass(
-        inner, input_ids=prompt_ids, attention_mask=None if same_length else prompt_mask, position_ids=positions,
-        **media,
+        inner, cross_layers, input_ids=prompt_ids, attention_mask=None if same_length else prompt_mask,
+        position_ids=positions, **media,
     )  # fmt: skip
     last = prompt_hidden[:, -1]  # (B, H): predicts each response's first token
 
@@ -354,8 +420,9 @@ def shared_prefix_token_logps(
                 "packed responses need the sdpa or eager attention implementation and no sliding-window layers"
             )
         return _packed_responses(
-            inner, head, batch, prompt_mask, last, cache, pad_id, chunk_size, kind, response_lengths, starts_at, rope
-        )
+            inner, head, batch, prompt_mask, last, cache, pad_id, chunk_size, kind, response_lengths, starts_at, rope,
+            cross,
+        )  # fmt: skip
 
     # 2. Responses on the cache repeated for each (layer by layer, inside the layer), interleaved rows:
     # (group 0's responses 0..K-1, group 1's, ...).
@@ -366,8 +433,9 @@ def shared_prefix_token_logps(
     resp_ids = _response_ids(batch, order, width, counts, pad_id)
     full_mask = torch.cat([prompt_mask.repeat_interleave(k, dim=0), resp_valid.long()], dim=1)
     resp_pos = _axes(starts_at.repeat_interleave(k)[:, None] + torch.arange(width, device=mask.device), rope)
+    extra = {} if cross is None else {"cross_attention_mask": cross.repeat_interleave(k, 0).expand(-1, width, -1, -1)}
     hidden = _response_pass(
-        inner, cache, k, input_ids=resp_ids, attention_mask=full_mask, position_ids=resp_pos
+        inner, cache, k, input_ids=resp_ids, attention_mask=full_mask, position_ids=resp_pos, **extra
     )  # (N, Tr, H)
 
     # 3. Token i of a response is predicted by the prompt's last state (i = 0) or response state i-1.

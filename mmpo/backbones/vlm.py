@@ -20,6 +20,7 @@ from mmpo.backbones.protocol import Backbone
 from mmpo.backbones.quantization import QuantizationSettings
 from mmpo.backbones.shared_prefix import (
     checkpointing_fallback_reason,
+    logit_head,
     shared_prefix_supported,
     shared_prefix_token_logps,
 )
@@ -36,7 +37,7 @@ DEFAULT_LORA_TARGETS = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|
 _VISION_PATTERNS = ("vision_tower", "visual", "vision_model", "image_encoder")
 _PROJECTOR_PATTERNS = ("multi_modal_projector", "visual.merger", "mm_projector")
 # per-token inputs the shared prompt pass cuts to the prompts (the responses are text, which they leave out)
-_SPLIT_INPUTS = frozenset({"mm_token_type_ids", "token_type_ids"})
+_SPLIT_INPUTS = frozenset({"mm_token_type_ids", "token_type_ids", "cross_attention_mask"})
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -109,10 +110,13 @@ class VisionLanguageBackbone(Backbone):
         shared_prefix: run each group's prompt and images once and its K responses on its key/value
             cache (same losses and gradients as running the prompt K times), with or without gradient
             checkpointing. Falls back to the naive path, with a one-time notice, for groups whose
-            responses see different media, for images read through cross-attention (Llama 3.2 Vision), a
-            soft-capped LM head (PaliGemma 2) or per-token inputs other than Qwen2-VL's and Gemma 3's token
-            types, and under reentrant checkpointing (``use_reentrant=True``, not mmpo's setting). Multimodal
-            rotary positions (Qwen2-VL, Qwen2.5-VL) are continued over the responses.
+            responses see different media, a scaled LM head (``logit_scale``) or per-token inputs other
+            than Qwen2-VL's, Gemma 3's and PaliGemma's token types and Llama 3.2 Vision's cross-attention
+            mask, and under reentrant checkpointing (``use_reentrant=True``, not mmpo's setting).
+            Multimodal rotary positions (Qwen2-VL, Qwen2.5-VL) are continued over the responses;
+            PaliGemma 2's soft-capped head is applied as its forward applies it, and its prompt attends
+            bidirectionally in the prompt pass; Llama 3.2 Vision's cross-attention layers keep the
+            prompt's image keys and values in the cache for the responses.
         quantization: load the frozen base in 4 or 8 bits (QLoRA, through bitsandbytes); needs ``lora``.
             The reference is then the quantized base with the adapter off; ``mmpo export`` merges the
             adapter into the base loaded in ``dtype``, not into the quantized weights.
@@ -257,8 +261,9 @@ class VisionLanguageBackbone(Backbone):
         """Response-token log-probs (N, T) in the row layout of a :class:`~datamodules.core.batch.PreferenceBatch`.
 
         Runs the inner model to its last hidden state and projects only response positions through
-        the LM head, so no (2B, T, V) logits tensor is formed. Models whose head is not a plain
-        projection (logit soft-capping or scaling) take the full-logits path.
+        the LM head, so no (2B, T, V) logits tensor is formed; a soft-capped head (Gemma 2's
+        ``final_logit_softcapping``) is capped per chunk. Models with a scaled head (``logit_scale``) take
+        the full-logits path.
         """
         base = self.unwrap(model)
         if self.shared_prefix:
@@ -274,11 +279,15 @@ class VisionLanguageBackbone(Backbone):
         inner = getattr(base, "model", None)
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         text_cfg = getattr(base.config, "text_config", base.config)
-        plain_head = not any(getattr(text_cfg, a, None) for a in ("final_logit_softcapping", "logit_scale"))
-        if inner is not None and head is not None and plain_head:
+        if inner is not None and head is not None and not getattr(text_cfg, "logit_scale", None):
             hidden = inner(**inputs, use_cache=False).last_hidden_state  # (N, T, H)
             return response_logprobs_from_hidden(
-                hidden, head, batch.input_ids, batch.response_mask, self.logprob_chunk_size, batch.host_lengths()
+                hidden,
+                logit_head(base),
+                batch.input_ids,
+                batch.response_mask,
+                self.logprob_chunk_size,
+                batch.host_lengths(),
             )
         logits = base(**inputs, use_cache=False).logits  # (N, T, V)
         return response_logprobs(logits, batch.input_ids, batch.response_mask, self.logprob_chunk_size)
@@ -334,8 +343,6 @@ class VisionLanguageBackbone(Backbone):
         if not getattr(batch, "shared_prompt", False):
             return "the responses of a group see different media"
         name = type(base).__name__
-        if getattr(getattr(base.config, "text_config", base.config), "cross_attention_layers", None):
-            return f"{name} reads images through cross-attention layers"
         if not shared_prefix_supported(base):
             return f"{name} is not supported (a scaled LM head, or no inner model)"
         if per_token := sorted(key for key in batch.media if key in TOKEN_ALIGNED_MEDIA and key not in _SPLIT_INPUTS):
