@@ -281,8 +281,12 @@ def tables(results: dict) -> str:
             if name == "dpo":
                 continue
             rows = [r for r in runs if r["loss"] == name and r["seed"] in dpo]
+            # a figure without a denominator (CHAIR-i of a policy that named no object) is absent: that seed drops out
             cells = [
-                _mean_std([r["figures"][k] - dpo[r["seed"]][k] for r in rows if k in r["figures"]]) for k, _ in columns
+                _mean_std(
+                    [r["figures"][k] - dpo[r["seed"]][k] for r in rows if k in r["figures"] and k in dpo[r["seed"]]]
+                )
+                for k, _ in columns
             ]
             out.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
     if results.get("failed"):
