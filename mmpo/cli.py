@@ -68,8 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] in ("-h", "--help"):
         print("mmpo: preference optimisation for vision-language models\n")
         print("  mmpo fit|validate|test|predict --config CONFIG.yaml [--dotted.key value ...]")
+        width = max(map(len, _EXTRA))
         for name, (_, doc) in _EXTRA.items():
-            print(f"  mmpo {name:<16} {doc}")
+            print(f"  mmpo {name:<{width}} {doc}")
         print()
     _check_config_files(argv)
     MMPOCLI(args=argv)
