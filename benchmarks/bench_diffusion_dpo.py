@@ -2,11 +2,12 @@
 
     .venv/bin/python benchmarks/bench_diffusion_dpo.py --steps 10 --warmup 2 --repeats 2 --threads 1
 
-Frameworks, each in a fresh child process (so its peak RSS is its own), on the same tiny SD 1.5-style
-pipeline (``mmpo.tiny.diffusion.build_tiny_sd``), the same synthetic pairs, batch, LoRA (rank r, alpha r,
-on ``to_q, to_k, to_v, to_out.0``), AdamW at a constant learning rate, gradient clipping at 1.0, sigmoid
-Diffusion-DPO with beta 2500 (the diffusers example's convention, no 0.5 factor), the disabled adapter as
-the reference, centre crop and no flip:
+Frameworks, each in a fresh child process (so its peak RSS is its own), on the same pipeline
+(``--geometry tiny``: ``mmpo.tiny.diffusion.build_tiny_sd``; ``sd15``: random weights at Stable Diffusion
+1.5's sizes, so the VAE, text encoder and UNet cost what they cost in the real model), the same synthetic
+pairs, batch, LoRA (rank r, alpha r, on ``to_q, to_k, to_v, to_out.0``), AdamW at a constant learning
+rate, gradient clipping at 1.0, sigmoid Diffusion-DPO with beta 2500 (the diffusers example's convention,
+no 0.5 factor), the disabled adapter as the reference, centre crop and no flip:
 
 - ``diffusers``: a re-implementation of one step of diffusers'
   ``examples/research_projects/diffusion_dpo/train_diffusion_dpo.py`` in a plain loop: the images of both
@@ -51,6 +52,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--resolution", type=int, default=64, help="image side in pixels")
     ap.add_argument("--rank", type=int, default=4, help="LoRA rank (alpha = rank, as the diffusers example)")
     ap.add_argument(
+        "--geometry", choices=("tiny", "sd15"), default="tiny",
+        help="tiny: mmpo.tiny's SD 1.5-style pipeline; sd15: random init at SD 1.5's sizes (about 4 GB on disk)",
+    )  # fmt: skip
+    ap.add_argument(
         "--frameworks", default=",".join(FRAMEWORKS), help="comma-separated subset of " + ",".join(FRAMEWORKS)
     )
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every child (default: cores)")
@@ -61,13 +66,51 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def _prepare(root: Path, n_pairs: int, resolution: int) -> tuple[Path, Path]:
+def build_sd15_geometry(out: Path, words: list[str]) -> Path:
+    """A random-init pipeline with Stable Diffusion 1.5's component sizes (UNet 860M, VAE 84M, CLIP ViT-L/14
+    text encoder 123M), a word tokenizer over ``words`` (77 tokens), PNDM as SD 1.5: its compute balance
+    between VAE, text encoder and UNet is the real one, with nothing downloaded."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from mmpo.tiny.diffusion import diffusion_word_tokenizer
+
+    if (out / "model_index.json").exists():
+        return out
+    tokenizer = diffusion_word_tokenizer(words, max_length=77)
+    torch.manual_seed(0)
+    text = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+        scaling_factor=0.18215,
+    )  # fmt: skip
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)  # SD 1.5's blocks
+    schedule = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=CLIPTextModel(text), tokenizer=tokenizer, unet=unet,
+        scheduler=PNDMScheduler(**schedule, skip_prk_steps=True, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipeline.save_pretrained(out)
+    return out
+
+
+def _prepare(root: Path, n_pairs: int, resolution: int, geometry: str = "tiny") -> tuple[Path, Path]:
     from datamodules.diffusion.module import write_diffusion_pairs
     from datamodules.worlds.shapes import vocabulary
     from mmpo.tiny.diffusion import build_tiny_sd
 
-    model = build_tiny_sd(root / "model", words=vocabulary(), seed=0)
-    pairs = write_diffusion_pairs(root / f"pairs-{n_pairs}", n=n_pairs, seed=0, image_size=resolution)
+    if geometry == "sd15":
+        model = build_sd15_geometry(root / "model-sd15", vocabulary())
+    else:
+        model = build_tiny_sd(root / "model", words=vocabulary(), seed=0)
+    pairs = write_diffusion_pairs(root / f"pairs-{n_pairs}-{resolution}px", n=n_pairs, seed=0, image_size=resolution)
     return model, pairs
 
 
@@ -230,7 +273,7 @@ def _child(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     root = Path(args.workdir)
-    model_dir, pairs = _prepare(root, args.batch * (args.warmup + args.steps), args.resolution)
+    model_dir, pairs = _prepare(root, args.batch * (args.warmup + args.steps), args.resolution, args.geometry)
     if args.child == "diffusers":
         result = run_diffusers_example(args, model_dir, pairs)
     else:
@@ -241,7 +284,7 @@ def _child(args: argparse.Namespace) -> None:
 
 def _run_child(args: argparse.Namespace, framework: str) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), f"--child={framework}"]
-    for name in ("steps", "warmup", "batch", "resolution", "rank", "threads", "workdir"):
+    for name in ("steps", "warmup", "batch", "resolution", "rank", "geometry", "threads", "workdir"):
         cmd.append(f"--{name}={getattr(args, name)}")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -262,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown := set(frameworks) - set(FRAMEWORKS):
         raise SystemExit(f"unknown framework(s) {sorted(unknown)}; choose from {FRAMEWORKS}")
     load_before = os.getloadavg()[0]
-    _prepare(Path(args.workdir), args.batch * (args.warmup + args.steps), args.resolution)  # once, not timed
+    _prepare(Path(args.workdir), args.batch * (args.warmup + args.steps), args.resolution, args.geometry)  # once
     best: dict[str, dict[str, Any]] = {}
     runs: dict[str, list[float]] = {fw: [] for fw in frameworks}
     for rep in range(args.repeats):
@@ -291,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     head = f"{'framework':<15}{'pairs/s':>9}{'× diffusers':>13}{'peak MB':>10}{'mem ×':>7}{'train MB':>10}{'×':>6}"
     print(
-        f"\nDiffusion-DPO, tiny SD 1.5 ({args.resolution} px, {args.batch} pairs/step, LoRA r={args.rank}); "
+        f"\nDiffusion-DPO, {args.geometry} SD 1.5 ({args.resolution} px, {args.batch} pairs/step, LoRA r={args.rank}); "
         f"{args.steps} timed steps after {args.warmup} warm-up, {args.threads} threads, load {load_before:.1f} at start"
     )
     print(head + "\n" + "-" * len(head))
