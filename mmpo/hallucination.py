@@ -14,8 +14,8 @@ ground truth:
   (a model that says nothing has no hallucinations, so read both sides);
 - presence (POPE, Li et al. 2023): "is there a <colour> <shape> in the image ?", half present in the
   target and half absent; with companions, the absent objects are taken from the companions when
-  they can be (the multi-image confusion). ``pope_accuracy``, ``pope_f1`` (positive = yes) and
-  ``pope_yes_ratio``; an answer that is neither yes nor no counts as wrong.
+  they can be (the multi-image confusion). ``pope_accuracy``, ``pope_precision``, ``pope_recall``,
+  ``pope_f1`` (positive = yes) and ``pope_yes_ratio``; an answer that is neither yes nor no counts as wrong.
 
 :class:`HallucinationEval` is a Lightning callback: it runs on ``mmpo validate`` and ``mmpo test``
 (and, optionally, after each validation of ``mmpo fit``) and logs ``val/hallucination/<setting>/<metric>``
@@ -231,6 +231,9 @@ def metrics_from_counts(counts: Sequence[float]) -> dict[str, float]:
     }
     out = {name: c[num] / c[den] for name, (num, den) in ratios.items() if c[den] > 0}
     if c["questions"] > 0:
+        # positive = yes; a model that never says yes has no precision to speak of: 0, as its F1
+        out["pope_precision"] = c["true_yes"] / c["yes_answers"] if c["yes_answers"] > 0 else 0.0
+        out["pope_recall"] = c["true_yes"] / c["label_yes"] if c["label_yes"] > 0 else 0.0
         denominator = c["yes_answers"] + c["label_yes"]
         out["pope_f1"] = 2 * c["true_yes"] / denominator if denominator > 0 else 0.0
     return out

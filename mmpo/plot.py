@@ -25,6 +25,7 @@ __all__ = [
     "Series",
     "find_logs",
     "main",
+    "plot_ratio_histograms",
     "plot_run",
     "read_csv_metrics",
     "read_run",
@@ -177,6 +178,64 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="grey")
     figure.suptitle(f"{run_dir}")
     with atomic_file(out_path) as tmp:  # a reader never sees half a PNG
+        figure.savefig(tmp, format="png")
+    return out_path
+
+
+def plot_ratio_histograms(
+    ratios: dict[str, dict[str, list[float]]],
+    out: str | os.PathLike,
+    thresholds: dict[str, dict[str, float | None]] | None = None,
+    title: str = "",
+) -> Path:
+    """MIA-DPO's target-attention ratio, wrong vs right answers, one panel per format and image count.
+
+    Args:
+        ratios: ``{"sequence/2": {"wrong": [...], "right": [...]}, ...}`` (a build summary's ``ratios``).
+        out: the PNG to write.
+        thresholds: per panel key, named thresholds drawn as vertical lines, e.g.
+            ``{"sequence/2": {"paper": 0.8, "q=0.5": 0.47}}`` (None values are skipped).
+        title: the figure's title.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keys = sorted(ratios)
+    if not keys:
+        raise PlotError("no ratios to draw")
+    cols = min(3, len(keys))
+    rows = -(-len(keys) // cols)
+    figure = Figure(figsize=(5 * cols, 3.6 * rows), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(rows, cols, squeeze=False).ravel()
+    for ax, key in zip(axes, keys, strict=False):
+        groups = ratios[key]
+        values_all = [v for status in ("wrong", "right") for v in groups.get(status, [])] or [0.0, 1.0]
+        # bins over the data's own range: a small model's ratios crowd near 1/n, far from the paper's thresholds
+        pad = max(0.005, 0.05 * (max(values_all) - min(values_all)))
+        lo, hi = max(0.0, min(values_all) - pad), min(1.0, max(values_all) + pad)
+        bins = [lo + (hi - lo) * i / 40 for i in range(41)]
+        for status, colour in (("wrong", "tab:red"), ("right", "tab:green")):
+            values = groups.get(status, [])
+            if values:
+                ax.hist(values, bins=bins, alpha=0.5, color=colour, label=f"{status} ({len(values)})", density=True)
+        styles = iter(("--", ":", "-."))
+        for name, value in ((thresholds or {}).get(key) or {}).items():
+            if value is not None and lo <= value <= hi:
+                ax.axvline(value, color="black", linestyle=next(styles, "--"), label=f"{name} {value:.3f}")
+            elif value is not None:  # a legend entry without a line
+                ax.plot([], [], " ", label=f"{name} {value:.3f} ({'right' if value > hi else 'left'} of the axis)")
+        ax.set_title(key)
+        ax.set_xlabel("attention on the target / sum over images")
+        ax.set_ylabel("density")
+        ax.set_xlim(lo, hi)
+        ax.legend(fontsize="small")
+    for ax in axes[len(keys) :]:
+        ax.set_visible(False)
+    if title:
+        figure.suptitle(title)
+    out_path = Path(out)
+    with atomic_file(out_path) as tmp:
         figure.savefig(tmp, format="png")
     return out_path
 

@@ -127,6 +127,26 @@ def test_scores_by_hand():
     assert m["pope_accuracy"] == pytest.approx(2 / 4)
     assert m["pope_yes_ratio"] == pytest.approx(2 / 4)
     assert m["pope_f1"] == pytest.approx(2 * 1 / (2 + 2))  # precision 1/2, recall 1/2
+    assert (m["pope_precision"], m["pope_recall"]) == (pytest.approx(1 / 2), pytest.approx(1 / 2))
+
+
+def test_pope_precision_and_recall_positive_is_yes():
+    # 10 questions, 6 with "yes" as the label; the model says yes 5 times, 4 of them rightly, and one answer is neither
+    c = dict.fromkeys(COUNT_FIELDS, 0.0)
+    c.update(questions=10, correct=7, yes_answers=5, true_yes=4, label_yes=6)
+    m = metrics_from_counts([c[f] for f in COUNT_FIELDS])
+    assert m["pope_precision"] == pytest.approx(4 / 5)
+    assert m["pope_recall"] == pytest.approx(4 / 6)
+    p, r = 4 / 5, 4 / 6
+    assert m["pope_f1"] == pytest.approx(2 * p * r / (p + r))  # the F1 already logged is their harmonic mean
+    # the collapse the issue saw: "yes" to everything gives recall 1, precision = the share of yes labels
+    c.update(correct=6, yes_answers=10, true_yes=6)
+    m = metrics_from_counts([c[f] for f in COUNT_FIELDS])
+    assert (m["pope_recall"], m["pope_precision"], m["pope_yes_ratio"]) == (1.0, pytest.approx(0.6), 1.0)
+    # "no" to everything: no yes at all, precision and recall 0 (not a division by zero)
+    c.update(correct=4, yes_answers=0, true_yes=0)
+    m = metrics_from_counts([c[f] for f in COUNT_FIELDS])
+    assert (m["pope_precision"], m["pope_recall"], m["pope_f1"]) == (0.0, 0.0, 0.0)
 
 
 def test_mentions_with_and_without_colour():

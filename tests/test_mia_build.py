@@ -260,22 +260,27 @@ def test_training_images_are_clean_unless_asked(world, tiny_path, loaded, tmp_pa
         assert (clean == corrupted).all()
 
 
+def dying_in_third_chunk(real):
+    """``real`` (the generation function), raising KeyboardInterrupt on its third call: a kill mid-build."""
+    calls = {"n": 0}
+
+    def generate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return generate
+
+
 def test_interrupted_build_resumes_to_identical_files(world, tiny_path, loaded, tmp_path, monkeypatch):
     model, processor = loaded
     reference = make_config(world, tiny_path, tmp_path / "full")
     build_negatives(reference, model=model, processor=processor, progress=False)
 
     real = mia_build.generate_with_attention
-    calls = {"n": 0}
-
-    def dies_in_third_chunk(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
     out = tmp_path / "resumed"
-    monkeypatch.setattr(mia_build, "generate_with_attention", dies_in_third_chunk)
+    monkeypatch.setattr(mia_build, "generate_with_attention", dying_in_third_chunk(real))
     with pytest.raises(KeyboardInterrupt):
         build_negatives(make_config(world, tiny_path, out), model=model, processor=processor, progress=False)
     progress = json.loads((out / "progress.json").read_text())
@@ -352,3 +357,100 @@ def test_bad_format_weights_are_refused(world, tiny_path, tmp_path):
         make_config(world, tiny_path, tmp_path, formats=FormatOptions(weights={"collage": 1.0}))
     with pytest.raises(ValueError, match="positive sum"):
         make_config(world, tiny_path, tmp_path, formats=FormatOptions(weights={"grid": 0.0}))
+
+
+def whole_build_config(world, tiny_path, out, **selection):
+    """make_config's keep-everything thresholds with a selection that needs the whole build."""
+    settings = SelectionSettings(
+        thresholds={"sequence": {2: 1.0, 3: 1.0}, "grid": {2: 1.0, 4: 1.0}, "pic_in_pic": {1: 1.0}},
+        min_perplexity=0.0,
+        **selection,
+    )
+    return make_config(world, tiny_path, out, selection=settings)
+
+
+def test_whole_build_selection_writes_the_ablation_sets_from_one_build(world, tiny_path, loaded, tmp_path):
+    from augment.mia.candidates import write_selection
+    from augment.mia.select import SelectionConfig
+
+    model, processor = loaded
+    per_answer = build_negatives(make_config(world, tiny_path, tmp_path / "rule"), model=model, processor=processor)
+    out = tmp_path / "all"
+    result = build_negatives(whole_build_config(world, tiny_path, out, filter="none"), model=model, processor=processor)
+    # thresholds of 1: the per-answer rule already keeps every candidate, so "none" writes the same pairs
+    assert (out / "train.jsonl").read_bytes() == (tmp_path / "rule" / "train.jsonl").read_bytes()
+    assert (out / "candidates.jsonl").read_bytes() == (out / "train.jsonl").read_bytes()
+    assert result.summary["kept"] == per_answer.summary["kept"] > 2
+    decisions = [json.loads(line) for line in (out / "decisions.jsonl").read_text().splitlines()]
+    assert len(decisions) == N_SOURCE and sum(d["kept"] for d in decisions) == result.summary["kept"]
+    # every answer's ratio is in the summary, wrong and right apart, by format and count
+    ratios = result.summary["ratios"]
+    wrong = [d for d in decisions if d["status"] == "wrong" and d["ratio"] is not None]
+    assert sum(len(r["wrong"]) for r in ratios.values()) == len(wrong) == result.summary["kept"]
+    assert sorted(ratios) == sorted({f"{d['format']}/{d['n_images']}" for d in wrong})
+    assert set(result.summary["ratio_auc"]) == set(ratios)
+
+    attention = write_selection(out, SelectionConfig(attention_quantile=0.5), seed=0, name="train-attention.jsonl")
+    matched = write_selection(
+        out, SelectionConfig(attention_quantile=0.5, filter="random_matched"), seed=0, name="train-random.jsonl"
+    )
+    assert attention["candidates"] == matched["candidates"] == result.summary["kept"]
+    assert matched["kept"] == attention["kept"] < attention["candidates"]
+    records = {json.loads(line)["id"]: json.loads(line) for line in (out / "candidates.jsonl").read_text().splitlines()}
+    kept_by_attention = [json.loads(line) for line in (out / "train-attention.jsonl").read_text().splitlines()]
+    for r in kept_by_attention:
+        key = f"{r['mia']['format']}/{r['mia']['n_images']}"
+        assert r["mia"]["ratio"] <= attention["thresholds"][key]
+    dropped = [r for i, r in records.items() if not attention["decisions"][i][0]]
+    assert all(r["mia"]["ratio"] > attention["thresholds"][f"{r['mia']['format']}/{r['mia']['n_images']}"]
+               for r in dropped)  # fmt: skip
+    # the random subset has the same size per format and count
+    for name in ("train-attention.jsonl", "train-random.jsonl"):
+        sizes = {}
+        for line in (out / name).read_text().splitlines():
+            mia = json.loads(line)["mia"]
+            sizes[(mia["format"], mia["n_images"])] = sizes.get((mia["format"], mia["n_images"]), 0) + 1
+        if name == "train-attention.jsonl":
+            expected = sizes
+    assert sizes == expected
+
+
+def test_calibrated_build_decides_and_records_its_thresholds(world, tiny_path, loaded, tmp_path):
+    model, processor = loaded
+    out = tmp_path / "calibrated"
+    config = whole_build_config(world, tiny_path, out, attention_quantile=0.5)
+    result = build_negatives(config, model=model, processor=processor, progress=False)
+    decisions = [json.loads(line) for line in (out / "decisions.jsonl").read_text().splitlines()]
+    thresholds = result.summary["thresholds"]
+    candidates = [d for d in decisions if d["status"] == "wrong"]
+    assert 0 < result.summary["kept"] < len(candidates)
+    assert result.summary["by_reason"]["attention_above_threshold"] == len(candidates) - result.summary["kept"]
+    for d in candidates:
+        key = f"{d['format']}/{d['n_images']}"
+        assert d["threshold"] == thresholds[key]
+        margin = d["ratio"] - thresholds[key]  # the decision line rounds the ratio to 6 decimals
+        assert d["kept"] if margin < -1e-6 else (not d["kept"]) if margin > 1e-6 else True
+    train_ids = [json.loads(line)["id"] for line in (out / "train.jsonl").read_text().splitlines()]
+    assert train_ids == [d["id"] for d in decisions if d["kept"]]
+    assert "attention_quantile" in json.dumps(result.summary["config"])
+
+
+def test_interrupted_whole_build_resumes_to_identical_files(world, tiny_path, loaded, tmp_path, monkeypatch):
+    model, processor = loaded
+    selection = {"attention_quantile": 0.5, "filter": "random_matched", "balance_yes_no": True}
+    build_negatives(whole_build_config(world, tiny_path, tmp_path / "full", **selection), model=model,
+                    processor=processor, progress=False)  # fmt: skip
+    real = mia_build.generate_with_attention
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(mia_build, "generate_with_attention", dying_in_third_chunk(real))
+    with pytest.raises(KeyboardInterrupt):
+        build_negatives(whole_build_config(world, tiny_path, out, **selection), model=model, processor=processor,
+                        progress=False)  # fmt: skip
+    assert not (out / "train.jsonl").exists()  # written whole, at the end
+    with (out / "candidates.jsonl").open("a") as f:
+        f.write('{"id": "half-written')
+    monkeypatch.setattr(mia_build, "generate_with_attention", real)
+    build_negatives(whole_build_config(world, tiny_path, out, **selection), model=model, processor=processor,
+                    progress=False)  # fmt: skip
+    for name in ("train.jsonl", "decisions.jsonl", "candidates.jsonl"):
+        assert (out / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name

@@ -140,3 +140,109 @@ def test_replay_split_is_a_seeded_share_of_the_sft_records(tmp_path):
     assert all(json.loads(line)["rejected"] != json.loads(line)["chosen"] for line in replay)
     assert write_replay_split(tmp_path, seed=1, fraction=0.25).read_bytes() == out.read_bytes()
     assert write_replay_split(tmp_path, seed=2, fraction=0.25).read_text().splitlines() != replay
+
+
+def test_ablation_runs_three_preference_stages_from_one_build(tmp_path, capsys, monkeypatch):
+    import augment.mia.build as mia_build
+    from augment.mia.select import normalise_answer
+    from mmpo.recipes.mia_demo import main
+
+    real = mia_build.generate_with_attention
+
+    def never_silent(*args, **kwargs):  # as above: a toy model answers nothing; wrong answers make candidates
+        results = real(*args, **kwargs)
+        for i, r in enumerate(results):
+            r.answer = r.answer if normalise_answer(r.answer) else ("yes ." if i % 3 else "a red circle .")
+        return results
+
+    monkeypatch.setattr(mia_build, "generate_with_attention", never_silent)
+    workdir = tmp_path / "ablation"
+    results = main(
+        [
+            "--workdir", str(workdir), "--configs", str(CONFIGS),
+            "--n-train", "24", "--n-val", "8", "--vision-steps", "2", "--language-steps", "2",
+            "--sft-text-lists", "4", "--sft-epochs", "1", "--dpo-epochs", "1", "--probes", "1",
+            "--build-arg", "selection.min_perplexity=0",
+            "--ablation", "--seeds", "5",
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "probe seed 1" in out  # held-out probes by default: not the tuning seed 0 of dpo.yaml
+    assert results["modes"] == ["none", "attention", "random_matched"] and results["probe_seed"] == 1
+    run = results["runs"][0]
+    pairs = run["pairs"]
+    candidates = pairs["none"]["candidates"]
+    assert candidates > 0 and pairs["none"]["kept"] == candidates
+    assert 0 < pairs["attention"]["kept"] < candidates or candidates == 1
+    assert pairs["random_matched"]["kept"] == pairs["attention"]["kept"]  # same size, other pairs
+    data = workdir / "seed5" / "mia-data"
+    for mode in results["modes"]:
+        lines = (data / f"train-{mode}.jsonl").read_text().splitlines()
+        assert len(lines) == pairs[mode]["kept"]
+        assert set(run["after"][mode]) == set(run["before"])
+        assert (workdir / "seed5" / f"dpo-{mode}" / "reference_cache").is_dir()  # each stage its own folders
+    probes = {k.split("/")[2] for k in run["before"]}
+    assert probes == {"single", "sequence2", "sequence3", "grid4", "pic_in_pic"}  # the three formats are measured
+    assert "val/hallucination/sequence2/pope_precision" in run["before"]
+    summary = json.loads((data / "summary.json").read_text())
+    assert set(summary["ratios"]) == set(summary["thresholds"]) and summary["ratios"]
+    assert (workdir / "seed5" / "attention_ratios.png").stat().st_size > 1000
+    assert (workdir / "attention_ratios.png").is_file()
+    saved = json.loads((workdir / "ablation.json").read_text())
+    assert saved["summary"]["SFT"] == {k: [v] for k, v in sorted(run["before"].items())}
+
+
+def test_ablation_table_gives_mean_and_sample_std():
+    from mmpo.recipes.mia_ablation import format_table, summarise
+
+    key = "val/hallucination/sequence2/pope_f1"
+    runs = [
+        {"before": {key: 0.2}, "after": {"none": {key: 0.5}, "attention": {key: 0.4}}},
+        {"before": {key: 0.4}, "after": {"none": {key: 0.7}, "attention": {key: 0.8}}},
+    ]
+    summary = summarise(runs, ["SFT", "none", "attention"])
+    assert summary == {"SFT": {key: [0.2, 0.4]}, "none": {key: [0.5, 0.7]}, "attention": {key: [0.4, 0.8]}}
+    (header, row) = format_table(summary, ["sequence2"])
+    assert header.split() == ["SFT", "none", "attention"]
+    # means 0.3, 0.6, 0.6; sample std of two values a, b is |a - b| / sqrt(2)
+    assert row.split()[-9:] == ["0.300", "±", "0.141", "0.600", "±", "0.141", "0.600", "±", "0.283"]
+    assert row.startswith("sequence2 yes/no: F1")
+
+
+def test_mode_config_points_each_stage_at_its_own_files(tmp_path):
+    import pytest
+
+    from mmpo.recipes.mia_ablation import mode_config
+
+    out = mode_config(CONFIGS / "dpo.yaml", "random_matched", tmp_path / "dpo-random_matched.yaml")
+    spec = yaml.safe_load(out.read_text())
+    assert spec["data"]["init_args"]["train_file"][0] == "runs/mia_dpo/mia-data/train-random_matched.jsonl"
+    assert spec["trainer"]["default_root_dir"] == "runs/mia_dpo/dpo-random_matched"
+    assert spec["model"]["init_args"]["save_dir"] == "runs/mia_dpo/dpo-random_matched-adapter"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer: {}\n")
+    with pytest.raises(ValueError, match="broken.yaml"):
+        mode_config(broken, "none", tmp_path / "x.yaml")
+
+
+def test_probe_seed_draws_other_scenes():
+    from types import SimpleNamespace
+
+    import pytest
+
+    from mmpo.hallucination import HallucinationEval
+    from mmpo.recipes.mia_demo import REPORT_PROBE_SEED, TUNING_PROBE_SEED, probe_callback
+
+    assert REPORT_PROBE_SEED != TUNING_PROBE_SEED
+    spec = yaml.safe_load((CONFIGS / "dpo.yaml").read_text())
+    (callback_spec,) = spec["trainer"]["callbacks"]
+    assert callback_spec["init_args"].get("seed", 0) == TUNING_PROBE_SEED  # dpo.yaml probes the tuning scenes
+    assert set(callback_spec["init_args"]["settings"]) >= {"single", "sequence2", "grid4", "pic_in_pic"}
+    callback = HallucinationEval(settings=["sequence2"], n_captions=2, n_questions=2, max_objects=1)
+    tuning = [p.truth for p in callback.probes()]
+    trainer = SimpleNamespace(callbacks=[object(), callback])
+    assert probe_callback(trainer, probes=3, seed=REPORT_PROBE_SEED) is callback
+    held_out = [p.truth for p in callback.probes()]
+    assert len(held_out) == 6 and held_out[:2] != tuning[:2]
+    with pytest.raises(ValueError, match="HallucinationEval"):
+        probe_callback(SimpleNamespace(callbacks=[]))

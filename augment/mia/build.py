@@ -10,8 +10,17 @@ ground truth is *chosen*. The output directory then holds:
   :class:`datamodules.ImagePreferenceDataModule` (every record also carries its ``mia`` details);
 - ``decisions.jsonl``: one line per augmented sample, kept or dropped, with answer, ratio,
   perplexity and the drop reason;
-- ``summary.json``: kept/dropped by reason and per format, skipped source records, throughput;
+- ``summary.json``: kept/dropped by reason and per format, skipped source records, throughput, and
+  every answer's target-attention ratio by format and image count, wrong and right apart
+  (``ratios``), with how well the ratio tells them apart (``ratio_auc``) and the thresholds applied;
 - ``progress.json``: the resumption state.
+
+With a selection that needs the whole build (a calibrated ``attention_quantile``, the ablation
+``filter`` ``none`` / ``random_matched``, ``balance_yes_no``: :mod:`augment.mia.calibrate`), the
+chunks write every *candidate* (a wrong answer passing every check but attention) to
+``candidates.jsonl`` with its images and provisional decisions to ``decisions.pending.jsonl``; once all
+are generated, ``train.jsonl`` and ``decisions.jsonl`` are written whole from them
+(:mod:`augment.mia.candidates`, whose ``write_selection`` writes the ablation's other training files).
 
 Work goes in chunks of source records. A chunk's images are written first (temporary name, then
 rename), then its lines are appended to the two JSONL files and flushed to disk, then
@@ -43,14 +52,29 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from augment.mia.build_config import BuildConfig, config_fingerprint
+from augment.mia.calibrate import answer_status, group_key, ratio_auc, ratio_distribution
+from augment.mia.candidates import (
+    CANDIDATES_FILE,
+    PENDING_DECISIONS_FILE,
+    finalise_decisions,
+    read_jsonl,
+)
 from augment.mia.formats import AugmentedSample, ImagePool, SourceSample, build_augmented
 from augment.mia.generate import GenerationResult, generate_with_attention, num_layers
 from augment.mia.select import SelectionConfig, SelectionSummary, select_rejected
 from datamodules.core.atomic import append_durably, atomic_file, atomic_write_text
 
-__all__ = ["BuildResult", "SourceRecord", "build_negatives", "command_line_parser", "main", "read_source"]
+__all__ = [
+    "BuildResult",
+    "SourceRecord",
+    "build_negatives",
+    "command_line_parser",
+    "main",
+    "read_source",
+]
 
 _PROGRESS, _TRAIN, _DECISIONS, _SUMMARY = "progress.json", "train.jsonl", "decisions.jsonl", "summary.json"
+_CANDIDATES, _PENDING = CANDIDATES_FILE, PENDING_DECISIONS_FILE
 _FORMAT_ORDER = ("sequence", "grid", "pic_in_pic")
 
 
@@ -222,11 +246,15 @@ def _load_model(settings: Any) -> tuple[Any, Any]:
 class _State:
     """The resumption state held in ``progress.json``, and the summary rebuilt from ``decisions.jsonl``."""
 
-    def __init__(self, out: Path, fingerprint: str, overwrite: bool) -> None:
+    def __init__(self, out: Path, fingerprint: str, overwrite: bool, whole_build: bool = False) -> None:
         self.out = out
         self.fingerprint = fingerprint
         self.next_index = 0
-        self.offsets = {_TRAIN: 0, _DECISIONS: 0}
+        # When selection needs the whole build, chunks append to the candidates and to provisional decisions;
+        # the final train.jsonl and decisions.jsonl are written from them, whole, at the end.
+        self.pairs_file = _CANDIDATES if whole_build else _TRAIN
+        self.decisions_file = _PENDING if whole_build else _DECISIONS
+        self.offsets = {self.pairs_file: 0, self.decisions_file: 0}
         self.complete = False
         self.elapsed = 0.0
         self.generated = 0
@@ -257,7 +285,7 @@ class _State:
             path = out / name
             with path.open("a+b") as f:
                 f.truncate(offset)
-        with (out / _DECISIONS).open(encoding="utf-8") as f:
+        with (out / self.decisions_file).open(encoding="utf-8") as f:
             for line in f:
                 d = json.loads(line)
                 self.summary.add(d["format"], d["kept"], d["reason"])
@@ -293,6 +321,7 @@ def _decision(
         "perplexity": None if result.perplexity != result.perplexity else round(result.perplexity, 6),
         "threshold": config.threshold(s.format, s.n_images),
         "layer": result.layer,
+        "status": answer_status(result.answer, s.answer),
         "kept": kept,
         "reason": reason,
     }
@@ -322,9 +351,10 @@ def _run_chunk(
         )
         state.summary.add(aug.format, kept, reason)
         decision_lines.append(json.dumps(_decision(result, record_id, source, kept, reason, selection)) + "\n")
-        if not kept:
+        candidate = selection.whole_build and reason == "attention_above_threshold"
+        if not (kept or candidate):
             continue
-        kept_count += 1
+        kept_count += kept
         corrupted = config.train_on_corrupted and _noisy(config, aug.format)
         train_aug = (
             aug
@@ -348,7 +378,7 @@ def _run_chunk(
         }
         train_lines.append(json.dumps(record) + "\n")
     # Images are in place; now the lines, then the new offsets: a kill at any point leaves a consistent state.
-    for name, lines in ((_TRAIN, train_lines), (_DECISIONS, decision_lines)):
+    for name, lines in ((state.pairs_file, train_lines), (state.decisions_file, decision_lines)):
         append_durably(state.out / name, lines)
         state.offsets[name] = (state.out / name).stat().st_size
     state.generated += len(samples)
@@ -367,7 +397,8 @@ def build_negatives(
     sources, skipped, messages = read_source(config.source)
     if len(sources) < 2:
         raise ValueError(f"{config.source.path}: need at least 2 usable single-image records, found {len(sources)}")
-    state = _State(out, config_fingerprint(config), config.overwrite)
+    selection = config.selection.build()
+    state = _State(out, config_fingerprint(config), config.overwrite, selection.whole_build)
     if state.complete:
         summary = json.loads((out / _SUMMARY).read_text(encoding="utf-8"))
         return BuildResult(out, summary, already_complete=True)
@@ -375,7 +406,6 @@ def build_negatives(
         model, processor = _load_model(config.generation)
     elif processor is None:
         raise ValueError("pass the processor together with the model")
-    selection = config.selection.build()
 
     from datamodules.vision_text.collator import load_image
 
@@ -410,6 +440,13 @@ def build_negatives(
             bar.set_postfix(kept=kept)
     finally:
         bar.close()
+    thresholds: dict[str, float | None] = {}
+    if selection.whole_build:
+        thresholds, state.summary = finalise_decisions(out, selection, config.seed)
+    decisions = read_jsonl(out / _DECISIONS)
+    for d in decisions:
+        thresholds.setdefault(group_key(d["format"], d["n_images"]), d["threshold"])
+    ratios = ratio_distribution(decisions)
     state.complete = True
     summary = {
         **state.summary.as_dict(),
@@ -420,6 +457,9 @@ def build_negatives(
         "seconds": round(state.elapsed, 2),
         "samples_per_second": round(state.generated / state.elapsed, 2) if state.elapsed else None,
         "layer": selection.resolve_layer(num_layers(model)),
+        "thresholds": dict(sorted(thresholds.items())),
+        "ratio_auc": {key: ratio_auc(r["wrong"], r["right"]) for key, r in sorted(ratios.items())},
+        "ratios": dict(sorted(ratios.items())),
         "config": asdict(config),
     }
     _atomic_json(out / _SUMMARY, summary)

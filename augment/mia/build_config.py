@@ -128,14 +128,27 @@ class SelectionSettings:
     """Attention-aware selection (see :class:`augment.mia.select.SelectionConfig`).
 
     ``thresholds`` overrides the paper's per-format, per-count thresholds, e.g. ``{"grid": {4: 0.55}}``.
+    ``attention_quantile`` (a calibrated threshold), ``filter`` (``attention``, ``none``,
+    ``random_matched``: the ablation) and ``balance_yes_no`` are decided once every answer is
+    generated (:mod:`augment.mia.calibrate`); left at their defaults, the build is unchanged.
     """
 
     thresholds: dict[str, dict[int, float]] | None = None
     min_perplexity: float = 1.1
     layer: int | None = None
+    attention_quantile: float | None = None
+    filter: Literal["attention", "none", "random_matched"] = "attention"
+    balance_yes_no: bool = False
 
     def build(self) -> SelectionConfig:
-        return SelectionConfig(self.thresholds, self.min_perplexity, self.layer)
+        return SelectionConfig(
+            self.thresholds,
+            self.min_perplexity,
+            self.layer,
+            attention_quantile=self.attention_quantile,
+            filter=self.filter,
+            balance_yes_no=self.balance_yes_no,
+        )
 
 
 @dataclass
@@ -182,6 +195,9 @@ class BuildConfig:
             raise ValueError("generation.batch_size and generation.max_new_tokens must be ≥ 1")
 
 
+_WHOLE_BUILD_DEFAULTS = {"attention_quantile": None, "filter": "attention", "balance_yes_no": False}
+
+
 def _file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -197,6 +213,9 @@ def config_fingerprint(config: BuildConfig) -> str:
     """
     settings = asdict(config)
     settings.pop("overwrite")
+    for key, default in _WHOLE_BUILD_DEFAULTS.items():  # builds made before these settings existed stay valid
+        if settings["selection"].get(key) == default:
+            settings["selection"].pop(key)
     source = Path(config.source.path)
     settings["source_sha256"] = _file_digest(source) if source.is_file() else None
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]

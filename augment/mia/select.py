@@ -32,6 +32,7 @@ from torch import Tensor
 __all__ = [
     "DEFAULT_THRESHOLDS",
     "DROP_REASONS",
+    "FILTERS",
     "PIC_IN_PIC_KEY",
     "SelectionConfig",
     "SelectionSummary",
@@ -67,6 +68,10 @@ DROP_REASONS: tuple[str, ...] = (
     "low_perplexity",
     "attention_above_threshold",
 )
+
+# What a build does with the candidates (wrong answers passing every check but attention), see
+# augment.mia.calibrate: apply the attention rule, keep every candidate, or keep a random subset as large.
+FILTERS: tuple[str, ...] = ("attention", "none", "random_matched")
 
 Group = Tensor | Sequence[int]
 
@@ -104,6 +109,15 @@ class SelectionConfig:
         min_perplexity: a response is kept only when its perplexity is strictly above this.
         layer: 0-based decoder layer whose attention is read; None means the middle layer
             (``num_layers // 2``); negative counts from the end.
+        attention_quantile: None uses ``thresholds``; q in (0, 1] replaces them, per format and
+            count, by the q-quantile of the ratios of the build's wrong answers that pass every other
+            check (:func:`augment.mia.calibrate.calibrated_thresholds`).
+        filter: ``attention`` (the rule), ``none`` (keep every such wrong answer) or
+            ``random_matched`` (a seeded random subset of them as large as the attention-filtered set).
+        balance_yes_no: subsample kept pairs whose chosen answer starts with "yes" or "no" to as many
+            of one as of the other, per format and count.
+
+    The last three need the whole build (``whole_build``); with their defaults selection is per answer.
     """
 
     def __init__(
@@ -111,6 +125,9 @@ class SelectionConfig:
         thresholds: dict[str, dict[int, float]] | None = None,
         min_perplexity: float = 1.1,
         layer: int | None = None,
+        attention_quantile: float | None = None,
+        filter: str = "attention",
+        balance_yes_no: bool = False,
     ) -> None:
         merged = {fmt: dict(table) for fmt, table in DEFAULT_THRESHOLDS.items()}
         for fmt, table in (thresholds or {}).items():
@@ -122,9 +139,21 @@ class SelectionConfig:
                 merged[fmt][int(count)] = float(value)
         if min_perplexity < 0:
             raise ValueError(f"min_perplexity must be non-negative, got {min_perplexity}")
+        if attention_quantile is not None and not 0.0 < attention_quantile <= 1.0:
+            raise ValueError(f"attention_quantile must be in (0, 1], got {attention_quantile}")
+        if filter not in FILTERS:
+            raise ValueError(f"unknown filter {filter!r}; expected one of {FILTERS}")
         self.thresholds = merged
         self.min_perplexity = float(min_perplexity)
         self.layer = layer
+        self.attention_quantile = None if attention_quantile is None else float(attention_quantile)
+        self.filter = filter
+        self.balance_yes_no = bool(balance_yes_no)
+
+    @property
+    def whole_build(self) -> bool:
+        """Whether selection needs every answer of the build (calibrated threshold, ablation filter, balance)."""
+        return self.attention_quantile is not None or self.filter != "attention" or self.balance_yes_no
 
     def threshold(self, fmt: str, n_images: int) -> float | None:
         """The ratio threshold for ``fmt`` with ``n_images`` images, or None when there is none."""
@@ -136,7 +165,9 @@ class SelectionConfig:
 
     def __repr__(self) -> str:
         return (
-            f"SelectionConfig(thresholds={self.thresholds}, min_perplexity={self.min_perplexity}, layer={self.layer})"
+            f"SelectionConfig(thresholds={self.thresholds}, min_perplexity={self.min_perplexity}, layer={self.layer}, "
+            f"attention_quantile={self.attention_quantile}, filter={self.filter!r}, "
+            f"balance_yes_no={self.balance_yes_no})"
         )
 
 

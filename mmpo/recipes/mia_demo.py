@@ -20,6 +20,12 @@
 Everything lands under ``--workdir`` (default ``runs/mia_dpo``, where the configs point); the table is
 printed and written to ``results.json``. Each stage is the ordinary command on its config, so any of
 them can be rerun alone.
+
+Probe seeds: ``configs/mia_dpo/dpo.yaml`` probes with seed 0 (``TUNING_PROBE_SEED``), the scenes the
+recipe was tuned on; ``--probe-seed`` reports on other scenes. ``--seeds`` (several draws, mean ± std)
+and ``--ablation`` (the attention filter against keeping every wrong answer and against a random
+subset as large) run in :mod:`mmpo.recipes.mia_ablation`, which reports on ``REPORT_PROBE_SEED`` (1)
+unless told otherwise.
 """
 
 from __future__ import annotations
@@ -30,7 +36,22 @@ import random
 import time
 from pathlib import Path
 
-__all__ = ["MIA_WORDS", "WORLD", "main", "prepare", "write_replay_split", "write_sft_split"]
+__all__ = [
+    "MIA_WORDS",
+    "REPORT_PROBE_SEED",
+    "ROWS",
+    "TUNING_PROBE_SEED",
+    "WORLD",
+    "command_line_parser",
+    "main",
+    "prepare",
+    "probe_callback",
+    "probe_figures",
+    "resolve_config",
+    "stage_cli",
+    "write_replay_split",
+    "write_sft_split",
+]
 
 PLACEHOLDER = "runs/mia_dpo"
 # The world the demonstration uses: one object per scene, captions weighted up.
@@ -48,13 +69,18 @@ SFT_TEXT_LISTS = 1000
 REPLAY_FRACTION = 0.25
 # Words of MIA-DPO's prompt rewriting ("Image2: <image>", "In Image2, ...", pic-in-pic phrasings).
 MIA_WORDS = ("In", ",", ":", *(f"Image{i}" for i in range(1, 10)))
+# The probe seed the recipe was tuned on (dpo.yaml's), and the held-out one that --seeds / --ablation report on.
+TUNING_PROBE_SEED, REPORT_PROBE_SEED = 0, 1
 
-_ROWS = [
+ROWS = [
     ("chair_s", "captions with an invented object (CHAIR_s)"),
     ("chair_i", "named objects that are invented (CHAIR_i)"),
     ("object_recall", "target objects named"),
     ("caption_exact", "exact captions"),
     ("pope_accuracy", "yes/no presence accuracy (POPE)"),
+    ("pope_precision", "yes/no: precision (positive = yes)"),
+    ("pope_recall", "yes/no: recall"),
+    ("pope_f1", "yes/no: F1"),
     ("pope_yes_ratio", "yes/no: share of yes"),
 ]
 
@@ -159,19 +185,35 @@ def resolve_config(config: Path, workdir: Path) -> Path:
     return resolved
 
 
-def _cli(config: Path, workdir: Path, extra: list[str]):
+def stage_cli(config: Path, workdir: Path, extra: list[str]):
+    """The ``mmpo`` CLI on ``config`` with its ``runs/mia_dpo`` paths pointed at ``workdir`` (not run)."""
     from mmpo.recipes.quickstart import run_config
 
     return run_config(config, workdir, extra, placeholder=PLACEHOLDER)
 
 
-def _probe_figures(results: list[dict]) -> dict[str, float]:
+def probe_callback(trainer, probes: int | None = None, seed: int | None = None):
+    """The trainer's :class:`~mmpo.hallucination.HallucinationEval`, with ``probes`` per kind and ``seed`` if given."""
+    from mmpo.hallucination import HallucinationEval
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, HallucinationEval):
+            if probes is not None:
+                callback.n_captions = callback.n_questions = probes
+            if seed is not None:
+                callback.seed = seed
+            callback._probes = None  # drawn again with the new settings
+            return callback
+    raise ValueError("the preference config has no mmpo.hallucination.HallucinationEval callback")
+
+
+def probe_figures(results: list[dict]) -> dict[str, float]:
     return {k: float(v) for k, v in (results[0] if results else {}).items() if "/hallucination/" in k}
 
 
 def _table(before: dict, after: dict, settings: list[str]) -> list[str]:
     lines = [f"{'':<46}" + "".join(f"{s + ' SFT':>16}{s + ' +DPO':>16}" for s in settings)]
-    for key, label in _ROWS:
+    for key, label in ROWS:
         cells = []
         for s in settings:
             name = f"val/hallucination/{s}/{key}"
@@ -181,7 +223,7 @@ def _table(before: dict, after: dict, settings: list[str]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> dict:
+def command_line_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmpo mia-demo", description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default=PLACEHOLDER, help="where data, models and results go")
     parser.add_argument("--configs", default="configs/mia_dpo", help="directory holding sft.yaml, build.yaml, dpo.yaml")
@@ -211,7 +253,42 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--probes", type=int, default=None, help="override the probes per kind and setting")
     parser.add_argument("--prepare-only", action="store_true", help="only write the data and the tiny model")
+    parser.add_argument(
+        "--probe-seed",
+        type=int,
+        default=None,
+        help=f"seed of the reported probe scenes (default: dpo.yaml's {TUNING_PROBE_SEED}, the scenes the recipe "
+        f"was tuned on; with --seeds or --ablation: {REPORT_PROBE_SEED}, held out)",
+    )
+    parser.add_argument(
+        "--balance-yes-no",
+        action="store_true",
+        help="build: as many presence pairs with chosen 'yes' as with 'no' (selection.balance_yes_no)",
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="run the whole demo for each seed: mean ± std table"
+    )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="one build, three preference stages: every wrong answer kept, attention-filtered, random subset as large",
+    )
+    parser.add_argument(
+        "--attention-quantile",
+        default="0.5",
+        help="--ablation's attention filter: a quantile of the wrong answers' ratios per format and count, "
+        "or 'paper' for the paper's thresholds (default 0.5)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = command_line_parser()
     args = parser.parse_args(argv)
+    if args.seeds is not None or args.ablation:
+        from mmpo.recipes.mia_ablation import run
+
+        return run(args, parser)
 
     start = time.perf_counter()
     workdir, configs = Path(args.workdir), Path(args.configs)
@@ -232,20 +309,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.perf_counter()
     print("[mmpo] stage 1/3: SFT on single images")
-    sft = _cli(configs / "sft.yaml", workdir, [f"--trainer.max_epochs={args.sft_epochs}"] if args.sft_epochs else [])
+    sft_extra = [f"--trainer.max_epochs={args.sft_epochs}"] if args.sft_epochs else []
+    sft = stage_cli(configs / "sft.yaml", workdir, sft_extra)
     sft.trainer.fit(sft.model, datamodule=sft.datamodule)
     stage("sft", t0)
 
     t0 = time.perf_counter()
     dpo_extra = [f"--trainer.max_epochs={args.dpo_epochs}"] if args.dpo_epochs else []
-    dpo = _cli(configs / "dpo.yaml", workdir, dpo_extra)
-    if args.probes is not None:
-        from mmpo.hallucination import HallucinationEval
-
-        for callback in dpo.trainer.callbacks:
-            if isinstance(callback, HallucinationEval):
-                callback.n_captions = callback.n_questions = args.probes
-    before = _probe_figures(dpo.trainer.validate(dpo.model, datamodule=dpo.datamodule, verbose=False))
+    dpo = stage_cli(configs / "dpo.yaml", workdir, dpo_extra)
+    probe_callback(dpo.trainer, args.probes, args.probe_seed)
+    before = probe_figures(dpo.trainer.validate(dpo.model, datamodule=dpo.datamodule, verbose=False))
     stage("probe SFT model", t0)
 
     t0 = time.perf_counter()
@@ -253,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
     from augment.mia.build import main as build_main
 
     overrides = [f"--{kv}" for kv in args.build_arg]
+    overrides += ["--selection.balance_yes_no=true"] if args.balance_yes_no else []
     build = build_main(["--config", str(resolve_config(configs / "build.yaml", workdir)), *overrides])
     if build.summary["kept"] == 0:
         raise SystemExit(f"mmpo mia-demo: the build kept no pair; see {workdir / 'mia-data' / 'summary.json'}")
@@ -263,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     dpo.trainer.fit(dpo.model, datamodule=dpo.datamodule)
     stage("dpo", t0)
     t0 = time.perf_counter()
-    after = _probe_figures(dpo.trainer.validate(dpo.model, datamodule=dpo.datamodule, verbose=False))
+    after = probe_figures(dpo.trainer.validate(dpo.model, datamodule=dpo.datamodule, verbose=False))
     stage("probe DPO model", t0)
 
     settings = sorted({k.split("/")[2] for k in before}, key=lambda s: (s != "single", s))
