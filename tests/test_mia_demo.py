@@ -246,3 +246,42 @@ def test_probe_seed_draws_other_scenes():
     assert len(held_out) == 6 and held_out[:2] != tuning[:2]
     with pytest.raises(ValueError, match="HallucinationEval"):
         probe_callback(SimpleNamespace(callbacks=[]))
+
+
+def test_report_merges_the_seeds_of_several_ablation_files(tmp_path, capsys):
+    import pytest
+
+    from mmpo.recipes.mia_demo import main
+
+    key = "val/hallucination/sequence2/pope_f1"
+
+    def one_seed(seed, sft, none, attention):
+        return {
+            "seed": seed,
+            "before": {key: sft},
+            "after": {"none": {key: none}, "attention": {key: attention}},
+            "pairs": {"none": {"kept": 10}, "attention": {"kept": 5}},
+            "build": {"ratio_auc": {"sequence/2": 0.6}},
+            "ratios": {"sequence/2": {"wrong": [0.4, 0.45], "right": [0.5, 0.55]}},
+            "thresholds": {},
+        }
+
+    files = []
+    for seed, values in ((0, (0.2, 0.5, 0.4)), (1, (0.4, 0.7, 0.8))):
+        f = tmp_path / f"a{seed}.json"
+        f.write_text(json.dumps({"probe_seed": 1, "modes": ["none", "attention"], "runs": [one_seed(seed, *values)]}))
+        files.append(str(f))
+    merged = main(["--report", *files, "--workdir", str(tmp_path / "all")])
+    out = capsys.readouterr().out
+    assert merged["seeds"] == [0, 1] and merged["summary"]["attention"][key] == [0.4, 0.8]
+    assert "sequence2 yes/no: F1" in out and "0.600 ± 0.283" in out and "attention quantile: 0.5" in out
+    assert (tmp_path / "all" / "attention_ratios.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "all" / "ablation.json").read_text())["seeds"] == [0, 1]
+    with pytest.raises(SystemExit, match="seed appears twice"):
+        main(["--report", files[0], files[0], "--workdir", str(tmp_path / "twice")])
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"probe_seed": 0, "modes": ["none", "attention"], "runs": [one_seed(2, 0, 0, 0)]}))
+    with pytest.raises(SystemExit, match="probe_seed"):
+        main(["--report", files[0], str(other), "--workdir", str(tmp_path / "differ")])
+    with pytest.raises(SystemExit, match="missing.json"):
+        main(["--report", str(tmp_path / "missing.json")])

@@ -38,7 +38,7 @@ from mmpo.recipes.mia_demo import (
     stage_cli,
 )
 
-__all__ = ["ABLATION_MODES", "format_table", "mode_config", "run", "summarise"]
+__all__ = ["ABLATION_MODES", "format_table", "merge", "mode_config", "report", "run", "summarise"]
 
 ABLATION_MODES = ("none", "attention", "random_matched")
 # (text of dpo.yaml, its replacement for a mode): the mode's training file and its own output folders
@@ -167,8 +167,6 @@ def _one_seed(args: argparse.Namespace, seed: int, workdir: Path, configs: Path,
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     """``mmpo mia-demo`` with ``--seeds`` and/or ``--ablation``: see the module docstring."""
-    from mmpo.plot import plot_ratio_histograms
-
     start = time.perf_counter()
     workdir, configs = Path(args.workdir), Path(args.configs)
     for name in ("sft.yaml", "build.yaml", "dpo.yaml"):
@@ -190,6 +188,17 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
         print(f"[mmpo] mia-demo: seed {seed} in {seed_dir}")
         runs.append(_one_seed(args, seed, seed_dir, configs, quantile))
 
+    return report(runs, workdir, args.probe_seed, args.attention_quantile, time.perf_counter() - start)
+
+
+def report(
+    runs: list[dict], workdir: Path, probe_seed: int, attention_quantile: str, total: float | None = None
+) -> dict:
+    """Print the table of ``runs`` (per-seed results), write ``workdir/ablation.json`` and the pooled histograms."""
+    from mmpo.plot import plot_ratio_histograms
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    seeds = [r["seed"] for r in runs]
     modes = list(runs[0]["after"])
     summary = summarise(runs, ["SFT", *modes])
     settings = sorted({k.split("/")[2] for k in runs[0]["before"]}, key=lambda s: (s != "single", s))
@@ -201,22 +210,46 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
     if pooled:
         lines_drawn = runs[0]["thresholds"] if len(runs) == 1 else None
         plot_ratio_histograms(pooled, workdir / "attention_ratios.png", lines_drawn, f"ratio, seeds {seeds}")
-    total = time.perf_counter() - start
     lines = [
         "",
-        f"mmpo mia-demo: hallucination probes (probe seed {args.probe_seed}) over seeds {seeds}, "
+        f"mmpo mia-demo: hallucination probes (probe seed {probe_seed}) over seeds {seeds}, "
         + ("mean ± std" if len(seeds) > 1 else "one seed"),
         "",
         *format_table(summary, settings),
         "",
         "pairs per seed: " + "; ".join(f"{r['seed']}: " + ", ".join(f"{m} {p['kept']}" for m, p in r["pairs"].items()
                                                                     if m in modes) for r in runs),
-        f"attention quantile: {args.attention_quantile}; ratio AUC (P(wrong < right)) per seed: "
+        f"attention quantile: {attention_quantile}; ratio AUC (P(wrong < right)) per seed: "
         + "; ".join(f"{r['seed']}: {r['build']['ratio_auc']}" for r in runs),
-        f"total {total:.0f} s",
     ]  # fmt: skip
+    if total is not None:
+        lines.append(f"total {total:.0f} s")
     print("\n".join(lines))
-    result = {"seeds": seeds, "probe_seed": args.probe_seed, "modes": modes, "summary": summary, "runs": runs,
-              "total_seconds": total}  # fmt: skip
+    result = {"seeds": seeds, "probe_seed": probe_seed, "attention_quantile": attention_quantile, "modes": modes,
+              "summary": summary, "runs": runs, "total_seconds": total}  # fmt: skip
     (workdir / "ablation.json").write_text(json.dumps(result, indent=1, default=str))
     return result
+
+
+def merge(files: list[Path], workdir: Path, attention_quantile: str | None = None) -> dict:
+    """``mmpo mia-demo --report A.json B.json ... --workdir W``: one table over the seeds of several runs.
+
+    Each file is an ``ablation.json`` written by ``--seeds``/``--ablation`` (for example one process per
+    seed); they must share the probe seed, the modes and the attention quantile, and name no seed twice.
+    """
+    results = []
+    for f in files:
+        try:
+            results.append(json.loads(Path(f).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"mmpo mia-demo --report: cannot read {f}: {e}") from e
+    for key in ("probe_seed", "modes", "attention_quantile"):
+        values = {json.dumps(r.get(key)) for r in results}
+        if len(values) > 1:
+            raise SystemExit(f"mmpo mia-demo --report: the files differ in {key}: {sorted(values)}")
+    runs = [run for r in results for run in r["runs"]]
+    seeds = [run["seed"] for run in runs]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"mmpo mia-demo --report: a seed appears twice among {seeds}")
+    quantile = results[0].get("attention_quantile") or attention_quantile
+    return report(runs, workdir, results[0]["probe_seed"], quantile if quantile is not None else "not recorded")

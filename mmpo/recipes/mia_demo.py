@@ -279,12 +279,24 @@ def command_line_parser() -> argparse.ArgumentParser:
         help="--ablation's attention filter: a quantile of the wrong answers' ratios per format and count, "
         "or 'paper' for the paper's thresholds (default 0.5)",
     )
+    parser.add_argument(
+        "--report",
+        nargs="+",
+        default=None,
+        metavar="ABLATION_JSON",
+        help="no training: one table over the ablation.json files of several --seeds/--ablation runs (one process "
+        "per seed, say), written with the pooled histograms to --workdir",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = command_line_parser()
     args = parser.parse_args(argv)
+    if args.report is not None:
+        from mmpo.recipes.mia_ablation import merge
+
+        return merge([Path(f) for f in args.report], Path(args.workdir), args.attention_quantile)
     if args.seeds is not None or args.ablation:
         from mmpo.recipes.mia_ablation import run
 
