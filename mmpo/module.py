@@ -184,6 +184,13 @@ class PreferenceModule(L.LightningModule):
                 f"{type(self.loss).__name__} compares responses as chosen and rejected, but this batch holds unpaired "
                 f"feedback (records {batch.ids[:3]}...); train it with an unpaired loss (KTOLoss, BCOLoss)"
             )
+        if self.loss.requires_scores and "scores" not in side:
+            missing = _records_without_scores(batch)
+            raise ValueError(
+                f"{type(self.loss).__name__} reads per-response scores, but "
+                + (f"records {missing[:5]} of this batch have none" if missing else "this batch carries none")
+                + " (a label-only record); give every record `scores`, or train these pairs with a loss that needs none"
+            )
         if self.candidates is not None:  # each group's selected responses, weighted; the scoring pass that
             # chose them ran the reference over every row, so it gives the reference statistics too
             batch, side["candidate_weights"], reference = self.candidates.select(self, batch, split)
@@ -466,3 +473,11 @@ class PreferenceModule(L.LightningModule):
             self.backbone.save(self.policy, tmp)
         rank_zero_info(f"[mmpo] saved {'LoRA adapter' if self.backbone.uses_lora else 'model'} to {out}")
         return out
+
+
+def _records_without_scores(batch: PreferenceBatch) -> list[str]:
+    """Ids of a batch's records whose scores are missing (a NaN row), where the batch says which."""
+    scores = getattr(batch, "scores", None)
+    if scores is None:
+        return list(batch.ids)
+    return [i for i, row in zip(batch.ids, scores.isnan().any(dim=-1).tolist(), strict=True) if row]

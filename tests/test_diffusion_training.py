@@ -7,6 +7,7 @@ header commands run for one step.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
@@ -50,10 +51,12 @@ def pairs(tmp_path_factory) -> Path:
 def command_data(pairs, tmp_path_factory) -> dict[str, Path]:
     """The data each header command's placeholder stands for: pairs, pairs with a second caption (DCPO), lists."""
     dual, lists = tmp_path_factory.mktemp("dcpo-pairs"), tmp_path_factory.mktemp("ranked-lists")
+    scored = tmp_path_factory.mktemp("scored-pairs")
     return {
         "pairs": pairs / "train.jsonl",
         "dual": write_diffusion_pairs(dual, n=8, seed=0, image_size=32, caption_rejected=True),
         "lists": write_diffusion_lists(lists, n=8, k=3, seed=0, image_size=32),
+        "scored": write_diffusion_pairs(scored, n=8, seed=0, image_size=32, score_fraction=1.0),
     }
 
 
@@ -196,6 +199,7 @@ def test_config_header_command_runs_on_a_tiny_model(config, diffusion_builds, co
     (command,) = _header_commands(config)
     data = {"YOUR/train.jsonl": command_data["dual" if "dcpo" in config.stem else "pairs"]}  # DCPO: two captions
     data["YOUR/ranked.jsonl"] = command_data["lists"]
+    data["YOUR/scored.jsonl"] = command_data["scored"]  # SmPO: scores on every record
     argv = shlex.split(command)[1:]
     for placeholder, file in data.items():
         argv = [a.replace(placeholder, str(file)) for a in argv]
@@ -205,3 +209,31 @@ def test_config_header_command_runs_on_a_tiny_model(config, diffusion_builds, co
     weights = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
     rank = spec["model"]["init_args"]["backbone"]["init_args"]["lora"]["init_args"]["r"]
     assert weights and {w.shape[0] for k, w in weights.items() if "lora_A" in k} == {rank}
+
+
+def test_smpo_on_the_backbone_is_the_official_formula_and_names_records_without_scores(diffusion_builds, tmp_path):
+    from mmpo.losses import SmPOLoss, smoothed_preference
+
+    scored = write_diffusion_pairs(tmp_path / "scored", n=8, seed=0, image_size=32, score_fraction=1.0)
+    module = preference_module(diffusion_builds["sd15"], 1000.0, lr=1e-3)
+    module.loss = SmPOLoss(beta=1000.0)
+    module.configure_model()
+    batch = first_batch(scored.parent)
+    out, _, _ = module.compute(batch)
+    torch.testing.assert_close(out.losses.detach(), torch.full((4,), math.log(2)))  # fresh adapter: Δ = 0
+    with torch.no_grad():  # move the adapter, then compare with the official script's formula on the errors
+        for n, p in module.policy.denoiser.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0.0, 0.05)
+        out, policy, reference = module.compute(batch)
+    e_theta, e_ref = -policy.logps, -reference.logps  # (B, 2) mean squared denoising errors, winner first
+    p = smoothed_preference(batch.scores[:, 0], batch.scores[:, 1])
+    inside = -0.5 * 2000.0 * (2 * p - 1) * 10 * ((e_theta[:, 0] - e_theta[:, 1]) - (e_ref[:, 0] - e_ref[:, 1]))
+    torch.testing.assert_close(out.losses, -torch.nn.functional.logsigmoid(inside))
+    assert not torch.allclose(out.losses, torch.full((4,), math.log(2)))
+    mixed = write_diffusion_pairs(tmp_path / "mixed", n=8, seed=0, image_size=32, score_fraction=0.5)
+    batch = first_batch(mixed.parent)
+    labelled = [r["id"] for r in map(json.loads, mixed.read_text().splitlines()) if "scores" not in r]
+    assert 0 < len([i for i in batch.ids if i in labelled]) < 4
+    with pytest.raises(ValueError, match=re.escape(str([i for i in batch.ids if i in labelled]))):
+        module.compute(batch)

@@ -21,9 +21,11 @@ from mmpo.losses import (
     PairLogps,
     ResponseStats,
     SFTLoss,
+    SmPOLoss,
     SoftLabelDPOLoss,
     TriplePreferenceLoss,
     madpo_weights,
+    smoothed_preference,
 )
 
 
@@ -304,6 +306,61 @@ def test_orpo_stays_finite_at_probability_one_and_far_below():
     assert torch.isfinite(lw.grad).all() and torch.isfinite(ll.grad).all()
 
 
+# --------------------------------------------------------------------------- SmPOLoss
+
+
+def test_smpo_values_scale_the_dpo_logit_by_the_smoothed_preference():
+    beta, scale = 0.1, 10.0
+    out = SmPOLoss(beta=beta, scale=scale)(scored(policy_pair(), SCORES), reference_pair())
+    p = [sigmoid(w - r) for w, r in SCORES]  # [σ(0.5), σ(−9)]: the second pair's scores disagree with its label
+    expected = [nls(scale * (2 * q - 1) * beta * (c - r)) for q, c, r in zip(p, LC, LR, strict=True)]
+    assert out.losses.tolist() == pytest.approx(expected, rel=1e-12)
+    assert out.metrics["smpo_weight"].tolist() == pytest.approx([scale * (2 * q - 1) for q in p], rel=1e-12)
+    assert out.chosen_rewards.tolist() == pytest.approx([beta * c for c in LC])
+
+
+def test_smpo_normalises_scores_by_the_range_as_the_official_code():
+    low, high = 0.11543526500463486, 0.28201571106910706  # PickScore's range in the official preprocessing
+    pick = [[0.25, 0.20], [0.21, 0.13]]
+    n = [[(v - low) / (high - low) for v in row] for row in pick]
+    p = smoothed_preference(torch.tensor(pick, dtype=F64)[:, 0], torch.tensor(pick, dtype=F64)[:, 1], low, high)
+    want = [math.exp(a) / (math.exp(a) + math.exp(b)) for a, b in n]
+    assert p.tolist() == pytest.approx(want, rel=1e-6)
+    # the official script: inside = −0.5 · beta_dpo · (2p − 1) · 10 · (model_diff − ref_diff) on denoising errors
+    e_theta = torch.tensor([[0.30, 0.35], [0.52, 0.41]], dtype=F64)
+    e_ref = torch.tensor([[0.33, 0.33], [0.50, 0.45]], dtype=F64)
+    beta_dpo = 2000.0
+    inside = -0.5 * beta_dpo * (2 * p - 1) * 10 * ((e_theta[:, 0] - e_theta[:, 1]) - (e_ref[:, 0] - e_ref[:, 1]))
+    ones = torch.ones(2, dtype=F64)
+    policy = PairLogps(-e_theta[:, 0], -e_theta[:, 1], ones, ones).with_side(scores=torch.tensor(pick, dtype=F64))
+    reference = PairLogps(-e_ref[:, 0], -e_ref[:, 1], ones, ones)
+    out = SmPOLoss(beta=beta_dpo / 2, score_range=[low, high])(policy, reference)
+    torch.testing.assert_close(out.losses, -torch.nn.functional.logsigmoid(inside))
+
+
+def test_smpo_equal_scores_give_log_two_and_no_gradient():
+    chosen, rejected = t(-3.0, -5.0).requires_grad_(), t(-4.0, -2.0).requires_grad_()
+    policy = PairLogps(chosen, rejected, t(*CT), t(*RT)).with_side(scores=torch.tensor([[1.0, 1.0], [-2.0, -2.0]]))
+    out = SmPOLoss(beta=1.0)(policy, reference_pair())
+    assert out.losses.tolist() == pytest.approx([math.log(2)] * 2, abs=1e-12)
+    out.losses.sum().backward()
+    assert chosen.grad.abs().max() == 0 and rejected.grad.abs().max() == 0
+
+
+def test_smpo_sgd_step_follows_the_scores():
+    """Where the scores agree with the label the chosen side rises; where they disagree the pair turns around."""
+    reference = PairLogps(t(-3.0, -1.0), t(-2.0, -1.5), t(2, 2), t(2, 2))
+    chosen, rejected = t(-5.0, -3.0).requires_grad_(), t(-6.0, -0.8).requires_grad_()
+    policy = PairLogps(chosen, rejected, t(2, 2), t(2, 2)).with_side(scores=torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
+    SmPOLoss(beta=0.5)(policy, reference).losses.sum().backward()
+    before = (chosen - rejected).detach()
+    with torch.no_grad():
+        chosen -= 0.1 * chosen.grad
+        rejected -= 0.1 * rejected.grad
+    moved = (chosen - rejected).detach() - before
+    assert moved[0] > 0 and moved[1] < 0
+
+
 # --------------------------------------------------------------------------- shared checks for the pair losses
 
 PAIR_LOSSES = [
@@ -325,7 +382,8 @@ def with_side(pair: PairLogps) -> PairLogps:
     return pair.with_side(scores=scores, soft_labels=torch.full((b,), 0.8, dtype=pair.logps.dtype))
 
 
-@pytest.mark.parametrize("loss", PAIR_LOSSES, ids=repr)
+# SmPO turns a pair around where its scores disagree with the label, so it is left out of the SGD check below
+@pytest.mark.parametrize("loss", [*PAIR_LOSSES, SmPOLoss(), SmPOLoss(score_range=[-3.0, 3.0])], ids=repr)
 def test_pair_losses_stay_finite_for_extreme_logratios_and_empty_responses(loss):
     # Rows: ±1e4 both ways, an empty chosen response, an empty rejected one.
     chosen = torch.tensor([1e4, -1e4, 0.0, -5e3], requires_grad=True)
@@ -354,14 +412,16 @@ def test_pair_losses_sgd_step_raises_the_preferred_response(loss):
     assert (after > before).all(), (before, after)  # the reference is fixed: the log-ratio margin rose
 
 
-@pytest.mark.parametrize("loss", [MADPOLoss(), MODPOLoss()], ids=repr)
+@pytest.mark.parametrize("loss", [MADPOLoss(), MODPOLoss(), SmPOLoss()], ids=repr)
 def test_score_losses_need_scores(loss):
     assert loss.requires_scores
     with pytest.raises(ValueError, match="scores"):
         loss(policy_pair(), reference_pair())
 
 
-@pytest.mark.parametrize("loss", [AsymmetricDPOLoss(), MADPOLoss(), MODPOLoss(), SoftLabelDPOLoss()], ids=repr)
+@pytest.mark.parametrize(
+    "loss", [AsymmetricDPOLoss(), MADPOLoss(), MODPOLoss(), SoftLabelDPOLoss(), SmPOLoss()], ids=repr
+)
 def test_reference_based_pair_losses_need_a_reference(loss):
     assert loss.requires_reference and loss.max_group_size == 2
     with pytest.raises(ValueError, match="reference"):
@@ -391,6 +451,10 @@ def test_orpo_ignores_any_reference():
         lambda: MODPOLoss(weight=0.0),
         lambda: MODPOLoss(weight=1.5),
         lambda: SoftLabelDPOLoss(beta=0.0),
+        lambda: SmPOLoss(beta=0.0),
+        lambda: SmPOLoss(scale=-1.0),
+        lambda: SmPOLoss(score_range=[0.3, 0.1]),
+        lambda: SmPOLoss(score_range=[0.0, float("inf")]),
         lambda: ORPOLoss(lam=-0.1),
     ],
 )
@@ -423,7 +487,7 @@ def test_the_yaml_snippets_in_the_docs_instantiate():
     block = text.split("The second-wave losses, one complete `model.loss` per YAML document:", 1)[1]
     block = block.split("```yaml", 1)[1].split("```", 1)[0]
     documents = list(yaml.safe_load_all(block))
-    assert len(documents) == 8
+    assert len(documents) == 9
     parser = loss_parser()
     for doc in documents:
         spec = doc["model"]["loss"]

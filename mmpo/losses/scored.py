@@ -1,7 +1,7 @@
 """Pair losses steered by side information from the data: reward-model scores or soft labels.
 
-MADPO and MODPO read ``scores`` (B, 2), the scores of the chosen and the rejected response from
-a reward model (another objective's reward, for MODPO); soft-label DPO reads ``soft_labels`` (B,).
+MADPO, MODPO and SmPO read ``scores`` (B, 2), the scores of the chosen and the rejected response
+from a reward model (another objective's reward, for MODPO); soft-label DPO reads ``soft_labels`` (B,).
 The side information is data: no gradient flows into it.
 """
 
@@ -19,10 +19,13 @@ from mmpo.losses.pairwise import dpo_loss
 __all__ = [
     "MADPOLoss",
     "MODPOLoss",
+    "SmPOLoss",
     "SoftLabelDPOLoss",
     "madpo_loss",
     "madpo_weights",
     "modpo_loss",
+    "smoothed_preference",
+    "smpo_loss",
     "soft_label_dpo_loss",
 ]
 
@@ -146,6 +149,60 @@ def soft_label_dpo_loss(logratio_chosen: Tensor, logratio_rejected: Tensor, soft
     return -(p * F.logsigmoid(z) + (1.0 - p) * F.logsigmoid(-z))
 
 
+def smoothed_preference(
+    scores_chosen: Tensor, scores_rejected: Tensor, score_min: float | None = None, score_max: float | None = None
+) -> Tensor:
+    """SmPO's smoothed preference p = exp(n_w) / (exp(n_w) + exp(n_l)) = σ(n_w − n_l), detached.
+
+    n = (s − score_min) / (score_max − score_min) when a range is given (the official code min-max
+    normalises PickScore with the range it measured on Pick-a-Pic v2, 0.1154 to 0.2820), else n = s.
+
+    Args:
+        scores_chosen: (B,) reward scores s_w of the chosen responses.
+        scores_rejected: (B,) the same for the rejected responses.
+        score_min: lower end of the normalising range (both ends or neither).
+        score_max: upper end, > score_min.
+
+    Returns:
+        (B,) p in (0, 1); 0.5 for equal scores, below 0.5 where the scores disagree with the label order.
+    """
+    sw, sl = scores_chosen.detach(), scores_rejected.detach()
+    if score_min is not None:
+        span = score_max - score_min
+        sw, sl = (sw - score_min) / span, (sl - score_min) / span
+    return torch.sigmoid(sw - sl)
+
+
+def smpo_loss(
+    logratio_chosen: Tensor,
+    logratio_rejected: Tensor,
+    preference: Tensor,
+    beta: float,
+    scale: float = 10.0,
+) -> Tensor:
+    """SmPO: DPO whose logit is scaled by the smoothed preference, ``−log σ(scale · (2p − 1) · βΔ)``.
+
+    Lu et al., "Smoothed Preference Optimization via ReNoise Inversion for Aligning Diffusion Models
+    with Varied Human Preferences" (SmPO-Diffusion, ICML 2025), as its official training script
+    computes it: ``inside = −0.5 · β_dpo · (2p − 1) · 10 · (model_diff − ref_diff)`` on denoising
+    errors, which is this with Δ = u_w − u_l (u = −error for a diffusion backbone), β = 0.5·β_dpo and
+    scale = 10. A pair with p = 0.5 (equal scores) gives a constant loss log 2 and no gradient; p < 0.5
+    turns the pair around.
+
+    Args:
+        logratio_chosen: (B,) policy − reference statistic of the chosen responses.
+        logratio_rejected: (B,) the same for the rejected responses.
+        preference: (B,) smoothed preference p of response 0 (:func:`smoothed_preference`).
+        beta: temperature β > 0.
+        scale: the official code's constant factor on (2p − 1) (10).
+
+    Returns:
+        (B,) per-example loss.
+    """
+    weight = (scale * (2.0 * preference - 1.0)).to(logratio_chosen.dtype)
+    return -F.logsigmoid(weight * beta * (logratio_chosen - logratio_rejected))
+
+
 def _logratios(policy: ResponseStats, reference: ResponseStats) -> tuple[Tensor, Tensor]:
     return policy.chosen - reference.chosen, policy.rejected - reference.rejected
 
@@ -253,3 +310,47 @@ class SoftLabelDPOLoss(PreferenceLoss):
         lc, lr = _logratios(policy, reference)
         losses = soft_label_dpo_loss(lc, lr, policy.soft_labels, self.beta)
         return LossOutput.pair(losses, self.beta * lc, self.beta * lr)
+
+
+class SmPOLoss(PreferenceLoss):
+    """SmPO: the DPO logit scaled by ``scale · (2p − 1)``, p the smoothed preference from reward scores.
+
+    Needs ``scores`` (B, 2): reward-model scores of the chosen and the rejected response (for
+    diffusion pairs, the records' ``scores``). p = σ(n_w − n_l) with n the scores min-max normalised
+    by ``score_range`` when given (:func:`smoothed_preference`). The official code's β convention
+    carries a 0.5: its ``--beta_dpo 2000`` (SD 1.5) and ``5000`` (SDXL) are β = 1000 and 2500 here;
+    ``scale`` is its constant 10. Rewards are β · logratio; the metric ``smpo_weight`` is
+    scale · (2p − 1), the factor each pair's DPO logit gets.
+
+    SmPO's other half, estimating x_t by ReNoise DDIM inversion of the image instead of drawing noise,
+    is a property of the diffusion backbone's noise, not of this loss (see ``docs/diffusion.md``).
+
+    Args:
+        beta: temperature β > 0 (mmpo's convention, no 0.5 factor).
+        scale: constant factor on (2p − 1), > 0; the official code's 10.
+        score_range: ``[min, max]`` to normalise scores to [0, 1] before the softmax, or None to use
+            them as given. The official code uses PickScore's [0.11543526500463486, 0.28201571106910706].
+    """
+
+    requires_reference = True
+    requires_scores = True
+
+    def __init__(self, beta: float = 2500.0, scale: float = 10.0, score_range: list[float] | None = None) -> None:
+        check_positive("beta", beta)
+        check_positive("scale", scale)
+        if score_range is not None:
+            low, high = (float(v) for v in score_range)
+            if not (math.isfinite(low) and math.isfinite(high) and high > low):
+                raise ValueError(f"score_range must be [min, max] with finite min < max, got {score_range!r}")
+            score_range = [low, high]
+        self.beta = beta
+        self.scale = scale
+        self.score_range = score_range
+
+    def forward(self, policy: ResponseStats, reference: ResponseStats | None) -> LossOutput:
+        lc, lr = _logratios(policy, reference)
+        low, high = self.score_range or (None, None)
+        p = smoothed_preference(policy.scores[:, 0], policy.scores[:, 1], low, high)
+        losses = smpo_loss(lc, lr, p, self.beta, self.scale)
+        weight = self.scale * (2.0 * p - 1.0)
+        return LossOutput.pair(losses, self.beta * lc, self.beta * lr, smpo_weight=weight)
