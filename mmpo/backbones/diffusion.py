@@ -33,6 +33,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from mmpo.backbones.adapters import adapters_disabled
+from mmpo.backbones.diffusion_inversion import inverted_noise
 from mmpo.backbones.diffusion_model import DiffusionModel, load_diffusion_model
 from mmpo.backbones.diffusion_noise import NoiseDraw, denoising_errors, record_seed
 from mmpo.backbones.diffusion_text import TextConditioning, encode_captions
@@ -63,6 +64,11 @@ class DiffusionBackbone(Backbone):
         revision: hub revision.
         gradient_checkpointing: recompute the denoiser's activations in the backward pass.
         eval_seed: seed of the evaluation draws (with each record's id); None draws at random.
+        noise: ``random`` (Diffusion-DPO: one drawn ε per group) or ``inversion`` (SmPO-Diffusion, InPO:
+            each image's noise estimated by DDIM inversion with the model being trained, no gradient;
+            DDPM-family schedulers only, see :mod:`mmpo.backbones.diffusion_inversion`).
+        inversion_steps: inversion timesteps over the schedule (SmPO's script: 5 for SD 1.5, 10 for SDXL).
+        renoise: average two predictions per inversion step (ReNoise), as SmPO's script does.
     """
 
     def __init__(
@@ -73,7 +79,17 @@ class DiffusionBackbone(Backbone):
         revision: str | None = None,
         gradient_checkpointing: bool = False,
         eval_seed: int | None = 0,
+        noise: Literal["random", "inversion"] = "random",
+        inversion_steps: int = 5,
+        renoise: bool = True,
     ) -> None:
+        if noise not in ("random", "inversion"):
+            raise ValueError(f"noise must be 'random' or 'inversion', got {noise!r}")
+        if inversion_steps < 1:
+            raise ValueError(f"inversion_steps must be >= 1, got {inversion_steps}")
+        self.noise = noise
+        self.inversion_steps = inversion_steps
+        self.renoise = renoise
         self.model_name_or_path = model_name_or_path
         self.lora = lora
         self.dtype = dtype
@@ -213,8 +229,12 @@ class DiffusionBackbone(Backbone):
             self._reused[id(batch)] = (batch, latents, text)
         return latents, text
 
-    def _draw(self, model: DiffusionModel, batch: Any, latents: Tensor) -> NoiseDraw:
-        """The batch's (t, ε): drawn on the first pass over this batch object, read back on later ones."""
+    def _draw(self, model: DiffusionModel, batch: Any, latents: Tensor, text: TextConditioning) -> NoiseDraw:
+        """The batch's (t, ε): drawn on the first pass over this batch object, read back on later ones.
+
+        With ``noise: inversion`` the first pass also estimates each image's noise by inverting it with
+        ``model`` (``text``: each row's conditioning), which the later passes read back.
+        """
         groups, shape = batch.num_groups, tuple(latents.shape[1:])
         draw = getattr(batch, "noise_draw", None)
         if draw is not None:
@@ -225,6 +245,17 @@ class DiffusionBackbone(Backbone):
         if not model.training and self.eval_seed is not None:
             seeds = [record_seed(self.eval_seed, i) for i in batch.ids]
         draw = model.schedule.draw(groups, shape, latents.device, seeds)
+        if self.noise == "inversion":
+            if model.schedule.__class__.__name__ != "DiscreteSchedule":
+                raise ValueError(
+                    "noise: inversion needs a DDPM-family scheduler (DDIM inversion); "
+                    f"{type(model.scheduler).__name__} is flow matching"
+                )
+            k = latents.shape[0] // groups
+            draw.row_noise = inverted_noise(
+                lambda x, t, c: self.denoise(model, x, t, c), model.scheduler, latents,
+                draw.rows(k).timesteps, text, self.inversion_steps, self.renoise, model.denoiser.dtype,
+            )  # fmt: skip
         batch.noise_draw = draw
         return draw
 
@@ -255,11 +286,12 @@ class DiffusionBackbone(Backbone):
         k = batch.group_size
         latents, text = self._inputs(model, batch)  # (K·B, c, h, w), (B, ...) or per image (K·B, ...)
         per_image = getattr(batch, "image_captions", None) is not None
-        draw = self._draw(model, batch, latents).rows(k)  # (K·B, ...)
-        schedule = model.schedule
         dtype = model.denoiser.dtype
+        text_rows = text.rows(1 if per_image else k, dtype)
+        draw = self._draw(model, batch, latents, text_rows).rows(k)  # (K·B, ...)
+        schedule = model.schedule
         noisy = schedule.noisy(latents, draw).to(dtype)
-        prediction = self.denoise(model, noisy, draw.timesteps, text.rows(1 if per_image else k, dtype))
+        prediction = self.denoise(model, noisy, draw.timesteps, text_rows)
         errors = denoising_errors(prediction, schedule.target(latents, draw))  # (K·B,)
         logps = -rearrange(errors, "(k b) -> b k", k=k)
         return ResponseStats(logps=logps, tokens=torch.ones_like(logps))

@@ -44,11 +44,15 @@ class NoiseDraw:
             (flow matching, float).
         noise: (B, c, h, w) float32 standard normal noise ε.
         sigmas: (B,) flow-matching noise levels σ; None for the DDPM family.
+        row_noise: (K·B, c, h, w) float32 noise of each image, response-major, where the noise is not
+            drawn but estimated from the image (``noise: inversion``, SmPO/InPO); it replaces ``noise``
+            in :meth:`rows`. None when every image of a group shares the group's ``noise``.
     """
 
     timesteps: Tensor
     noise: Tensor
     sigmas: Tensor | None = None
+    row_noise: Tensor | None = None
 
     @property
     def num_groups(self) -> int:
@@ -60,6 +64,12 @@ class NoiseDraw:
         def each(t: Tensor | None) -> Tensor | None:
             return None if t is None else repeat(t, "b ... -> (k b) ...", k=group_size)
 
+        if self.row_noise is not None:
+            if self.row_noise.shape[0] != group_size * self.num_groups:
+                raise ValueError(
+                    f"row_noise holds {self.row_noise.shape[0]} rows, not {group_size} x {self.num_groups} groups"
+                )
+            return NoiseDraw(each(self.timesteps), self.row_noise, each(self.sigmas))
         return NoiseDraw(each(self.timesteps), each(self.noise), each(self.sigmas))
 
 
