@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -285,3 +286,16 @@ def test_report_merges_the_seeds_of_several_ablation_files(tmp_path, capsys):
         main(["--report", files[0], str(other), "--workdir", str(tmp_path / "differ")])
     with pytest.raises(SystemExit, match="missing.json"):
         main(["--report", str(tmp_path / "missing.json")])
+
+
+def test_pooled_histograms_draw_shared_thresholds_as_they_are_and_others_as_their_mean():
+    from mmpo.recipes.mia_ablation import pooled_thresholds
+
+    runs = [
+        {"thresholds": {"sequence/2": {"paper": 0.8, "q=0.5": 0.4}, "grid/4": {"paper": 0.5}}},
+        {"thresholds": {"sequence/2": {"paper": 0.8, "q=0.5": 0.6}, "grid/4": {"paper": None}}},
+    ]
+    assert pooled_thresholds(runs) == {
+        "sequence/2": {"paper": 0.8, "q=0.5 (mean of 2 seeds)": pytest.approx(0.5)},
+        "grid/4": {"paper": 0.5},
+    }

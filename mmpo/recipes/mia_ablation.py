@@ -38,7 +38,7 @@ from mmpo.recipes.mia_demo import (
     stage_cli,
 )
 
-__all__ = ["ABLATION_MODES", "format_table", "merge", "mode_config", "report", "run", "summarise"]
+__all__ = ["ABLATION_MODES", "format_table", "merge", "mode_config", "pooled_thresholds", "report", "run", "summarise"]
 
 ABLATION_MODES = ("none", "attention", "random_matched")
 # (text of dpo.yaml, its replacement for a mode): the mode's training file and its own output folders
@@ -208,8 +208,10 @@ def report(
             for status, values in groups.items():
                 pooled.setdefault(key, {}).setdefault(status, []).extend(values)
     if pooled:
-        lines_drawn = runs[0]["thresholds"] if len(runs) == 1 else None
-        plot_ratio_histograms(pooled, workdir / "attention_ratios.png", lines_drawn, f"ratio, seeds {seeds}")
+        plot_ratio_histograms(
+            pooled, workdir / "attention_ratios.png", pooled_thresholds(runs),
+            f"target-attention ratio of the SFT model's answers, wrong and right, seeds {seeds}",
+        )  # fmt: skip
     lines = [
         "",
         f"mmpo mia-demo: hallucination probes (probe seed {probe_seed}) over seeds {seeds}, "
@@ -229,6 +231,20 @@ def report(
               "summary": summary, "runs": runs, "total_seconds": total}  # fmt: skip
     (workdir / "ablation.json").write_text(json.dumps(result, indent=1, default=str))
     return result
+
+
+def pooled_thresholds(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """Per panel: each threshold the seeds share as it is, one that differs by seed as its mean over the seeds."""
+    out: dict[str, dict[str, float]] = {}
+    for key in {k for r in runs for k in r["thresholds"]}:
+        names = {n for r in runs for n in r["thresholds"].get(key, {})}
+        for name in sorted(names):
+            values = [r["thresholds"][key][name] for r in runs if r["thresholds"].get(key, {}).get(name) is not None]
+            if not values:
+                continue
+            label = name if len(set(values)) == 1 else f"{name} (mean of {len(values)} seeds)"
+            out.setdefault(key, {})[label] = statistics.fmean(values)
+    return out
 
 
 def merge(files: list[Path], workdir: Path, attention_quantile: str | None = None) -> dict:
