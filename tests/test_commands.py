@@ -51,6 +51,10 @@ RUN_ELSEWHERE = {
     "mmpo fit --config configs/diffusion/sd15_dcpo_lora.yaml --data.init_args.train_file=YOUR/train.jsonl": (
         "tests/test_diffusion_training.py::test_config_header_command_runs_on_a_tiny_model"
     ),
+    # SmPO (scored pairs, inverted noise): tiny diffusion model, pairs with scores on every record
+    "mmpo fit --config configs/diffusion/sd15_smpo_lora.yaml --data.init_args.train_file=YOUR/scored.jsonl": (
+        "tests/test_diffusion_training.py::test_config_header_command_runs_on_a_tiny_model"
+    ),
     # TLPO's two stages: tiny diffusion model, pairs tagged with a dimension, the gate over stage-1 experts
     **{
         f"mmpo fit --config configs/tlpo/{name}.yaml --data.init_args.train_file=YOUR/train.jsonl": (
