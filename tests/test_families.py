@@ -73,9 +73,6 @@ IMAGE_TOKENS = {  # per 32-pixel image
     "pixtral": 16,
     "internvl": 4,
 }
-# Families that take the naive path, and the notice that says why; the others take the shared prompt pass.
-NAIVE: dict[str, str] = {}
-SHARED = [f for f in TINY_FAMILIES if f not in NAIVE]
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VISION = ("vision_tower", "visual", "vision_model", "multi_modal_projector", "connector")
 LN2 = math.log(2)
@@ -187,14 +184,10 @@ def test_lora_dpo_trains_two_steps(tiny, pair_files, world, family, images, monk
     assert len(adapted) == layers * len(PROJECTIONS)
     assert all(n.rsplit(".", 1)[1] in PROJECTIONS and not any(v in n for v in VISION) for n in adapted)
 
-    fallback = [m for m in notices if "shared-prefix forward off" in m]
-    if family in NAIVE:
-        assert len(fallback) == 1 and NAIVE[family] in fallback[0]  # one line, once
-    else:
-        assert not fallback
+    assert not [m for m in notices if "shared-prefix forward off" in m]  # every family takes the shared pass
 
 
-@pytest.mark.parametrize("family", SHARED)
+@pytest.mark.parametrize("family", list(TINY_FAMILIES))
 def test_shared_prompt_pass_equals_the_naive_forward(tiny, batches, family):
     path = tiny(family)
     backbone = _backbone(path)

@@ -62,6 +62,7 @@ from augment.mia.candidates import (
 from augment.mia.formats import AugmentedSample, ImagePool, SourceSample, build_augmented
 from augment.mia.generate import GenerationResult, generate_with_attention, num_layers
 from augment.mia.select import SelectionConfig, SelectionSummary, select_rejected
+from augment.mia.source import SourceRecord, read_source
 from datamodules.core.atomic import append_durably, atomic_file, atomic_write_text
 
 __all__ = [
@@ -74,19 +75,7 @@ __all__ = [
 ]
 
 _PROGRESS, _TRAIN, _DECISIONS, _SUMMARY = "progress.json", "train.jsonl", "decisions.jsonl", "summary.json"
-_CANDIDATES, _PENDING = CANDIDATES_FILE, PENDING_DECISIONS_FILE
 _FORMAT_ORDER = ("sequence", "grid", "pic_in_pic")
-
-
-@dataclass(frozen=True)
-class SourceRecord:
-    """One usable source record: id, where it came from, the image path, question and answer."""
-
-    id: str
-    where: str
-    image: str
-    question: str
-    answer: str
 
 
 @dataclass
@@ -96,66 +85,6 @@ class BuildResult:
     output: Path
     summary: dict
     already_complete: bool
-
-
-# --------------------------------------------------------------------------- reading the source
-
-
-def _text(value: Any, field: str, where: str) -> str:
-    """A field's text: a string, or the text items of chat messages (the first user turn for a prompt)."""
-    from datamodules.core.records import BadSampleError
-
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        turns = [m for m in value if isinstance(m, dict)]
-        user = [m for m in turns if m.get("role") == "user"] or turns
-        content = user[0].get("content") if user else None
-        if isinstance(content, str):
-            return content
-        if isinstance(content, list):
-            return " ".join(c.get("text", "") for c in content if isinstance(c, dict) and c.get("type") == "text")
-    raise BadSampleError(f"{where}: {field!r} must be a string or chat messages, got {type(value).__name__}")
-
-
-def read_source(settings: Any) -> tuple[list[SourceRecord], Counter[str], list[str]]:
-    """Usable single-image records, skip counts by reason and skip messages (``on_bad_record="skip"``).
-
-    Raises:
-        BadSampleError: naming file and line, on the first unusable record when ``on_bad_record="error"``.
-    """
-    from datamodules.core.records import BadSampleError, default_root, iter_raw_records, resolve_media_path
-
-    root = default_root(settings.path, settings.data_root)
-    records: list[SourceRecord] = []
-    skipped: Counter[str] = Counter()
-    messages: list[str] = []
-    for index, (where, raw) in enumerate(iter_raw_records(settings.path)):
-        if settings.limit is not None and index >= settings.limit:
-            break
-        try:
-            if isinstance(raw, Exception):
-                raise raw
-            images = raw.get("images", raw.get("image"))
-            images = [images] if isinstance(images, str) else images
-            if not isinstance(images, list) or len(images) != 1:
-                n = len(images) if isinstance(images, list) else 0
-                raise BadSampleError(f"{where}: needs exactly one image, has {n}")
-            missing = [f for f in (settings.question_field, settings.answer_field) if raw.get(f) is None]
-            if missing:
-                raise BadSampleError(f"{where}: missing field(s) {', '.join(missing)}")
-            question = _text(raw[settings.question_field], settings.question_field, where).strip()
-            answer = _text(raw[settings.answer_field], settings.answer_field, where).strip()
-            if not question.replace("<image>", "").strip() or not answer:
-                raise BadSampleError(f"{where}: empty question or answer")
-            path = resolve_media_path(images[0], root, where)
-            records.append(SourceRecord(str(raw.get("id", where)), where, str(path), question, answer))
-        except BadSampleError as e:
-            if settings.on_bad_record == "error":
-                raise
-            skipped["bad_record"] += 1
-            messages.append(str(e))
-    return records, skipped, messages
 
 
 # --------------------------------------------------------------------------- output files
@@ -252,8 +181,8 @@ class _State:
         self.next_index = 0
         # When selection needs the whole build, chunks append to the candidates and to provisional decisions;
         # the final train.jsonl and decisions.jsonl are written from them, whole, at the end.
-        self.pairs_file = _CANDIDATES if whole_build else _TRAIN
-        self.decisions_file = _PENDING if whole_build else _DECISIONS
+        self.pairs_file = CANDIDATES_FILE if whole_build else _TRAIN
+        self.decisions_file = PENDING_DECISIONS_FILE if whole_build else _DECISIONS
         self.offsets = {self.pairs_file: 0, self.decisions_file: 0}
         self.complete = False
         self.elapsed = 0.0
