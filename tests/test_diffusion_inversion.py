@@ -153,3 +153,68 @@ def test_the_smpo_config_inverts(diffusion_builds, scored, monkeypatch):
     backbone = cli.model.backbone
     assert (backbone.noise, backbone.inversion_steps, backbone.renoise) == ("inversion", 5, True)
     assert isinstance(cli.model.loss, SmPOLoss) and cli.model.loss.beta == 1000.0
+
+
+def inpo_loop(unet, scheduler, latents, t, embeds, steps, eta, generator):
+    """InPO's stochastic inversion written out (its script: no ReNoise, η·σ·z after each step, σ² from
+    ``DDIMScheduler._get_variance(s + T/n, s)``), for a batch sharing one timestep t."""
+    from diffusers import DDIMInverseScheduler, DDIMScheduler
+
+    inverse = DDIMInverseScheduler.from_config(scheduler.config)
+    inverse.set_timesteps(steps)
+    variance = DDIMScheduler.from_config(scheduler.config)._get_variance
+    x = latents.clone()
+    with torch.no_grad():
+        for s in inverse.timesteps[inverse.timesteps < t]:
+            eps = unet(x, s.repeat(x.shape[0]), encoder_hidden_states=embeds).sample
+            x = inverse.step(eps, s, x).prev_sample
+            upper = min(int(s) + 1000 // steps, 999)  # the script reads past the schedule at the last level
+            x = x + eta * torch.randn(x.shape, generator=generator) * variance(upper, int(s)) ** 0.5
+    alpha = scheduler.alphas_cumprod[t]
+    return (x - latents * alpha**0.5) / (1 - alpha) ** 0.5
+
+
+def test_inpo_stochastic_inversion_is_the_official_loop(diffusion_builds, scored):
+    module = loaded(diffusion_builds["sd15"])
+    model, backbone = module.policy, module.backbone
+    batch = first_batch(scored)
+    latents = backbone.encode_images(model, batch.pixel_values)
+    text = backbone.encode_text(model, batch.captions).rows(2, torch.float32)
+    for t in (650, 999):  # at 999 the last level (901) is lifted past the end of the schedule
+        rows = torch.full((latents.shape[0],), t)
+        ours = inverted_noise(lambda x, s, c: backbone.denoise(model, x, s, c), model.scheduler, latents, rows, text,
+                              steps=10, renoise=False, eta=0.1, generator=torch.Generator().manual_seed(3))  # fmt: skip
+        want = inpo_loop(
+            model.denoiser, model.scheduler, latents, t, text.embeds, 10, 0.1, torch.Generator().manual_seed(3)
+        )
+        torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+        plain = inverted_noise(lambda x, s, c: backbone.denoise(model, x, s, c), model.scheduler, latents, rows, text,
+                               steps=10, renoise=False)  # fmt: skip
+        assert not torch.allclose(ours, plain)  # the stochastic term moved it
+    with pytest.raises(ValueError, match="inversion_eta"):
+        DiffusionBackbone("x", inversion_eta=-0.1)
+
+
+def test_stochastic_inversion_draws_the_same_noise_per_record_in_evaluation(diffusion_builds, scored):
+    module = loaded(diffusion_builds["sd15"], noise="inversion", renoise=False, inversion_eta=0.1)
+    module.eval()
+    first = module.compute(first_batch(scored))[1].logps
+    again = module.compute(first_batch(scored))[1].logps  # a new batch object: drawn again, from the records' ids
+    torch.testing.assert_close(first, again)
+
+
+def test_the_inpo_snippet_in_the_docs_builds_its_backbone_and_loss():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).parents[1] / "docs" / "diffusion.md").read_text(encoding="utf-8")
+    (block,) = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if "inversion_eta" in b]
+    snippet = yaml.safe_load(block)
+    backbone = DiffusionBackbone(**snippet["backbone"]["init_args"])
+    assert (backbone.noise, backbone.inversion_steps, backbone.renoise, backbone.inversion_eta) == (
+        "inversion", 10, False, 0.1,
+    )  # fmt: skip
+    assert snippet["loss"]["class_path"] == "mmpo.losses.DPOLoss"
+    assert DPOLoss(**snippet["loss"]["init_args"]).beta == 1000.0

@@ -69,6 +69,8 @@ class DiffusionBackbone(Backbone):
             DDPM-family schedulers only, see :mod:`mmpo.backbones.diffusion_inversion`).
         inversion_steps: inversion timesteps over the schedule (SmPO's script: 5 for SD 1.5, 10 for SDXL).
         renoise: average two predictions per inversion step (ReNoise), as SmPO's script does.
+        inversion_eta: InPO's stochastic inversion: η·σ·z added after each inversion step (σ the DDIM step's
+            standard deviation; the InPO script uses 0.1 with ``renoise: false``); 0 inverts deterministically.
     """
 
     def __init__(
@@ -82,11 +84,15 @@ class DiffusionBackbone(Backbone):
         noise: Literal["random", "inversion"] = "random",
         inversion_steps: int = 5,
         renoise: bool = True,
+        inversion_eta: float = 0.0,
     ) -> None:
         if noise not in ("random", "inversion"):
             raise ValueError(f"noise must be 'random' or 'inversion', got {noise!r}")
         if inversion_steps < 1:
             raise ValueError(f"inversion_steps must be >= 1, got {inversion_steps}")
+        if inversion_eta < 0:
+            raise ValueError(f"inversion_eta must be >= 0, got {inversion_eta}")
+        self.inversion_eta = inversion_eta
         self.noise = noise
         self.inversion_steps = inversion_steps
         self.renoise = renoise
@@ -252,9 +258,15 @@ class DiffusionBackbone(Backbone):
                     f"{type(model.scheduler).__name__} is flow matching"
                 )
             k = latents.shape[0] // groups
+            generator = None  # training: torch's generator, inside the run's random stream
+            if seeds is not None and self.inversion_eta > 0:  # evaluation: the same z for the same records
+                generator = torch.Generator(latents.device).manual_seed(
+                    record_seed(self.eval_seed, "|".join(batch.ids))
+                )
             draw.row_noise = inverted_noise(
                 lambda x, t, c: self.denoise(model, x, t, c), model.scheduler, latents,
                 draw.rows(k).timesteps, text, self.inversion_steps, self.renoise, model.denoiser.dtype,
+                self.inversion_eta, generator,
             )  # fmt: skip
         batch.noise_draw = draw
         return draw

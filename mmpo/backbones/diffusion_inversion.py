@@ -15,6 +15,12 @@ batch:
 4. training as Diffusion-DPO with x_t = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε (that is, the inverted x when t is on
    the inversion grid) and target ε.
 
+InPO (``JaydenLyh/InPO``, ``train.py``) inverts the same way without ReNoise and, optionally, stochastically:
+after each inversion step at level s it adds η·σ·z, z ~ N(0, I), σ² the DDIM variance of the step from
+s + T/n down to s, ``(1 − ᾱ_s)/(1 − ᾱ_{s+T/n})·(1 − ᾱ_{s+T/n}/ᾱ_s)`` (``DDIMScheduler._get_variance(s + T/n, s)``),
+η = 0.1 in the script. At the last inversion level s + T/n can pass the end of the schedule (s = 901 of
+1,000 with 10 steps), where the script would index past ``alphas_cumprod``; mmpo reads ᾱ at T − 1 there.
+
 The model that inverts is the one being trained, as in the script (mmpo: the policy, its adapter on,
 on the first pass over the batch); the reference then reads the same per-image noise. Every image is
 inverted under its own conditioning, so the two images of a pair get different noise at the same t.
@@ -38,6 +44,15 @@ def _select(text: TextConditioning, rows: Tensor) -> TextConditioning:
     return TextConditioning(text.embeds[rows], None if text.pooled is None else text.pooled[rows])
 
 
+def _ddim_std(scheduler, s: int, ratio: int) -> float:
+    """σ of the DDIM step from level s + ratio down to s (InPO's ``_get_variance(s + ratio, s)``), ᾱ read at
+    T − 1 past the end of the schedule."""
+    alphas = scheduler.alphas_cumprod
+    upper = float(alphas[min(s + ratio, len(alphas) - 1)])
+    lower = float(alphas[s]) if s >= 0 else 1.0
+    return ((1 - lower) / (1 - upper) * (1 - upper / lower)) ** 0.5
+
+
 @torch.no_grad()
 def inverted_noise(
     denoise: Callable[[Tensor, Tensor, TextConditioning], Tensor],
@@ -48,6 +63,8 @@ def inverted_noise(
     steps: int = 5,
     renoise: bool = True,
     dtype: torch.dtype = torch.float32,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """The noise each row's DDIM inversion implies at its timestep.
 
@@ -60,6 +77,8 @@ def inverted_noise(
         steps: inversion timesteps over the whole schedule (the script: 5 for SD 1.5, 10 for SDXL).
         renoise: average two predictions per inversion step (ReNoise), as the script does.
         dtype: the denoiser's input dtype.
+        eta: InPO's stochastic term: after each inversion step, η·σ·z is added (0: deterministic inversion).
+        generator: where z is drawn from (default: torch's global generator, on the latents' device).
 
     Returns:
         (N, c, h, w) float32 noise ε with x_inv = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε.
@@ -68,6 +87,8 @@ def inverted_noise(
 
     if steps < 1:
         raise ValueError(f"inversion_steps must be >= 1, got {steps}")
+    if eta < 0:
+        raise ValueError(f"inversion_eta must be >= 0, got {eta}")
     inverse = DDIMInverseScheduler.from_config(scheduler.config)
     inverse.set_timesteps(steps)
     x = latents.float().clone()
@@ -84,6 +105,9 @@ def inverted_noise(
         if renoise:
             again = denoise(lifted.to(dtype), level, rows_text).float()
             lifted = inverse.step((predicted + again) / 2, s, sample).prev_sample
+        if eta > 0:
+            z = torch.randn(lifted.shape, generator=generator, device=lifted.device, dtype=torch.float32)
+            lifted = lifted.float() + eta * _ddim_std(scheduler, s, inverse.config.num_train_timesteps // steps) * z
         x[active] = lifted.float()
     alphas = scheduler.alphas_cumprod.to(device=x.device, dtype=torch.float32)[t].view(-1, 1, 1, 1)
     return (x - alphas.sqrt() * latents.float()) / (1.0 - alphas).sqrt()
