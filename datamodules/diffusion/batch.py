@@ -48,6 +48,9 @@ class DiffusionPreferenceBatch:
         image_captions: each image's own caption, ``image_captions[k][b]`` for image k of group b
             (DCPO: the preferred image's caption, then the dispreferred image's); None when every image
             of a group shares the group's caption.
+        caption_dropped: (B,) bool, the groups that train unconditionally (caption dropout for
+            classifier-free guidance): the backbone conditions them on the empty caption; None when
+            none is dropped.
     """
 
     pixel_values: Tensor | None
@@ -62,6 +65,7 @@ class DiffusionPreferenceBatch:
     text_extra: dict[str, Tensor] = field(default_factory=dict)
     noise_draw: Any = None
     image_captions: list[list[str]] | None = None
+    caption_dropped: Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -112,6 +116,7 @@ class DiffusionPreferenceBatch:
             text_embeds=move(self.text_embeds),
             text_extra={k: fn(v) for k, v in self.text_extra.items()},
             image_captions=None if self.image_captions is None else [list(c) for c in self.image_captions],
+            caption_dropped=move(self.caption_dropped),
         )
 
     def to(self, device: torch.device | str, non_blocking: bool | None = None) -> DiffusionPreferenceBatch:
@@ -185,6 +190,11 @@ class DiffusionPreferenceCollator:
                     text_embeds = stacked
                 else:
                     text_extra[name.removeprefix(TEXT_PREFIX)] = stacked
+        dropped = [bool(s.get("caption_dropped", False)) for s in kept]
+        if any(dropped) and image_captions is not None:
+            raise ValueError(
+                f"records {[s['id'] for s in kept]}: caption dropout is not supported with per-image captions"
+            )
         if any(s["scores"] is not None for s in kept):
             nan = (math.nan,) * sizes[0]
             scores = torch.tensor([s["scores"] if s["scores"] is not None else nan for s in kept], dtype=torch.float32)
@@ -200,4 +210,5 @@ class DiffusionPreferenceCollator:
             text_embeds=text_embeds,
             text_extra=text_extra,
             image_captions=image_captions,
+            caption_dropped=torch.tensor(dropped) if any(dropped) else None,
         )

@@ -67,6 +67,10 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         dimensions: keep only the pairs whose ``dimension`` is one of these (TLPO: one expert's
             dimension, or all of them for the gate); every record must then name its dimension (a
             record without one is a bad record). None keeps every pair.
+        caption_dropout: share of training groups conditioned on the empty caption instead of theirs,
+            drawn from (seed, epoch, index), so that the model also learns the unconditional prediction
+            classifier-free guidance needs (the diffusers text-to-image scripts' ``proportion_empty_prompts``;
+            InPO's script uses 0.2). Validation and test groups keep their captions. Not with ``dual_captions``.
     """
 
     #: the settings groups this class takes, by argument name
@@ -88,6 +92,7 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         cache_encoder_id: str | None = None,
         dual_captions: bool = False,
         dimensions: list[str] | None = None,
+        caption_dropout: float = 0.0,
         **flat_settings: Any,
     ) -> None:
         super().__init__()
@@ -112,6 +117,11 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         if dimensions is not None and not dimensions:
             raise ValueError("dimensions is empty: name at least one, or leave it null to keep every pair")
         self.dimensions = dimensions
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        if caption_dropout and dual_captions:
+            raise ValueError("caption_dropout is not supported with dual_captions (which caption would be dropped?)")
+        self.caption_dropout = caption_dropout
         self.datasets: dict[str, DiffusionPreferenceDataset] = {}
         self.problems: dict[str, list[str]] = {}
         if cache_dir is not None and (random_flip or not center_crop):
@@ -132,6 +142,7 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
                 "cache_encoder_id": cache_encoder_id,
                 "dual_captions": dual_captions,
                 "dimensions": dimensions,
+                "caption_dropout": caption_dropout,
             }
         )
 
@@ -160,6 +171,7 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
                 on_bad_sample=self.on_bad_sample,
                 cache_dir=self.cache_dir,
                 cache_encoder_id=self.cache_encoder_id,
+                caption_dropout=self.caption_dropout if split == "train" else 0.0,
             )
 
     #: what a record is, for messages

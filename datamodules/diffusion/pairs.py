@@ -334,6 +334,9 @@ class DiffusionPreferenceDataset(Dataset):
         cache_dir: read latents (and text embeddings) from this cache instead of decoding images;
             augmentation is then off (the cache holds the centre crop).
         cache_encoder_id: the encoder id the cache was built with (default: the only one in it).
+        caption_dropout: probability that a group is trained unconditionally (its caption replaced by the
+            empty caption, for classifier-free guidance), drawn from (seed, epoch, index); the sample's
+            ``caption_dropped`` says which, and the backbone conditions those groups on ``""``.
     """
 
     def __init__(
@@ -346,8 +349,12 @@ class DiffusionPreferenceDataset(Dataset):
         on_bad_sample: str = "error",
         cache_dir: str | os.PathLike | None = None,
         cache_encoder_id: str | None = None,
+        caption_dropout: float = 0.0,
     ) -> None:
+        if not 0.0 <= caption_dropout < 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
         self.records = records
+        self.caption_dropout = caption_dropout
         self.resolution = resolution
         self.random_crop = random_crop
         self.random_flip = random_flip
@@ -365,6 +372,12 @@ class DiffusionPreferenceDataset(Dataset):
         flip = self.random_flip and rng.random() < 0.5
         return crop, flip
 
+    def caption_dropped(self, index: int, epoch: int) -> bool:
+        """Whether the group trains unconditionally this epoch: a pure function of (seed, epoch, index)."""
+        if self.caption_dropout == 0.0:
+            return False
+        return random.Random(f"{self.seed}:{epoch}:{index}:caption").random() < self.caption_dropout
+
     def pixels(self, index: int, crop: tuple[float, float] = (0.5, 0.5), flip: bool = False) -> Tensor:
         """(K, 3, R, R) in [-1, 1], the record's images in data order. Raises BadSampleError."""
         rec = self.records[index]
@@ -376,7 +389,7 @@ class DiffusionPreferenceDataset(Dataset):
         rec = self.records[index]
         sample: dict[str, Any] = {
             "id": rec.id, "caption": rec.caption, "label": rec.label, "scores": rec.scores,
-            "image_captions": rec.image_captions,
+            "image_captions": rec.image_captions, "caption_dropped": self.caption_dropped(index, epoch),
         }  # fmt: skip
         order = rec.order
         try:

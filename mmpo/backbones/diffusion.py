@@ -231,9 +231,25 @@ class DiffusionBackbone(Backbone):
                 )
         else:
             text = self.encode_text(model, batch.captions)
+        dropped = getattr(batch, "caption_dropped", None)
+        if dropped is not None and bool(dropped.any()):
+            text = self._unconditional(model, text, dropped.to(text.embeds.device))
         if self._reused is not None:
             self._reused[id(batch)] = (batch, latents, text)
         return latents, text
+
+    def _unconditional(self, model: DiffusionModel, text: TextConditioning, dropped: Tensor) -> TextConditioning:
+        """``text`` (B, ...) with the rows of dropped captions replaced by the empty caption's encoding, the
+        unconditional input classifier-free guidance samples with (the pipelines' negative prompt ``""``)."""
+        if text.embeds.shape[0] != dropped.shape[0]:
+            raise ValueError("caption dropout needs one caption per group (not per-image captions)")
+        empty = self.encode_text(model, [""])
+        mask = dropped.view(-1, *([1] * (text.embeds.dim() - 1)))
+        embeds = torch.where(mask, empty.embeds.to(text.embeds.dtype), text.embeds)
+        pooled = text.pooled
+        if pooled is not None:
+            pooled = torch.where(dropped.view(-1, *([1] * (pooled.dim() - 1))), empty.pooled.to(pooled.dtype), pooled)
+        return TextConditioning(embeds, pooled)
 
     def _draw(self, model: DiffusionModel, batch: Any, latents: Tensor, text: TextConditioning) -> NoiseDraw:
         """The batch's (t, ε): drawn on the first pass over this batch object, read back on later ones.
