@@ -53,6 +53,10 @@ _EXTRA = {
     "build-negatives": ("augment.mia.build", "MIA-DPO preference data from a single-image dataset (resumable)"),
     "mia-demo": ("mmpo.recipes.mia_demo", "MIA-DPO end to end on the shapes world, hallucination before/after (CPU)"),
     "pami-demo": ("mmpo.recipes.pami_demo", "VDPO against PaMi-VDPO on the video world, probes over seeds (CPU)"),
+    "diffusion-demo": (
+        "mmpo.recipes.diffusion_demo",
+        "Diffusion-DPO of a tiny text-to-image model on the shapes world, reward before/after (CPU)",
+    ),
     "export": ("mmpo.export", "a LoRA adapter (or checkpoint) merged into its base model, in transformers format"),
     "plot": ("mmpo.plot", "a run's reward curves (CSV / TensorBoard logs) drawn into a PNG"),
     "sample": ("mmpo.recipes.sample", "a grid of images from a diffusion checkpoint, with a run's LoRA adapter"),

@@ -37,6 +37,7 @@ from mmpo.recipes.mia_demo import (
     resolve_config,
     stage_cli,
 )
+from mmpo.recipes.report import spread
 
 __all__ = ["ABLATION_MODES", "format_table", "merge", "mode_config", "pooled_thresholds", "report", "run", "summarise"]
 
@@ -75,10 +76,7 @@ def summarise(runs: list[dict], columns: list[str]) -> dict[str, dict[str, list[
 
 
 def _cell(values: list[float] | None) -> str:
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    return f"{mean:.3f}" if len(values) == 1 else f"{mean:.3f} ± {statistics.stdev(values):.3f}"
+    return spread(values or [])
 
 
 def format_table(summary: dict[str, dict[str, list[float]]], settings: list[str], prefix: str = "val") -> list[str]:

@@ -29,6 +29,7 @@ from pathlib import Path
 import lightning as L
 
 from mmpo.recipes.pami_data import EVAL_PROBE_SEED, WORLD, prepare, question_type
+from mmpo.recipes.report import spread
 
 __all__ = ["CANDIDATES", "SelectionCounter", "main", "probe", "prompt_awareness", "train"]
 
@@ -171,9 +172,7 @@ def prompt_awareness(sft: Path, awareness: Path, args) -> dict[str, dict[str, fl
 
 
 def _spread(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.fmean(values):.3f}±{statistics.stdev(values):.3f}"
+    return spread(values, sep="±")
 
 
 def _table(before: dict, after: dict[str, list[dict]]) -> list[str]:
