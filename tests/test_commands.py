@@ -30,6 +30,9 @@ PLACEHOLDER_WRITERS = {"data/unpaired.jsonl": write_unpaired, "YOUR/rewards.json
 MIA_DEMO_TEST = "tests/test_mia_demo.py::test_demo_runs_end_to_end_at_toy_size"
 RUN_ELSEWHERE = {
     "mmpo mia-demo": MIA_DEMO_TEST,
+    "mmpo diffusion-demo": (
+        "tests/test_diffusion_demo.py::test_the_demo_runs_end_to_end_and_its_pairs_are_ordered_by_reward"
+    ),
     "mmpo build-negatives --config configs/mia_dpo/build.yaml": MIA_DEMO_TEST,
     "mmpo fit --config configs/mia_dpo/sft.yaml": MIA_DEMO_TEST,
     "mmpo fit --config configs/mia_dpo/dpo.yaml": MIA_DEMO_TEST,
