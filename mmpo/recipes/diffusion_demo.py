@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--world-seed", type=int, default=0, help="seed of the world, the VAE and the pretraining")
     parser.add_argument("--vae-steps", type=int, default=2000)
     parser.add_argument("--n-pretrain", type=int, default=3000, help="pretraining scenes")
-    parser.add_argument("--pretrain-steps", type=int, default=2000)
+    parser.add_argument("--pretrain-steps", type=int, default=5000)
     parser.add_argument("--pretrain-lr", type=float, default=1e-3)
     parser.add_argument("--pretrain-batch-size", type=int, default=32)
     parser.add_argument(
