@@ -42,6 +42,7 @@ def test_the_demo_runs_end_to_end_and_its_pairs_are_ordered_by_reward(tmp_path):
     args = ["--workdir", str(tmp_path), "--seeds", "1", "--vae-steps", "5", "--n-pretrain", "16"]
     args += ["--pretrain-steps", "2", "--pretrain-batch-size", "4", "--n-prompts", "6", "--n-eval", "3"]
     args += ["--dpo-steps", "2", "--batch-size", "2", "--min-gap", "0", "--sampling-steps", "2", "--eval-rows", "2"]
+    args += ["--samples-per-prompt", "4"]
     results = diffusion_demo.main(args)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["before"] == results["before"] and len(saved["after"]) == 1
