@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# the tiny model families and their first batches (tiny, pair_files, batches), session-scoped
+pytest_plugins = ["helpers.families"]
+
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory) -> Path:

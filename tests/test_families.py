@@ -17,13 +17,14 @@ from helpers.callbacks import LossesInMemory
 from helpers.equivalence import (
     assert_same_logps_losses_and_gradients,
     comparison_module,
-    training_comparison_module,
 )
+from helpers.families import backbone as _backbone
+from helpers.families import datamodule as _datamodule
+from helpers.families import with_fields as _with
 from helpers.trainers import quiet_trainer
 
 import mmpo.backbones.vlm as vlm
-from datamodules import ImagePreferenceDataModule, PreferenceBatch
-from datamodules.worlds.shapes import vocabulary
+from datamodules import ImagePreferenceDataModule
 from mmpo.backbones import LoraSettings, VisionLanguageBackbone
 from mmpo.losses import DPOLoss
 from mmpo.module import PreferenceModule
@@ -76,60 +77,6 @@ IMAGE_TOKENS = {  # per 32-pixel image
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 VISION = ("vision_tower", "visual", "vision_model", "multi_modal_projector", "connector")
 LN2 = math.log(2)
-
-
-@pytest.fixture(scope="module")
-def pair_files(world, tmp_path_factory):
-    """The world's first 4 pairs with 1 image per prompt, and with 2 (the next record's image added)."""
-    rows = [json.loads(line) for line in (world / "train.jsonl").read_text().splitlines()[:4]]
-    out = tmp_path_factory.mktemp("family-pairs")
-    files = {}
-    for n in (1, 2):
-        records = [
-            {**r, "images": [rows[(i + j) % 4]["images"][0] for j in range(n)], "prompt": "<image> " * n + r["prompt"]}
-            for i, r in enumerate(rows)
-        ]
-        files[n] = out / f"pairs-{n}.jsonl"
-        files[n].write_text("".join(json.dumps(r) + "\n" for r in records))
-    return files
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """``tiny(family)``: the family's checkpoint directory, built on first use."""
-    root = tmp_path_factory.mktemp("families")
-
-    def build(family):
-        if family == "smolvlm":  # SmolVLMProcessor refuses to start without it; mmpo does not depend on it
-            pytest.importorskip("num2words")
-        return TINY_FAMILIES[family](root / family, words=vocabulary(), seed=0)
-
-    return build
-
-
-def _datamodule(path, pair_file, world):
-    return ImagePreferenceDataModule(
-        str(path), train_file=str(pair_file), data_root=str(world), loader={"batch_size": 2, "shuffle": False}
-    )
-
-
-@pytest.fixture(scope="module")
-def batches(tiny, pair_files, world):
-    """``batches(family, images)``: the first batch (2 pairs) of the 1- or 2-image pairs."""
-    cache = {}
-
-    def first(family, images):
-        if (family, images) not in cache:
-            dm = _datamodule(tiny(family), pair_files[images], world)
-            dm.setup("fit")
-            cache[family, images] = next(iter(dm.train_dataloader()))
-        return cache[family, images]
-
-    return first
-
-
-def _backbone(path, **kw):
-    return VisionLanguageBackbone(str(path), lora=LoraSettings(r=4, alpha=8, dropout=0.0), **kw)
 
 
 def _adapted(model) -> list[str]:
@@ -255,10 +202,6 @@ def test_family_config_over_the_llava_recipe_builds_the_family_with_its_default_
     layers = cli.model.policy.config.get_text_config().num_hidden_layers
     assert len(adapted) == layers * len(PROJECTIONS)
     assert not any(v in n for n in adapted for v in VISION)
-
-
-def _with(batch: PreferenceBatch, **fields) -> PreferenceBatch:
-    return PreferenceBatch(**{**batch.__dict__, **fields})
 
 
 def _future_leak(backbone, model, batch) -> float:
@@ -413,119 +356,3 @@ def test_prompts_with_different_image_counts_or_sizes_share_a_batch(tiny, mixed_
         assert 0 < (together[0] - alone[0]).abs().max() < 1e-2
         return
     torch.testing.assert_close(together, alone, atol=2e-5, rtol=1e-5)
-
-
-def _soft_capped(module_or_model, cap):
-    """Set the Gemma 2 language model's final logit soft-cap (30 in PaliGemma 2, where tiny logits never reach it)."""
-    model = getattr(module_or_model, "policy", module_or_model)
-    model.config.get_text_config().final_logit_softcapping = cap
-    return module_or_model
-
-
-def test_soft_capped_head_caps_logits_and_stays_finite():
-    from mmpo.logprobs import head_logprobs, soft_capped
-
-    head = torch.nn.Identity()
-    assert soft_capped(head, None) is head
-    logits = torch.tensor([[0.0, 2.0, -1e4, 1e4]])
-    capped = soft_capped(head, 2.0)(logits)
-    torch.testing.assert_close(capped, torch.tensor([[0.0, 2 * math.tanh(1.0), -2.0, 2.0]]))
-    # log-softmax over the capped logits of target 3: 2 - log(1 + e^(2 tanh 1) + e^-2 + e^2)
-    want = 2.0 - math.log(1 + math.exp(2 * math.tanh(1.0)) + math.exp(-2.0) + math.exp(2.0))
-    got = head_logprobs(logits, soft_capped(head, 2.0), torch.tensor([3]))
-    assert torch.isfinite(got).all() and abs(float(got) - want) < 1e-6
-    with pytest.raises(ValueError, match="soft-cap"):
-        soft_capped(head, 0.0)
-
-
-@pytest.mark.parametrize("images", [1, 2])
-def test_paligemma_shared_prompt_pass_gives_the_naive_logps_losses_and_gradients(tiny, batches, images):
-    # The prompt (token type 0) attends bidirectionally in the prompt pass, the responses (type 1) causally
-    # on its cache, positions from 1 as PaliGemma counts them; the head's soft-cap, set to 0.5 so that it acts,
-    # is applied per chunk. A LoRA step's log-probs, losses and gradients equal the naive path's.
-    path, batch = tiny("paligemma2"), batches("paligemma2", images)
-    shared = _soft_capped(comparison_module(path, lora=True), 0.5)
-    naive = _soft_capped(comparison_module(path, lora=True, shared_prefix=False), 0.5)
-    assert VisionLanguageBackbone._naive_reason(shared.backbone.unwrap(shared.policy), batch) is None
-    assert_same_logps_losses_and_gradients(shared, naive, batch)
-
-
-def test_paligemma_soft_cap_and_prefix_types_reach_the_hidden_state_paths(tiny, batches):
-    # Both hidden-state paths (the shared prompt pass and the naive rows) equal the model's own capped logits;
-    # without the cap, or without the prompt's bidirectional token types, the numbers move.
-    from mmpo.logprobs import response_logprobs
-
-    batch = batches("paligemma2", 2)
-    backbone = _backbone(tiny("paligemma2"))
-    model = _soft_capped(backbone.build().eval(), 0.5)
-    base = backbone.unwrap(model)
-    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, **batch.row_media()}
-    with torch.no_grad():
-        reference = response_logprobs(base(**inputs, use_cache=False).logits, batch.input_ids, batch.response_mask)
-        shared = backbone.token_logps(model, batch)
-        backbone.shared_prefix = False
-        naive = backbone.token_logps(model, batch)
-        backbone.shared_prefix = True
-        untyped = {key: v for key, v in batch.media.items() if key != "token_type_ids"}
-        causal = backbone.token_logps(model, _with(batch, media=untyped))
-        _soft_capped(model, None)
-        uncapped = backbone.token_logps(model, batch)
-    torch.testing.assert_close(shared, reference, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(naive, reference, atol=1e-5, rtol=1e-5)
-    assert (uncapped - shared)[batch.response_mask].abs().max() > 1e-2
-    assert (causal - shared)[batch.response_mask].abs().max() > 1e-4
-
-
-@pytest.mark.parametrize(
-    ("images", "pack", "lora"), [(1, True, True), (1, False, True), (2, True, True), (2, False, False)]
-)
-def test_mllama_shared_prompt_pass_gives_the_naive_logps_losses_and_gradients(tiny, batches, images, pack, lora):
-    # The prompt pass records the cross-attention layer's image keys and values with the self-attention ones;
-    # the responses read them (repeated K times, or once with the K responses packed in a row) under their
-    # rows of the cross-attention mask. Log-probs, losses and every gradient (the cross-attention layer's key
-    # projection, reached through the cache; in full fine-tuning the vision tower's too) equal the naive path's.
-    path, batch = tiny("mllama"), batches("mllama", images)
-    shared = comparison_module(path, lora=lora, pack_responses=pack, freeze_vision_tower=False)
-    naive = comparison_module(path, lora=lora, shared_prefix=False, freeze_vision_tower=False)
-    assert VisionLanguageBackbone._naive_reason(shared.backbone.unwrap(shared.policy), batch) is None
-    grads = assert_same_logps_losses_and_gradients(shared, naive, batch)
-    assert any("cross_attn.k_proj" in n for n in grads)
-    assert any("vision_model" in n for n in grads) == (not lora)
-
-
-@pytest.mark.parametrize("family", ["mllama", "paligemma2"])
-def test_cross_attention_and_prefix_types_under_checkpointing_give_the_naive_gradients(tiny, batches, family):
-    # checkpointed layers run again in the backward pass: Mllama's cross-attention layer reads the recorded image
-    # states on both runs, PaliGemma's prompt layers rerun with their bidirectional mask
-    path, batch = tiny(family), batches(family, 2)
-    shared = training_comparison_module(path, lora=True, gradient_checkpointing=True)
-    naive = training_comparison_module(path, lora=True, shared_prefix=False)
-    layers = shared.backbone.unwrap(shared.policy).model.language_model.layers
-    assert all(layer.gradient_checkpointing for layer in layers)
-    assert VisionLanguageBackbone._naive_reason(shared.backbone.unwrap(shared.policy), batch) is None
-    assert_same_logps_losses_and_gradients(shared, naive, batch)
-
-
-def test_mllama_vision_tower_runs_once_per_group_and_a_skipped_cross_layer_is_refused(tiny, batches, monkeypatch):
-    from transformers.models.mllama import modeling_mllama
-
-    batch = batches("mllama", 2)
-    backbone = _backbone(tiny("mllama"))
-    model = backbone.build().eval()
-    rows = []
-    tower = backbone.unwrap(model).model.vision_model
-    hook = tower.register_forward_hook(lambda m, a, kw, out: rows.append(kw["pixel_values"].shape[0]), with_kwargs=True)
-    try:
-        with torch.no_grad():
-            backbone.token_logps(model, batch)
-            backbone.shared_prefix = False
-            backbone.token_logps(model, batch)
-            backbone.shared_prefix = True
-    finally:
-        hook.remove()
-    assert rows == [batch.num_groups, batch.num_groups * batch.group_size]
-    # a response pass whose cross-attention layer finds no image states skips it and would see no image:
-    # refused instead of giving log-probs without the images
-    monkeypatch.setattr(modeling_mllama, "_has_cached_cross_attention_states", lambda cache, idx: False)
-    with torch.no_grad(), pytest.raises(RuntimeError, match=r"layers \[1\] did not read"):
-        backbone.token_logps(model, batch)
