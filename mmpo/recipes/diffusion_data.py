@@ -194,15 +194,13 @@ def build_demo_pipeline(out: Path, seed: int, vae_steps: int, vae_images: int = 
     build_tiny_sd(scratch, words=vocabulary(), seed=seed, overwrite=True)
     pipe = StableDiffusionPipeline.from_pretrained(scratch, safety_checker=None, requires_safety_checker=False)
     vae, report = train_autoencoder(seed, vae_images, vae_steps)
-    pipe.vae = vae
-    pipe.register_modules(vae=vae)
+    if not math.isfinite(report["reconstruction_mse"]):
+        raise RuntimeError(f"the demo VAE did not train: {report}")
     # DDIM with SD's betas: sampling is a deterministic function of the initial noise
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
-    pipe.register_modules(scheduler=pipe.scheduler)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    pipe.register_modules(vae=vae, scheduler=scheduler)
     with atomic_directory(out) as tmp:
         pipe.save_pretrained(tmp)
         (tmp / "mmpo_demo.json").write_text(json.dumps({"settings": settings, "vae": report}, indent=1))
     shutil.rmtree(scratch, ignore_errors=True)
-    if not math.isfinite(report["reconstruction_reward"]):
-        raise RuntimeError(f"the demo VAE did not train: {report}")
     return out, report

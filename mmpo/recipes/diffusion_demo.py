@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from datamodules.core.atomic import atomic_directory
 from mmpo.recipes.diffusion_data import WORLD, build_demo_pipeline, prompt_splits, write_pretraining_pairs
 from mmpo.recipes.report import spread
 
@@ -101,8 +102,6 @@ def pretrain(
         backbone, SFTLoss(), optimizer=optimizer, scheduler=scheduler, reference="none", save_dir=str(unet)
     )
     _trainer(steps, out.parent / "pretrain-run").fit(module, datamodule=dm)
-    from datamodules.core.atomic import atomic_directory
-
     with atomic_directory(out) as tmp:
         shutil.copytree(pipeline, tmp, dirs_exist_ok=True)
         shutil.rmtree(tmp / "unet")

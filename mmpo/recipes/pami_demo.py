@@ -171,17 +171,13 @@ def prompt_awareness(sft: Path, awareness: Path, args) -> dict[str, dict[str, fl
     return {kind: {tag: statistics.fmean(v) for tag, v in by_tag.items()} for kind, by_tag in sums.items()}
 
 
-def _spread(values: list[float]) -> str:
-    return spread(values, sep="±")
-
-
 def _table(before: dict, after: dict[str, list[dict]]) -> list[str]:
     lines = [f"{'probe type / metric':<28}{'SFT':>12}{'VDPO':>14}{'PaMi-VDPO':>14}"]
     for kind in TYPES:
         for metric in METRICS:
             key = f"{kind}/{metric}"
             cells = [f"{before.get(key, float('nan')):>12.3f}"]
-            cells += [f"{_spread([run[key] for run in after[m]]):>14}" for m in ("vdpo", "pami")]
+            cells += [f"{spread([run[key] for run in after[m]], sep='±'):>14}" for m in ("vdpo", "pami")]
             lines.append(f"{key:<28}" + "".join(cells))
     return lines
 
