@@ -51,6 +51,9 @@ class DiffusionPreferenceBatch:
         caption_dropped: (B,) bool, the groups that train unconditionally (caption dropout for
             classifier-free guidance): the backbone conditions them on the empty caption; None when
             none is dropped.
+        condition: (B, c', h, w) each group's conditioning tensor at latent resolution (the records'
+            ``condition`` files), which the backbone concatenates to every row's noisy latents as extra
+            input channels; None when the records name none.
     """
 
     pixel_values: Tensor | None
@@ -66,6 +69,7 @@ class DiffusionPreferenceBatch:
     noise_draw: Any = None
     image_captions: list[list[str]] | None = None
     caption_dropped: Tensor | None = None
+    condition: Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -117,6 +121,7 @@ class DiffusionPreferenceBatch:
             text_extra={k: fn(v) for k, v in self.text_extra.items()},
             image_captions=None if self.image_captions is None else [list(c) for c in self.image_captions],
             caption_dropped=move(self.caption_dropped),
+            condition=move(self.condition),
         )
 
     def to(self, device: torch.device | str, non_blocking: bool | None = None) -> DiffusionPreferenceBatch:
@@ -195,6 +200,13 @@ class DiffusionPreferenceCollator:
             raise ValueError(
                 f"records {[s['id'] for s in kept]}: caption dropout is not supported with per-image captions"
             )
+        condition = None
+        with_condition = ["condition" in s for s in kept]
+        if any(with_condition):
+            if not all(with_condition):
+                found = [s["id"] for s, c in zip(kept, with_condition, strict=True) if not c]
+                raise ValueError(f"records {found} name no condition while others of their batch do")
+            condition = _stack(kept, lambda s: s["condition"], "condition tensors")
         if any(s["scores"] is not None for s in kept):
             nan = (math.nan,) * sizes[0]
             scores = torch.tensor([s["scores"] if s["scores"] is not None else nan for s in kept], dtype=torch.float32)
@@ -211,4 +223,5 @@ class DiffusionPreferenceCollator:
             text_extra=text_extra,
             image_captions=image_captions,
             caption_dropped=torch.tensor(dropped) if any(dropped) else None,
+            condition=condition,
         )

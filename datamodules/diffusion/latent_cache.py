@@ -99,7 +99,7 @@ class LatentCache:
         text = json.dumps({"version": CACHE_VERSION, "encoder_ids": built + [self.encoder_id]}, indent=2) + "\n"
         atomic_write_text(self.dir / _MANIFEST, text)
 
-    def key(self, caption: str, images: Sequence[str], resolution: int, where: str) -> str:
+    def key(self, caption: str, images: Sequence[str], resolution: int | Sequence[int], where: str) -> str:
         """Fingerprint of an entry: caption, image bytes, resolution, encoder id and cache version."""
         h = hashlib.sha256(
             json.dumps(

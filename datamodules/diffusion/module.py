@@ -24,6 +24,7 @@ from datamodules.diffusion.pairs import (
     DiffusionPreferenceCollator,
     DiffusionPreferenceDataset,
     EpochTaggedSampler,
+    image_size,
     load_diffusion_records,
 )
 from datamodules.worlds.shapes import COLORS, ShapeObject, caption_for, render_scene, sample_scene
@@ -50,7 +51,9 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         val_file: validation records (optional).
         test_file: test records (optional).
         data_root: directory image paths are relative to (default: each file's directory).
-        resolution: side of the square training images in pixels (shorter side resized to it, then cropped).
+        resolution: side of the square training images in pixels (shorter side resized to it, then cropped), or
+            ``[height, width]`` (scaled to cover both, then cropped), e.g. ``[32, 256]`` for film strips of eight
+            32 px frames (set ``random_flip: false`` for those: a flip reverses the frames).
         center_crop: centre-crop training images instead of cropping at random.
         random_flip: flip training pairs horizontally with probability 0.5 (both images alike).
         loader: batch sizes, workers, shuffling and the seed of shuffling and augmentation
@@ -82,7 +85,7 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         val_file: str | None = None,
         test_file: str | None = None,
         data_root: str | None = None,
-        resolution: int = 512,
+        resolution: int | list[int] = 512,
         center_crop: bool = False,
         random_flip: bool = True,
         loader: LoaderSettings | None = None,
@@ -102,8 +105,7 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         self.loader = as_settings(LoaderSettings, groups.pop("loader"), "loader")
         if groups:
             raise TypeError(f"{type(self).__name__}: unexpected argument(s) {sorted(groups)}")
-        if resolution < 1:
-            raise ValueError(f"resolution must be positive, got {resolution}")
+        image_size(resolution)  # ValueError for a bad size
         self.files = {"train": train_file, "val": val_file, "test": test_file}
         self.data_root = data_root
         self.resolution = resolution

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
@@ -77,6 +78,8 @@ class DiffusionPairRecord:
         scores: (winner score, loser score) when the record gave scores.
         caption_rejected: the dispreferred image's own caption (DCPO), when read.
         dimension: the preference dimension the pair judges (TLPO), when the record names one.
+        condition: absolute path of the record's conditioning tensor (``.npy``, (c, h, w) at latent
+            resolution), concatenated to the noisy latents as extra input channels; None without one.
     """
 
     id: str
@@ -88,6 +91,7 @@ class DiffusionPairRecord:
     scores: tuple[float, float] | None = None
     caption_rejected: str | None = None
     dimension: str | None = None
+    condition: str | None = None
 
     @property
     def is_tie(self) -> bool:
@@ -159,6 +163,38 @@ def _image(raw: dict[str, Any], names: tuple[str, str], where: str, root: Path) 
     return resolve_media_path(value, root, where)
 
 
+def _condition(raw: dict[str, Any], where: str, root: Path) -> str | None:
+    """The record's ``condition`` path (a ``.npy`` file), resolved; None when the record has none."""
+    value = raw.get("condition")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.endswith(".npy"):
+        raise BadSampleError(f"{where}: 'condition' must be the path of a .npy file, got {value!r}")
+    return resolve_media_path(value, root, where)
+
+
+def load_condition(path: str, where: str) -> Tensor:
+    """A record's conditioning tensor: the ``.npy`` array at ``path`` as (c, h, w) float32.
+
+    Raises:
+        BadSampleError: naming ``where`` and the file, when it is missing, unreadable (pickled objects are
+            refused), not 3-dimensional or not finite.
+    """
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise BadSampleError(f"{where}: cannot read condition {path}: {e}") from e
+    if array.ndim != 3 or not np.issubdtype(array.dtype, np.number):
+        raise BadSampleError(
+            f"{where}: condition {path} must be a (channels, height, width) numeric array, got {array.dtype} "
+            f"{tuple(array.shape)}"
+        )
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    if not bool(torch.isfinite(tensor).all()):
+        raise BadSampleError(f"{where}: condition {path} holds NaN or infinite values")
+    return tensor
+
+
 def caption_field(raw: dict[str, Any], name: str, where: str) -> str:
     """A caption of a record: a non-empty string.
 
@@ -200,6 +236,7 @@ def parse_diffusion_record(
     dimension = caption_field(raw, "dimension", where) if raw.get("dimension") is not None else None
     p0, scores = _preference(raw, where)
     images = (_image(raw, _IMAGE_FIELDS[0], where, data_root), _image(raw, _IMAGE_FIELDS[1], where, data_root))
+    condition = _condition(raw, where, data_root)
     winner = 0 if p0 >= 0.5 else 1
     return DiffusionPairRecord(
         id=str(raw.get("id", where)),
@@ -211,6 +248,7 @@ def parse_diffusion_record(
         scores=None if scores is None else (scores[winner], scores[1 - winner]),
         caption_rejected=caption_rejected,
         dimension=dimension,
+        condition=condition,
     )
 
 
@@ -268,29 +306,43 @@ def load_diffusion_records(
     return records, problems
 
 
-def pair_pixels(
-    images: Sequence[Image.Image], resolution: int, crop: tuple[float, float] = (0.5, 0.5), flip: bool = False
-) -> Tensor:
-    """Resize the shorter side to ``resolution`` (bilinear, antialiased), crop a square, flip, scale.
+def image_size(resolution: int | Sequence[int]) -> tuple[int, int]:
+    """``(height, width)`` of training images: a square side, or ``[height, width]`` (e.g. a film strip of frames)."""
+    size = (resolution, resolution) if isinstance(resolution, int) else tuple(int(r) for r in resolution)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"resolution must be a positive side or [height, width], got {resolution!r}")
+    return size
 
-    Every image gets the same crop, given as relative offsets ``(x, y)`` in [0, 1] of the free space
-    (0.5, 0.5 is the centre crop), so images of one size get the same pixels cut out.
+
+def pair_pixels(
+    images: Sequence[Image.Image],
+    resolution: int | Sequence[int],
+    crop: tuple[float, float] = (0.5, 0.5),
+    flip: bool = False,
+) -> Tensor:
+    """Resize to cover the target size (bilinear, antialiased), crop it, flip, scale.
+
+    ``resolution`` R is a square R × R (the shorter side resized to R) or ``[height, width]`` (the image
+    scaled by the larger of the two ratios, so that it covers both, then cropped). Every image gets the
+    same crop, given as relative offsets ``(x, y)`` in [0, 1] of the free space (0.5, 0.5 is the centre
+    crop), so images of one size get the same pixels cut out.
 
     Returns:
-        (K, 3, resolution, resolution) float in [-1, 1] for K images (a pair: K = 2).
+        (K, 3, height, width) float in [-1, 1] for K images (a pair: K = 2).
     """
+    height, width = image_size(resolution)
     out = []
     for im in images:
         w, h = im.size
-        if min(w, h) != resolution:
-            s = resolution / min(w, h)
-            w, h = max(resolution, round(w * s)), max(resolution, round(h * s))
+        if (w, h) != (width, height) and (h < height or w < width or (h != height and w != width)):
+            s = max(height / h, width / w)
+            w, h = max(width, round(w * s)), max(height, round(h * s))
             im = im.resize((w, h), Image.Resampling.BILINEAR)
-        left, top = round(crop[0] * (w - resolution)), round(crop[1] * (h - resolution))
-        im = im.crop((left, top, left + resolution, top + resolution))
+        left, top = round(crop[0] * (w - width)), round(crop[1] * (h - height))
+        im = im.crop((left, top, left + width, top + height))
         if flip:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        out.append(pil_to_tensor(im).float() / 127.5 - 1.0)  # uint8 (3, R, R) -> [-1, 1]
+        out.append(pil_to_tensor(im).float() / 127.5 - 1.0)  # uint8 (3, H, W) -> [-1, 1]
     return torch.stack(out)
 
 
@@ -319,14 +371,15 @@ class DiffusionPreferenceDataset(Dataset):
     and ``image_captions``. Indexed by an int or by ``(index, epoch)`` (:class:`EpochTaggedSampler`);
     the random crop and flip of a group are drawn from (seed, epoch, index) and shared by its images.
     A sample is a dict with ``id``, ``caption``, ``label``, ``scores``, ``image_captions`` and either
-    ``pixel_values`` (K, 3, R, R) or, with ``cache_dir``, ``latents`` (K, c, h, w) and the cached text
-    tensors, best first. With per-image captions (DCPO) the cached text is not served: the backbone
+    ``pixel_values`` (K, 3, H, W) or, with ``cache_dir``, ``latents`` (K, c, h, w) and the cached text
+    tensors, best first, and ``condition`` (c', h, w) when the record names a conditioning tensor (read from
+    its file in either case). With per-image captions (DCPO) the cached text is not served: the backbone
     encodes each image's caption. With ``on_bad_sample="skip"`` an undecodable group yields None,
     which the collator counts.
 
     Args:
         records: validated pairs or ranked lists.
-        resolution: side of the square crop.
+        resolution: side of the square crop, or ``[height, width]``.
         random_crop: random instead of centre crop (training).
         random_flip: flip both images horizontally with probability 0.5 (training).
         seed: seed of the augmentation.
@@ -342,7 +395,7 @@ class DiffusionPreferenceDataset(Dataset):
     def __init__(
         self,
         records: list[DiffusionPairRecord],
-        resolution: int = 512,
+        resolution: int | Sequence[int] = 512,
         random_crop: bool = False,
         random_flip: bool = False,
         seed: int = 0,
@@ -379,7 +432,7 @@ class DiffusionPreferenceDataset(Dataset):
         return random.Random(f"{self.seed}:{epoch}:{index}:caption").random() < self.caption_dropout
 
     def pixels(self, index: int, crop: tuple[float, float] = (0.5, 0.5), flip: bool = False) -> Tensor:
-        """(K, 3, R, R) in [-1, 1], the record's images in data order. Raises BadSampleError."""
+        """(K, 3, H, W) in [-1, 1], the record's images in data order. Raises BadSampleError."""
         rec = self.records[index]
         images = [load_image(path, rec.where) for path in rec.images]
         return pair_pixels(images, self.resolution, crop, flip)
@@ -402,6 +455,9 @@ class DiffusionPreferenceDataset(Dataset):
                 sample["latents"] = entry.pop("latents")[order]
                 # text_embeds (L, D) and text.<name>, or nothing; per-image captions are encoded by the backbone
                 sample["text"] = entry if rec.image_captions is None else {}
+            condition = getattr(rec, "condition", None)
+            if condition is not None:
+                sample["condition"] = load_condition(condition, rec.where)
         except BadSampleError:
             if self.on_bad_sample == "skip":
                 return None

@@ -8,6 +8,9 @@ Diffusion-DPO: ``DPOLoss(β)`` on these statistics is −log σ(β[(e_ref^w − 
 the official objective with ``β = β_official / 2`` (docs/diffusion.md has the table of conventions).
 A ranked list of K > 2 images is the same computation with more rows (RankDPO: ``LambdaRankLoss``);
 a batch with ``image_captions`` conditions each image on its own caption instead of the group's (DCPO).
+A batch with ``condition`` (B, c', h, w) (e.g. a reference image's latents and per-frame audio features)
+has it concatenated to every row's noisy latents as extra input channels, as image-to-video and
+InstructPix2Pix-style denoisers take their conditioning; the denoiser's ``in_channels`` must be c + c'.
 
 Policy and reference must see the same (t, ε). The backbone draws it on its first pass over a batch
 object and stores it on the batch (``batch.noise_draw``); the reference pass of the same batch reads
@@ -280,15 +283,40 @@ class DiffusionBackbone(Backbone):
                     record_seed(self.eval_seed, "|".join(batch.ids))
                 )
             draw.row_noise = inverted_noise(
-                lambda x, t, c: self.denoise(model, x, t, c), model.scheduler, latents,
+                lambda x, t, c, *cond: self.denoise(model, x, t, c, *cond), model.scheduler, latents,
                 draw.rows(k).timesteps, text, self.inversion_steps, self.renoise, model.denoiser.dtype,
-                self.inversion_eta, generator,
+                self.inversion_eta, generator, self._condition_rows(batch, k),
             )  # fmt: skip
         batch.noise_draw = draw
         return draw
 
-    def denoise(self, model: DiffusionModel, noisy: Tensor, timesteps: Tensor, text: TextConditioning) -> Tensor:
-        """The denoiser's output for noisy latents (N, c, h, w) at ``timesteps`` (N,) under per-row ``text``."""
+    def denoise(
+        self,
+        model: DiffusionModel,
+        noisy: Tensor,
+        timesteps: Tensor,
+        text: TextConditioning,
+        condition: Tensor | None = None,
+    ) -> Tensor:
+        """The denoiser's output for noisy latents (N, c, h, w) at ``timesteps`` (N,) under per-row ``text``.
+
+        ``condition`` (N, c', h, w), when given, is concatenated after the latents' channels.
+        """
+        in_channels = model.denoiser.config.in_channels
+        if condition is not None:
+            if condition.shape[0] != noisy.shape[0] or condition.shape[2:] != noisy.shape[2:]:
+                raise ValueError(
+                    f"condition tensors of shape {tuple(condition.shape[1:])} do not fit latents of shape "
+                    f"{tuple(noisy.shape[1:])}: a condition is (channels, height, width) at the latents' size"
+                )
+            noisy = torch.cat([noisy, condition.to(noisy.device, noisy.dtype)], dim=1)
+        if noisy.shape[1] != in_channels:
+            extra = 0 if condition is None else condition.shape[1]
+            raise ValueError(
+                f"the {type(model.denoiser).__name__} takes {in_channels} input channels but gets "
+                f"{noisy.shape[1] - extra} latent + {extra} condition channels"
+                + ("; give each record a 'condition' file" if condition is None else "")
+            )
         denoiser = model.denoiser
         if model.family == "sd3":
             return denoiser(
@@ -319,10 +347,16 @@ class DiffusionBackbone(Backbone):
         draw = self._draw(model, batch, latents, text_rows).rows(k)  # (K·B, ...)
         schedule = model.schedule
         noisy = schedule.noisy(latents, draw).to(dtype)
-        prediction = self.denoise(model, noisy, draw.timesteps, text_rows)
+        prediction = self.denoise(model, noisy, draw.timesteps, text_rows, self._condition_rows(batch, k))
         errors = denoising_errors(prediction, schedule.target(latents, draw))  # (K·B,)
         logps = -rearrange(errors, "(k b) -> b k", k=k)
         return ResponseStats(logps=logps, tokens=torch.ones_like(logps))
+
+    @staticmethod
+    def _condition_rows(batch: Any, k: int) -> Tensor | None:
+        """The batch's condition (B, c', h, w) repeated for the K rows of each group (K·B, ...), or None."""
+        condition = getattr(batch, "condition", None)
+        return None if condition is None else condition.float().repeat(k, 1, 1, 1)
 
     # -- saving -------------------------------------------------------------------------------
     def save(self, model: nn.Module, out_dir: str | os.PathLike) -> None:

@@ -65,6 +65,7 @@ def inverted_noise(
     dtype: torch.dtype = torch.float32,
     eta: float = 0.0,
     generator: torch.Generator | None = None,
+    condition: Tensor | None = None,
 ) -> Tensor:
     """The noise each row's DDIM inversion implies at its timestep.
 
@@ -79,6 +80,8 @@ def inverted_noise(
         dtype: the denoiser's input dtype.
         eta: InPO's stochastic term: after each inversion step, η·σ·z is added (0: deterministic inversion).
         generator: where z is drawn from (default: torch's global generator, on the latents' device).
+        condition: each row's conditioning channels (N, c', h, w); when given, ``denoise`` is called as
+            ``denoise(noisy, timesteps, text, condition)`` with the active rows' conditions.
 
     Returns:
         (N, c, h, w) float32 noise ε with x_inv = √ᾱ_t·x₀ + √(1 − ᾱ_t)·ε.
@@ -100,10 +103,11 @@ def inverted_noise(
         sample = x[active]
         level = torch.full((active.numel(),), s, device=x.device, dtype=torch.long)
         rows_text = _select(text, active)
-        predicted = denoise(sample.to(dtype), level, rows_text).float()
+        extra = () if condition is None else (condition[active],)
+        predicted = denoise(sample.to(dtype), level, rows_text, *extra).float()
         lifted = inverse.step(predicted, s, sample).prev_sample
         if renoise:
-            again = denoise(lifted.to(dtype), level, rows_text).float()
+            again = denoise(lifted.to(dtype), level, rows_text, *extra).float()
             lifted = inverse.step((predicted + again) / 2, s, sample).prev_sample
         if eta > 0:
             z = torch.randn(lifted.shape, generator=generator, device=lifted.device, dtype=torch.float32)

@@ -35,6 +35,7 @@ from datamodules.worlds.shapes_reward import batch_rewards
 __all__ = [
     "WORLD",
     "build_demo_pipeline",
+    "fit_autoencoder",
     "prompt_splits",
     "render_scenes",
     "train_autoencoder",
@@ -106,17 +107,22 @@ def _to_pixels(x: torch.Tensor) -> np.ndarray:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
-def train_autoencoder(seed: int, n_images: int, steps: int, batch_size: int = 16, lr: float = 3e-3) -> tuple[Any, dict]:
-    """An ``AutoencoderKL`` trained to reconstruct the world's scenes, and how well it does.
-
-    Trained on ``n_images`` renderings of the ``vae`` split (one-cycle learning rate, L1 + L2 reconstruction of
-    a posterior sample, KL weight 1e-6); measured on 200 renderings of another split by the shapes reward of
-    the reconstruction (1.0: every named object read back with its colour and shape). ``scaling_factor`` is
-    1 / std of the posterior means of the training images.
-    """
+def fit_autoencoder(
+    x: torch.Tensor,
+    seed: int,
+    steps: int,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    block_out_channels: tuple[int, ...] = _VAE["block_out_channels"],
+    latent_channels: int = _VAE["latent_channels"],
+    desc: str = "VAE",
+) -> Any:
+    """An ``AutoencoderKL`` (no attention in its middle block) trained to reconstruct images ``x`` (N, 3, H, W) in
+    [-1, 1]: one-cycle learning rate, L1 + L2 reconstruction of a posterior sample, KL weight 1e-6. Its
+    ``scaling_factor`` is set to 1 / std of the posterior means of ``x``, as Stable Diffusion's was."""
     from diffusers import AutoencoderKL
 
-    levels = len(_VAE["block_out_channels"])
+    levels = len(block_out_channels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKL(
@@ -124,21 +130,18 @@ def train_autoencoder(seed: int, n_images: int, steps: int, batch_size: int = 16
             out_channels=3,
             down_block_types=("DownEncoderBlock2D",) * levels,
             up_block_types=("UpDecoderBlock2D",) * levels,
-            block_out_channels=_VAE["block_out_channels"],
+            block_out_channels=block_out_channels,
             layers_per_block=1,
-            latent_channels=_VAE["latent_channels"],
+            latent_channels=latent_channels,
             norm_num_groups=8,
-            sample_size=WORLD["image_size"],
+            sample_size=x.shape[-1],
             mid_block_add_attention=False,
         )
-        images, _ = render_scenes(seed, "vae", n_images)
-        x = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
         optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
         order = torch.Generator().manual_seed(seed)
-        start = time.perf_counter()
         vae.train()
-        bar = tqdm(range(steps), desc="VAE", unit="step", mininterval=2)
+        bar = tqdm(range(steps), desc=desc, unit="step", mininterval=2)
         for _ in bar:
             batch = x[torch.randint(0, len(x), (batch_size,), generator=order)]
             posterior = vae.encode(batch).latent_dist
@@ -153,10 +156,24 @@ def train_autoencoder(seed: int, n_images: int, steps: int, batch_size: int = 16
     vae.eval()
     with torch.no_grad():
         means = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in x.split(256)])
+    vae.register_to_config(scaling_factor=float(1.0 / means.std()))
+    return vae
+
+
+def train_autoencoder(seed: int, n_images: int, steps: int, batch_size: int = 16, lr: float = 3e-3) -> tuple[Any, dict]:
+    """The demo's VAE (:func:`fit_autoencoder`) trained on the world's scenes, and how well it does.
+
+    Trained on ``n_images`` renderings of the ``vae`` split; measured on 200 renderings of another split by the
+    shapes reward of the reconstruction (1.0: every named object read back with its colour and shape).
+    """
+    start = time.perf_counter()
+    images, _ = render_scenes(seed, "vae", n_images)
+    x = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    vae = fit_autoencoder(x, seed, steps, batch_size, lr)
+    with torch.no_grad():
         held_out, captions = render_scenes(seed, "vae-check", 200)
         h = torch.tensor(np.stack(held_out)).permute(0, 3, 1, 2).float() / 127.5 - 1
         reconstructed = _to_pixels(vae.decode(vae.encode(h).latent_dist.mean).sample)
-    vae.register_to_config(scaling_factor=float(1.0 / means.std()))
     report = {
         "reconstruction_reward": float(np.mean(batch_rewards(list(reconstructed), captions))),
         "reconstruction_mse": float(
