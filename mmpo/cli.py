@@ -57,6 +57,10 @@ _EXTRA = {
         "mmpo.recipes.diffusion_demo",
         "Diffusion-DPO of a tiny text-to-image model on the shapes world, reward before/after (CPU)",
     ),
+    "tlpo-demo": (
+        "mmpo.recipes.tlpo_demo",
+        "TLPO's gate against its experts, one DPO model and a static merge on talking portraits (CPU)",
+    ),
     "export": ("mmpo.export", "a LoRA adapter (or checkpoint) merged into its base model, in transformers format"),
     "plot": ("mmpo.plot", "a run's reward curves (CSV / TensorBoard logs) drawn into a PNG"),
     "sample": ("mmpo.recipes.sample", "a grid of images from a diffusion checkpoint, with a run's LoRA adapter"),

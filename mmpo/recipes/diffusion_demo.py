@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from datamodules.core.atomic import atomic_directory
 from mmpo.recipes.diffusion_data import WORLD, build_demo_pipeline, prompt_splits, write_pretraining_pairs
-from mmpo.recipes.report import spread
+from mmpo.recipes.report import publish, spread
 
 __all__ = ["build_pairs", "evaluate", "main", "pretrain", "train_dpo"]
 
@@ -60,26 +60,44 @@ def _trainer(max_steps: int, root: Path) -> Any:
 
 
 def _datamodule(
-    train_file: Path, batch_size: int, seed: int, cache_dir: Path | None = None, caption_dropout: float = 0.0
+    train_file: Path,
+    batch_size: int,
+    seed: int,
+    cache_dir: Path | None = None,
+    caption_dropout: float = 0.0,
+    data: dict[str, Any] | None = None,
 ) -> Any:
+    """The demo's datamodule; ``data`` overrides its arguments (another resolution, ``data_root``, ...)."""
     from datamodules import DiffusionPreferenceDataModule
 
     return DiffusionPreferenceDataModule(
         train_file=str(train_file),
-        resolution=WORLD["image_size"],
-        center_crop=True,
-        random_flip=False,  # captions name objects left to right
-        loader={"batch_size": batch_size, "seed": seed, "num_workers": 0},
-        cache_dir=str(cache_dir) if cache_dir else None,
-        caption_dropout=caption_dropout,
+        **{
+            "resolution": WORLD["image_size"],
+            "center_crop": True,
+            "random_flip": False,  # captions name objects left to right
+            "loader": {"batch_size": batch_size, "seed": seed, "num_workers": 0},
+            "cache_dir": str(cache_dir) if cache_dir else None,
+            "caption_dropout": caption_dropout,
+            **(data or {}),
+        },
     )
 
 
 def pretrain(
-    pipeline: Path, pairs: Path, out: Path, steps: int, batch_size: int, lr: float, seed: int, caption_dropout: float
+    pipeline: Path,
+    pairs: Path,
+    out: Path,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    caption_dropout: float,
+    data: dict[str, Any] | None = None,
 ) -> Path:
     """The whole UNet trained by plain denoising on ``pairs``' preferred images (a share of the captions dropped, for
-    classifier-free guidance); ``out`` is the pipeline with it."""
+    classifier-free guidance); ``out`` is the pipeline with it. ``data``: datamodule arguments that differ from the
+    shapes demo's (:func:`_datamodule`)."""
     import lightning as L
 
     from mmpo.backbones import DiffusionBackbone
@@ -88,12 +106,14 @@ def pretrain(
 
     stamp = {"pipeline": pipeline.name, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed}
     stamp["caption_dropout"] = caption_dropout
+    if data:
+        stamp["data"] = data
     if (out / "mmpo_pretrain.json").is_file() and json.loads((out / "mmpo_pretrain.json").read_text()) == stamp:
         return out
     L.seed_everything(seed, verbose=False)
     backbone = DiffusionBackbone(str(pipeline), lora=None)
     cache = out.parent / "pretrain-latents"
-    dm = _datamodule(pairs, batch_size, seed, cache, caption_dropout)
+    dm = _datamodule(pairs, batch_size, seed, cache, caption_dropout, data)
     dm.build_cache(**backbone.cache_encoders(backbone.build()), batch_size=256)
     optimizer = functools.partial(torch.optim.AdamW, lr=lr, weight_decay=0.0)
     scheduler = functools.partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=steps, eta_min=lr / 10)
@@ -363,9 +383,7 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"pairs per seed: {[c['pairs'] for c in counts]}; stage seconds: {seconds}; total {total:.0f} s",
     ]
-    print("\n".join(lines))
-    (workdir / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    return results
+    return publish(workdir, lines, results)
 
 
 if __name__ == "__main__":
