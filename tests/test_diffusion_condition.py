@@ -12,6 +12,8 @@ from PIL import Image
 
 pytest.importorskip("diffusers")
 
+from helpers.diffusion import strip_datamodule  # noqa: E402
+
 from datamodules.core.records import BadSampleError  # noqa: E402
 from datamodules.diffusion.module import DiffusionPreferenceDataModule  # noqa: E402
 from datamodules.diffusion.pairs import pair_pixels  # noqa: E402
@@ -60,12 +62,7 @@ def write_strips(root, n=4, height=32, width=64, extra=EXTRA, condition=True):
 
 
 def batch_of(train_file, **kwargs):
-    dm = DiffusionPreferenceDataModule(
-        train_file=str(train_file), resolution=[32, 64], center_crop=True, random_flip=False,
-        loader={"batch_size": 4, "shuffle": False}, **kwargs,
-    )  # fmt: skip
-    dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
+    return next(iter(strip_datamodule(train_file, **kwargs).train_dataloader()))
 
 
 def test_a_non_square_resolution_keeps_a_strip_of_that_size_and_scales_larger_images_to_cover_it():

@@ -51,6 +51,8 @@ class DiffusionPreferenceBatch:
         caption_dropped: (B,) bool, the groups that train unconditionally (caption dropout for
             classifier-free guidance): the backbone conditions them on the empty caption; None when
             none is dropped.
+        segment_labels: (B, S) float, per temporal segment 1 where image 0 (the preferred) is better, −1 where
+            image 1 is, 0 neither (DenseDPO); None when the records give none.
         condition: (B, c', h, w) each group's conditioning tensor at latent resolution (the records'
             ``condition`` files), which the backbone concatenates to every row's noisy latents as extra
             input channels; None when the records name none.
@@ -70,6 +72,7 @@ class DiffusionPreferenceBatch:
     image_captions: list[list[str]] | None = None
     caption_dropped: Tensor | None = None
     condition: Tensor | None = None
+    segment_labels: Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -97,9 +100,12 @@ class DiffusionPreferenceBatch:
         """Side information for the loss, by :data:`~datamodules.core.batch.SIDE_FIELDS` name.
 
         ``soft_labels`` (B,) is ``label``, the probability that image 0 (the winner) is preferred;
-        ``scores`` (B, K) is present when every pair of the batch has scores.
+        ``scores`` (B, K) is present when every pair of the batch has scores; ``segment_labels`` (B, S) when
+        the records give them (DenseDPO).
         """
         side = {"soft_labels": self.label}
+        if self.segment_labels is not None:
+            side["segment_labels"] = self.segment_labels
         if self.scores is not None and self.scores_complete:  # known on the host: no device read per step
             side["scores"] = self.scores
         return side
@@ -122,6 +128,7 @@ class DiffusionPreferenceBatch:
             image_captions=None if self.image_captions is None else [list(c) for c in self.image_captions],
             caption_dropped=move(self.caption_dropped),
             condition=move(self.condition),
+            segment_labels=move(self.segment_labels),
         )
 
     def to(self, device: torch.device | str, non_blocking: bool | None = None) -> DiffusionPreferenceBatch:
@@ -207,6 +214,14 @@ class DiffusionPreferenceCollator:
                 found = [s["id"] for s, c in zip(kept, with_condition, strict=True) if not c]
                 raise ValueError(f"records {found} name no condition while others of their batch do")
             condition = _stack(kept, lambda s: s["condition"], "condition tensors")
+        segment_labels = None
+        labelled = ["segment_labels" in s for s in kept]
+        if any(labelled):
+            lengths = {len(s["segment_labels"]) for s in kept if "segment_labels" in s}
+            if not all(labelled) or len(lengths) != 1:
+                found = ", ".join(f"{s['id']!r}: {len(s.get('segment_labels', ()))}" for s in kept)
+                raise ValueError(f"segment_labels per record differ within a batch (segments: {found})")
+            segment_labels = torch.tensor([s["segment_labels"] for s in kept], dtype=torch.float32)
         if any(s["scores"] is not None for s in kept):
             nan = (math.nan,) * sizes[0]
             scores = torch.tensor([s["scores"] if s["scores"] is not None else nan for s in kept], dtype=torch.float32)
@@ -224,4 +239,5 @@ class DiffusionPreferenceCollator:
             image_captions=image_captions,
             caption_dropped=torch.tensor(dropped) if any(dropped) else None,
             condition=condition,
+            segment_labels=segment_labels,
         )

@@ -78,6 +78,8 @@ class DiffusionPairRecord:
         scores: (winner score, loser score) when the record gave scores.
         caption_rejected: the dispreferred image's own caption (DCPO), when read.
         dimension: the preference dimension the pair judges (TLPO), when the record names one.
+        segment_labels: per temporal segment, 1 where the preferred image is better on it, −1 where the other
+            is, 0 neither (DenseDPO), oriented preferred-first; None when the record gives none.
         condition: absolute path of the record's conditioning tensor (``.npy``, (c, h, w) at latent
             resolution), concatenated to the noisy latents as extra input channels; None without one.
     """
@@ -92,6 +94,7 @@ class DiffusionPairRecord:
     caption_rejected: str | None = None
     dimension: str | None = None
     condition: str | None = None
+    segment_labels: tuple[float, ...] | None = None
 
     @property
     def is_tie(self) -> bool:
@@ -163,6 +166,20 @@ def _image(raw: dict[str, Any], names: tuple[str, str], where: str, root: Path) 
     return resolve_media_path(value, root, where)
 
 
+def _segment_labels(raw: dict[str, Any], where: str) -> tuple[float, ...] | None:
+    """The record's ``segment_labels`` (1, 0 or -1 per temporal segment, image_0 against image_1), or None."""
+    value = raw.get("segment_labels")
+    if value is None:
+        return None
+    ok = isinstance(value, list) and value
+    if not (ok and all(isinstance(x, int) and not isinstance(x, bool) and x in (-1, 0, 1) for x in value)):
+        raise BadSampleError(
+            f"{where}: 'segment_labels' must be a non-empty list of 1, -1 or 0 (per temporal segment: image_0 "
+            f"better, image_1 better, neither), got {value!r}"
+        )
+    return tuple(float(x) for x in value)
+
+
 def _condition(raw: dict[str, Any], where: str, root: Path) -> str | None:
     """The record's ``condition`` path (a ``.npy`` file), resolved; None when the record has none."""
     value = raw.get("condition")
@@ -227,14 +244,19 @@ def parse_diffusion_record(
     if dual_captions and raw.get("caption_rejected") is None:
         missing.append("caption_rejected (dual_captions: the dispreferred image's caption)")
     missing += [names[0] for names in _IMAGE_FIELDS if all(raw.get(n) is None for n in names)]
-    if all(raw.get(k) is None for k in ("label_0", "label_1", "scores")):
-        missing.append("label_0 (or scores)")
+    if all(raw.get(k) is None for k in ("label_0", "label_1", "scores", "segment_labels")):
+        missing.append("label_0 (or scores, or segment_labels)")
     if missing:
         raise BadSampleError(f"{where}: missing field(s) {', '.join(missing)}")
     caption = caption_field(raw, "caption", where)
     caption_rejected = caption_field(raw, "caption_rejected", where) if dual_captions else None
     dimension = caption_field(raw, "dimension", where) if raw.get("dimension") is not None else None
-    p0, scores = _preference(raw, where)
+    segments = _segment_labels(raw, where)
+    if all(raw.get(k) is None for k in ("label_0", "label_1", "scores")):
+        # DenseDPO data: image_0 leads unless the segments favour image_1; no segment preferred is a tie
+        p0, scores = (0.5 if not any(segments) else 1.0 if sum(segments) >= 0 else 0.0), None
+    else:
+        p0, scores = _preference(raw, where)
     images = (_image(raw, _IMAGE_FIELDS[0], where, data_root), _image(raw, _IMAGE_FIELDS[1], where, data_root))
     condition = _condition(raw, where, data_root)
     winner = 0 if p0 >= 0.5 else 1
@@ -249,6 +271,7 @@ def parse_diffusion_record(
         caption_rejected=caption_rejected,
         dimension=dimension,
         condition=condition,
+        segment_labels=None if segments is None else tuple(s if winner == 0 else -s for s in segments),
     )
 
 
@@ -455,6 +478,8 @@ class DiffusionPreferenceDataset(Dataset):
                 sample["latents"] = entry.pop("latents")[order]
                 # text_embeds (L, D) and text.<name>, or nothing; per-image captions are encoded by the backbone
                 sample["text"] = entry if rec.image_captions is None else {}
+            if getattr(rec, "segment_labels", None) is not None:
+                sample["segment_labels"] = rec.segment_labels
             condition = getattr(rec, "condition", None)
             if condition is not None:
                 sample["condition"] = load_condition(condition, rec.where)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from mmpo.backbones.adapters import adapters_disabled
 from mmpo.backbones.diffusion_inversion import inverted_noise
 from mmpo.backbones.diffusion_model import DiffusionModel, load_diffusion_model
-from mmpo.backbones.diffusion_noise import NoiseDraw, denoising_errors, record_seed
+from mmpo.backbones.diffusion_noise import NoiseDraw, denoising_errors, record_seed, segment_errors
 from mmpo.backbones.diffusion_text import TextConditioning, encode_captions
 from mmpo.backbones.protocol import Backbone
 from mmpo.backbones.vlm import LoraSettings
@@ -74,6 +74,10 @@ class DiffusionBackbone(Backbone):
         renoise: average two predictions per inversion step (ReNoise), as SmPO's script does.
         inversion_eta: InPO's stochastic inversion: η·σ·z added after each inversion step (σ the DDIM step's
             standard deviation; the InPO script uses 0.1 with ``renoise: false``); 0 inverts deterministically.
+        segments: report the statistic per temporal segment too (DenseDPO): the latents' width is cut into
+            this many equal column blocks (the frames of a film strip, or groups of them), and
+            ``token_logps`` (B, K, S) holds −(block error)/S, so that ``logps`` (their sum) is the usual
+            −(mean error). None: one statistic per image.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class DiffusionBackbone(Backbone):
         inversion_steps: int = 5,
         renoise: bool = True,
         inversion_eta: float = 0.0,
+        segments: int | None = None,
     ) -> None:
         if noise not in ("random", "inversion"):
             raise ValueError(f"noise must be 'random' or 'inversion', got {noise!r}")
@@ -95,6 +100,9 @@ class DiffusionBackbone(Backbone):
             raise ValueError(f"inversion_steps must be >= 1, got {inversion_steps}")
         if inversion_eta < 0:
             raise ValueError(f"inversion_eta must be >= 0, got {inversion_eta}")
+        if segments is not None and segments < 1:
+            raise ValueError(f"segments must be >= 1, got {segments}")
+        self.segments = segments
         self.inversion_eta = inversion_eta
         self.noise = noise
         self.inversion_steps = inversion_steps
@@ -348,7 +356,15 @@ class DiffusionBackbone(Backbone):
         schedule = model.schedule
         noisy = schedule.noisy(latents, draw).to(dtype)
         prediction = self.denoise(model, noisy, draw.timesteps, text_rows, self._condition_rows(batch, k))
-        errors = denoising_errors(prediction, schedule.target(latents, draw))  # (K·B,)
+        target = schedule.target(latents, draw)
+        if self.segments is not None:  # DenseDPO: (K·B, S) block errors, each 1/S of the image's mean
+            parts = -rearrange(segment_errors(prediction, target, self.segments), "(k b) s -> b k s", k=k)
+            parts = parts / self.segments
+            logps = parts.sum(-1)
+            return ResponseStats(
+                logps=logps, tokens=torch.ones_like(logps), token_logps=parts, mask=torch.ones_like(parts)
+            )
+        errors = denoising_errors(prediction, target)  # (K·B,)
         logps = -rearrange(errors, "(k b) -> b k", k=k)
         return ResponseStats(logps=logps, tokens=torch.ones_like(logps))
 

@@ -187,3 +187,13 @@ def noise_schedule(scheduler) -> NoiseSchedule:
 def denoising_errors(prediction: Tensor, target: Tensor) -> Tensor:
     """Mean squared error over channels, height and width, in float32: (N, C, H, W) -> (N,)."""
     return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+
+
+def segment_errors(prediction: Tensor, target: Tensor, segments: int) -> Tensor:
+    """Mean squared error of each of ``segments`` equal column blocks (temporal segments of a film strip), over
+    channels, height and the block's width, in float32: (N, C, H, W) -> (N, S)."""
+    width = prediction.shape[-1]
+    if width % segments:
+        raise ValueError(f"latents {width} wide cannot be cut into {segments} equal segments")
+    squared = (prediction.float() - target.float()).pow(2)
+    return squared.unflatten(-1, (segments, width // segments)).mean(dim=(1, 2, 4))

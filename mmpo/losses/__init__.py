@@ -7,6 +7,7 @@ see docs/losses.md for the table of formulas, defaults and papers.
 from mmpo.losses.asymmetric import AsymmetricDPOLoss, asymmetric_dpo_loss
 from mmpo.losses.base import LossOutput, PairLogps, PreferenceLoss, ResponseStats, mean_token_logps
 from mmpo.losses.combined import CombinedLoss
+from mmpo.losses.dense import DenseDPOLoss, dense_dpo_loss
 from mmpo.losses.label_noise import LCPOLoss, lcpo_loss, lcpo_posterior
 from mmpo.losses.listwise import (
     LambdaRankLoss,
@@ -69,6 +70,7 @@ __all__ = [
     "BCOPairLoss",
     "CombinedLoss",
     "DPOLoss",
+    "DenseDPOLoss",
     "FDPOLoss",
     "HingeLoss",
     "IPOLoss",
@@ -101,6 +103,7 @@ __all__ = [
     "bco_loss",
     "bco_pair_loss",
     "dcg_pair_weights",
+    "dense_dpo_loss",
     "dpo_loss",
     "f_divergence_link",
     "fdpo_loss",

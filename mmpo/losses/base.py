@@ -48,6 +48,8 @@ class ResponseStats:
         orientations: (B, D) per preference dimension: 1 where response 0 is preferred on it, −1 where
             response 1 is, 0 where neither. :class:`~mmpo.losses.CombinedLoss` orients each component by
             one dimension (``orient_by``).
+        segment_labels: (B, S) per temporal segment s (DenseDPO): 1 where response 0 is preferred on it, −1
+            where response 1 is, 0 where neither; the segments are the T axis of ``token_logps``.
         token_kl: (B, K, T) per-token KL(π_ref(·|x,y<t) ‖ πθ(·|x,y<t)) over the full vocabulary, aligned
             with ``token_logps``, 0 where masked; on the policy's statistics, with its gradient
             (``mmpo.token_kl``). Only losses with ``requires_token_kl`` read it.
@@ -58,7 +60,7 @@ class ResponseStats:
             (``[..., 1]``) terms, with the mask network's gradient; on the reference's statistics where the
             training module holds a token mask network (SparsePO's learned masks, ``mmpo.token_masks``).
 
-    Side information (``scores`` … ``orientations``) rides on the policy's statistics; None when
+    Side information (``scores`` … ``segment_labels``) rides on the policy's statistics; None when
     the data has none.
     """
 
@@ -73,6 +75,7 @@ class ResponseStats:
     candidate_weights: Tensor | None = None
     desirable: Tensor | None = None
     orientations: Tensor | None = None
+    segment_labels: Tensor | None = None
     token_kl: Tensor | None = None
     token_activation: Tensor | None = None
     token_masks: Tensor | None = None
@@ -168,7 +171,10 @@ class ResponseStats:
 
     def with_side(self, **side: Tensor | None) -> ResponseStats:
         """A copy carrying the given side information (``scores``, ``weights``, ...)."""
-        known = {"scores", "weights", "dimension_ids", "soft_labels", "candidate_weights", "desirable", "orientations"}
+        known = {
+            "scores", "weights", "dimension_ids", "soft_labels", "candidate_weights", "desirable", "orientations",
+            "segment_labels",
+        }  # fmt: skip
         unknown = set(side) - known
         if unknown:
             raise TypeError(f"unknown side information {sorted(unknown)}")

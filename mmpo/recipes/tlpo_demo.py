@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=3, help="runs of both stages (seeds 0..n-1)")
     parser.add_argument("--world-seed", type=int, default=0, help="seed of the world, the VAE and the pretraining")
     parser.add_argument("--n-train", type=int, default=800, help="training clips of the world")
-    parser.add_argument("--n-val", type=int, default=100, help="held-out clips of the world")
+    parser.add_argument("--n-val", type=int, default=50, help="held-out clips of the world")
     parser.add_argument("--vae-steps", type=int, default=1500)
     parser.add_argument("--pretrain-steps", type=int, default=2000)
     parser.add_argument("--pretrain-lr", type=float, default=1e-3)

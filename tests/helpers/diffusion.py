@@ -41,3 +41,15 @@ def tiny_run_args(tiny: Path, tmp_path: Path) -> list[str]:
         f"--trainer.default_root_dir={tmp_path}",
         "--trainer.enable_progress_bar=false",
     ]
+
+
+def strip_datamodule(train_file: Path, batch_size: int = 4, **kwargs):
+    """A set-up datamodule over ``train_file``'s 32 x 64 images (film strips of two frames), in file order."""
+    from datamodules.diffusion.module import DiffusionPreferenceDataModule
+
+    dm = DiffusionPreferenceDataModule(
+        train_file=str(train_file), resolution=[32, 64], center_crop=True, random_flip=False,
+        loader={"batch_size": batch_size, "shuffle": False}, **kwargs,
+    )  # fmt: skip
+    dm.setup("fit")
+    return dm
