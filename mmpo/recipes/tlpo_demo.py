@@ -264,6 +264,30 @@ def plot_gate(weights: np.ndarray, layers: list[str], path: Path, title: str) ->
     return path
 
 
+def save_samples(samples: dict[str, torch.Tensor], path: Path, clips: int = 2) -> Path:
+    """The first ``clips`` held-out clips (first noise seed) of every model as film strips, a row per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(samples)
+    fig, axes = plt.subplots(len(names), clips, figsize=(5.0 * clips, 0.9 * len(names)), squeeze=False)
+    for r, name in enumerate(names):
+        for c in range(clips):
+            frames = samples[name][c]  # (T, H, W, 3)
+            axes[r, c].imshow(frames.permute(1, 0, 2, 3).reshape(frames.shape[1], -1, 3).numpy())
+            axes[r, c].set_xticks([])
+            axes[r, c].set_yticks([])
+        axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    for c in range(clips):
+        axes[0, c].set_title(f"held-out clip {c} (8 frames)", fontsize=9)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def _table(results: dict) -> list[str]:
     names = [*DIMENSIONS, "mean"]
     lines = [f"{'model':<22}" + "".join(f"{n:>18}" for n in names)]
@@ -336,7 +360,7 @@ def run(args: argparse.Namespace) -> dict:
     plain = DiffusionBackbone(str(base))
     base_model = plain.build().eval()
     t0 = time.perf_counter()
-    base_figures, _ = evaluate(sampler, plain, base_model, world, args, "base")
+    base_figures, base_frames = evaluate(sampler, plain, base_model, world, args, "base")
     seconds["evaluate base"] = round(time.perf_counter() - t0, 1)
     print(f"[mmpo] pretrained model: {base_figures}")
 
@@ -369,13 +393,15 @@ def run(args: argparse.Namespace) -> dict:
         )  # fmt: skip
         seconds[f"train seed {seed}"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
-        figures = {"base": base_figures}
+        figures, shown = {"base": base_figures}, {"base": base_frames[:2]}
         for name, kwargs in _models(run_dir).items():
             if kwargs is None:
                 continue
             backbone = ExpertDiffusionBackbone(str(base), **kwargs)
-            figures[name], _ = evaluate(sampler, backbone, backbone.build().eval(), world, args, name)
+            figures[name], frames = evaluate(sampler, backbone, backbone.build().eval(), world, args, name)
+            shown[name] = frames[:2]
         after.append(figures)
+        save_samples(shown, run_dir / "samples.png")
         weights, layers = gate_weights(base, run_dir)
         plot_gate(weights, layers, run_dir / "gate_weights.png", f"TLPO gate weights (seed {seed})")
         np.save(run_dir / "gate_weights.npy", weights)
