@@ -54,6 +54,8 @@ def test_the_demo_runs_end_to_end_with_pairs_per_dimension_and_a_gate_plot(tmp_p
         assert (run / "experts" / d / "adapter_model.safetensors").is_file()
     assert (run / "single" / "adapter_model.safetensors").is_file()
     assert (run / "experts" / "gate" / "gate.json").is_file()
+    assert json.loads((run / "experts" / "static" / "gate.json").read_text())["settings"]["per_layer"] is False
+    assert len(results["gates"][0]["tuned merge"]) == len(DIMENSIONS)
     assert (run / "gate_weights.png").is_file() and (run / "samples.png").is_file()
     # a second run reuses every stage (their stamps match) and reproduces the figures
     again = tlpo_demo.main(args)

@@ -50,7 +50,9 @@ __all__ = ["ClipSampler", "build_pairs", "evaluate", "main", "plot_gate", "train
 
 EVAL_NOISE_SEED = 0  # evaluation rows use noise seeds 0.. (pair sampling of seed s starts at 1000 (s + 1))
 #: the models the evaluation compares, in table order
-VARIANTS = ("base", "single DPO", *(f"expert {d}" for d in DIMENSIONS), "equal merge", "TLPO gate")
+VARIANTS = (
+    "base", "single DPO", *(f"expert {d}" for d in DIMENSIONS), "equal merge", "tuned merge", "TLPO gate",
+)  # fmt: skip
 
 
 def _digest(path: Path) -> str:
@@ -226,16 +228,17 @@ def _models(run: Path) -> dict[str, Any]:
         "single DPO": {"stage": "inference", "experts_dir": str(run), "experts": ["single"], "static_weights": [1.0]},
         **one_hot,
         "equal merge": {"stage": "inference", **experts, "static_weights": [1 / len(DIMENSIONS)] * len(DIMENSIONS)},
+        "tuned merge": {"stage": "inference", **experts, "gate_dir": str(run / "experts" / "static")},
         "TLPO gate": {"stage": "inference", **experts, "gate_dir": str(run / "experts" / "gate")},
     }
 
 
-def gate_weights(base: Path, run: Path) -> tuple[np.ndarray, list[str]]:
-    """The trained gate's weights (timesteps 0..999, layers, experts) and the layer names."""
+def gate_weights(base: Path, run: Path, variant: str = "TLPO gate") -> tuple[np.ndarray, list[str]]:
+    """A trained gate's weights (timesteps 0..999, layers or 1, experts) and the layer names."""
     from mmpo.backbones.diffusion_experts import ExpertDiffusionBackbone
     from mmpo.backbones.experts import FUSION_NAME
 
-    backbone = ExpertDiffusionBackbone(str(base), **_models(run)["TLPO gate"])
+    backbone = ExpertDiffusionBackbone(str(base), **_models(run)[variant])
     fusion = getattr(backbone.build().denoiser, FUSION_NAME)
     with torch.no_grad():
         weights = fusion.mixer(torch.arange(1000))  # (T, G, E)
@@ -332,6 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
 def run(args: argparse.Namespace) -> dict:
     from mmpo.backbones import DiffusionBackbone, LoraSettings
     from mmpo.backbones.diffusion_experts import ExpertDiffusionBackbone
+    from mmpo.backbones.experts import GateSettings
 
     start, seconds = time.perf_counter(), {}
     workdir = Path(args.workdir)
@@ -365,7 +369,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"[mmpo] pretrained model: {base_figures}")
 
     lora = LoraSettings(r=args.lora_rank, alpha=args.lora_rank, dropout=0.0, target_modules=args.lora_targets)
-    after, counts = [], []
+    after, counts, gates = [], [], []
     for seed in range(args.seeds):
         run_dir = workdir / f"seed-{seed}"
         print(f"[mmpo] stage 3/5: seed {seed}: pairs from the pretrained model's samples")
@@ -391,6 +395,12 @@ def run(args: argparse.Namespace) -> dict:
             base, workdir, pairs, run_dir / "experts" / "gate", args, seed, stage="gate",
             experts_dir=str(run_dir / "experts"), experts=list(DIMENSIONS),
         )  # fmt: skip
+        print(f"[mmpo] stage 4/5: seed {seed}: the tuned static merge, one weight per expert ({args.gate_steps} steps)")
+        train_stage(
+            base, workdir, pairs, run_dir / "experts" / "static", args, seed, stage="gate",
+            experts_dir=str(run_dir / "experts"), experts=list(DIMENSIONS),
+            gate=GateSettings(per_layer=False, timestep=False),
+        )  # fmt: skip
         seconds[f"train seed {seed}"] = round(time.perf_counter() - t0, 1)
         t0 = time.perf_counter()
         figures, shown = {"base": base_figures}, {"base": base_frames[:2]}
@@ -405,6 +415,13 @@ def run(args: argparse.Namespace) -> dict:
         weights, layers = gate_weights(base, run_dir)
         plot_gate(weights, layers, run_dir / "gate_weights.png", f"TLPO gate weights (seed {seed})")
         np.save(run_dir / "gate_weights.npy", weights)
+        thirds = np.array_split(np.arange(1000), 3)
+        gates.append(
+            {
+                "tuned merge": gate_weights(base, run_dir, "tuned merge")[0][0, 0].round(4).tolist(),
+                **{f"TLPO t {t[0]}-{t[-1]}": weights[t].mean((0, 1)).round(4).tolist() for t in thirds},
+            }
+        )
         seconds[f"evaluate seed {seed}"] = round(time.perf_counter() - t0, 1)
         print(f"[mmpo] seed {seed}: " + ", ".join(f"{k} {v['mean']:.3f}" for k, v in figures.items()))
 
@@ -412,6 +429,7 @@ def run(args: argparse.Namespace) -> dict:
     results = {
         "after": after,
         "pairs": counts,
+        "gates": gates,
         "vae": vae,
         "settings": vars(args),
         "seconds": seconds,
@@ -425,6 +443,7 @@ def run(args: argparse.Namespace) -> dict:
         *_table(results),
         "",
         f"pairs per seed: {[c['pairs'] for c in counts]}; stage seconds: {seconds}; total {total:.0f} s",
+        f"expert weights ({', '.join(DIMENSIONS)}) per seed: {gates}",
     ]
     return publish(workdir, lines, results)
 
