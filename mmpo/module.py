@@ -471,7 +471,9 @@ class PreferenceModule(L.LightningModule):
         out = Path(out_dir)
         with atomic_directory(out) as tmp:
             self.backbone.save(self.policy, tmp)
-        rank_zero_info(f"[mmpo] saved {'LoRA adapter' if self.backbone.uses_lora else 'model'} to {out}")
+        what = getattr(self.backbone, "saved_artifact", None)  # a backbone may say what it saved
+        what = what or ("LoRA adapter" if self.backbone.uses_lora else "model")
+        rank_zero_info(f"[mmpo] saved {what} to {out}")
         return out
 
 

@@ -130,6 +130,11 @@ class ExpertDiffusionBackbone(DiffusionBackbone):
                 p.data = p.data.float()
         return model
 
+    @property
+    def saved_artifact(self) -> str:
+        """What :meth:`save` writes, for the training module's message."""
+        return f"TLPO expert {self.expert!r}" if self.stage == "expert" else "TLPO gate"
+
     def save(self, model: nn.Module, out_dir: str | os.PathLike) -> None:
         """``expert``: the new expert in peft's format; ``gate``: the gate and ``gate.json``."""
         if self.stage == "expert":
