@@ -203,7 +203,7 @@ GOOD = {"id": "g", "caption": "a red square .", "image_0": "red.png", "image_1":
 BAD_CASES = {
     "missing caption": ({"caption": None}, "missing field(s) caption"),
     "missing image": ({"image_1": None}, "missing field(s) image_1"),
-    "missing label": ({"label_0": None}, "missing field(s) label_0 (or scores)"),
+    "missing label": ({"label_0": None}, "missing field(s) label_0 (or scores, or segment_labels)"),
     "empty caption": ({"caption": "  "}, "'caption' is empty"),
     "caption not text": ({"caption": 3}, "'caption' must be a string"),
     "label above 1": ({"label_0": 1.5}, "'label_0' must be in [0, 1]"),

@@ -355,7 +355,9 @@ class DiffusionBackbone(Backbone):
         draw = self._draw(model, batch, latents, text_rows).rows(k)  # (K·B, ...)
         schedule = model.schedule
         noisy = schedule.noisy(latents, draw).to(dtype)
-        prediction = self.denoise(model, noisy, draw.timesteps, text_rows, self._condition_rows(batch, k))
+        condition = self._condition_rows(batch, k)
+        extra = () if condition is None else (condition,)  # a denoise override without the argument still works
+        prediction = self.denoise(model, noisy, draw.timesteps, text_rows, *extra)
         target = schedule.target(latents, draw)
         if self.segments is not None:  # DenseDPO: (K·B, S) block errors, each 1/S of the image's mean
             parts = -rearrange(segment_errors(prediction, target, self.segments), "(k b) s -> b k s", k=k)
