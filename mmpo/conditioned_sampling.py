@@ -20,17 +20,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["decode_to_images", "sample_conditioned"]
+from mmpo.sampling import vae_decode
 
-
-def decode_to_images(vae: Any, latents: Tensor) -> Tensor:
-    """Images (N, 3, H, W) in [0, 1], float32, from latents (N, c, h, w) scaled as the VAE config says."""
-    config = vae.config
-    shift = getattr(config, "shift_factor", None) or 0.0
-    latents = latents.to(vae.device, vae.dtype) / config.scaling_factor + shift
-    with torch.no_grad():
-        image = vae.decode(latents, return_dict=False)[0]
-    return ((image.float() + 1) / 2).clamp(0, 1)
+__all__ = ["sample_conditioned"]
 
 
 @torch.no_grad()
@@ -80,4 +72,6 @@ def sample_conditioned(
             latents = scheduler.step(prediction, t, latents).prev_sample
     finally:
         denoiser.train(was_training)
-    return decode_to_images(model.vae, latents).cpu() if decode else latents.cpu()
+    if not decode:
+        return latents.cpu()
+    return (vae_decode(model.vae, latents).float() * 0.5 + 0.5).clamp(0, 1).cpu()  # the pipelines' post-processing

@@ -43,6 +43,7 @@ __all__ = [
     "sample_grid",
     "sampling_scheduler",
     "save_grid",
+    "vae_decode",
 ]
 
 
@@ -155,19 +156,19 @@ def sample_grid(pipe: Any, prompts: Sequence[str], settings: SampleSettings) -> 
     return torch.stack(rows)
 
 
-def decode_latents(pipe: Any, latents: Tensor) -> Tensor:
-    """Images (N, 3, H, W) in [0, 1], float32, from a pipeline's final latents (N, c, h, w), as it decodes them.
+def vae_decode(vae: Any, latents: Tensor) -> Tensor:
+    """Images (N, 3, H, W) in [-1, 1] from final latents (N, c, h, w), unscaled as the VAE's config says
+    (``latents_mean``/``latents_std``, or ``scaling_factor`` and ``shift_factor``), in the VAE's own dtype.
 
     The VAE runs in its own dtype: a policy keeps it in float32 beside a half-precision denoiser, which the
     pipelines' own decoding (latents in the denoiser's dtype) would refuse.
     """
-    vae = pipe.vae
     config = vae.config
     dtype = vae.dtype
     upcast = dtype == torch.float16 and getattr(config, "force_upcast", False)  # SDXL's VAE overflows in fp16
     if upcast:
         vae.to(torch.float32)
-    latents = latents.to(vae.dtype)
+    latents = latents.to(vae.device, vae.dtype)
     if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
         mean = torch.tensor(config.latents_mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
         std = torch.tensor(config.latents_std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1)
@@ -177,7 +178,13 @@ def decode_latents(pipe: Any, latents: Tensor) -> Tensor:
     image = vae.decode(latents, return_dict=False)[0]  # (N, 3, H, W) in [-1, 1]
     if upcast:
         vae.to(dtype)
-    return pipe.image_processor.postprocess(image, output_type="pt").float()
+    return image
+
+
+def decode_latents(pipe: Any, latents: Tensor) -> Tensor:
+    """Images (N, 3, H, W) in [0, 1], float32, from a pipeline's final latents (N, c, h, w), as it decodes them
+    (:func:`vae_decode`, then the pipeline's post-processing)."""
+    return pipe.image_processor.postprocess(vae_decode(pipe.vae, latents), output_type="pt").float()
 
 
 def grid_image(grid: Tensor) -> Any:

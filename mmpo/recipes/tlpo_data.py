@@ -41,6 +41,7 @@ __all__ = [
     "build_portrait_pipeline",
     "clip_condition",
     "condition_channels",
+    "film_strip",
     "mel_statistics",
     "read_split",
     "strip_frames",
@@ -79,10 +80,15 @@ def read_split(root: Path, split: str) -> list[dict]:
     return [json.loads(line) for line in (root / f"{split}.jsonl").read_text().splitlines() if line.strip()]
 
 
+def film_strip(frames: torch.Tensor) -> torch.Tensor:
+    """(T, H, W, C) frames -> (H, T·W, C): side by side, as the world writes clips (its ``read_film_strip`` inverse)."""
+    t, h, w, c = frames.shape
+    return frames.permute(1, 0, 2, 3).reshape(h, t * w, c)
+
+
 def strip_pixels(frames: torch.Tensor) -> torch.Tensor:
     """(T, H, W, 3) uint8 frames -> (3, H, T·W) film strip in [-1, 1]."""
-    t, h, w, _ = frames.shape
-    return frames.permute(3, 1, 0, 2).reshape(3, h, t * w).float() / 127.5 - 1
+    return film_strip(frames).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def strip_frames(images: torch.Tensor, num_frames: int) -> torch.Tensor:

@@ -40,6 +40,7 @@ from mmpo.recipes.tlpo_data import (
     CAPTION,
     PORTRAIT,
     build_portrait_pipeline,
+    film_strip,
     read_split,
     strip_frames,
     write_clip_records,
@@ -121,8 +122,9 @@ def build_pairs(
     Every two samples of a condition are a pair of the dimension that decides them (or of none). Reused when
     ``out/summary.json`` was written for the same model (``model_id``), clips and settings.
     """
+    from PIL import Image
+
     from datamodules.core.atomic import atomic_file, atomic_write_text
-    from mmpo.sampling import grid_image
 
     records = {r["id"]: r for r in read_split(world, "train")[: args.n_clips]}
     k = args.samples_per_clip
@@ -147,8 +149,7 @@ def build_pairs(
         used = {r for d in decided.values() for i, _ in d for r in combos[i]}
         for r in sorted(used):  # each sample of a pair written once, as a film strip
             with atomic_file(out / f"clips/{record_id}-s{r - c * k}.png") as tmp:
-                strip = frames[r].permute(3, 1, 0, 2).reshape(3, frames.shape[2], -1).float() / 255
-                grid_image(strip[None, None]).save(tmp, format="PNG")
+                Image.fromarray(film_strip(frames[r]).numpy()).save(tmp, format="PNG")
         for d, kept in decided.items():
             for i, winner in kept:
                 a, b = combos[i]
@@ -279,7 +280,7 @@ def save_samples(samples: dict[str, torch.Tensor], path: Path, clips: int = 2) -
     for r, name in enumerate(names):
         for c in range(clips):
             frames = samples[name][c]  # (T, H, W, 3)
-            axes[r, c].imshow(frames.permute(1, 0, 2, 3).reshape(frames.shape[1], -1, 3).numpy())
+            axes[r, c].imshow(film_strip(frames).numpy())
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
         axes[r, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
