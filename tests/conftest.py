@@ -52,9 +52,11 @@ def video_llava(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def diffusion_builds(tmp_path_factory) -> dict[str, Path]:
-    """Tiny SD 1.5 (ε and v prediction), SDXL and SD3 checkpoints over the shapes world's words."""
+    """Tiny SD 1.5 (ε and v prediction), SDXL and SD3 checkpoints over the shapes world's words, and a tiny
+    Wan 2.1 text-to-video checkpoint over the video world's."""
+    from datamodules.worlds import video
     from datamodules.worlds.shapes import vocabulary
-    from mmpo.tiny.diffusion import build_tiny_sd, build_tiny_sd3
+    from mmpo.tiny.diffusion import build_tiny_sd, build_tiny_sd3, build_tiny_wan
 
     root, words = tmp_path_factory.mktemp("tiny-diffusion"), vocabulary()
     return {
@@ -62,6 +64,7 @@ def diffusion_builds(tmp_path_factory) -> dict[str, Path]:
         "sd15-v": build_tiny_sd(root / "sd15-v", words, prediction_type="v_prediction"),
         "sdxl": build_tiny_sd(root / "sdxl", words, variant="sdxl"),
         "sd3": build_tiny_sd3(root / "sd3", words),
+        "wan": build_tiny_wan(root / "wan", video.vocabulary()),
     }
 
 

@@ -54,6 +54,10 @@ RUN_ELSEWHERE = {
     "mmpo fit --config configs/diffusion/sd15_dcpo_lora.yaml --data.init_args.train_file=YOUR/train.jsonl": (
         "tests/test_diffusion_training.py::test_config_header_command_runs_on_a_tiny_model"
     ),
+    # Wan 2.1 text-to-video: tiny Wan build, pairs of mp4 clips
+    "mmpo fit --config configs/diffusion/wan21_t2v_1_3b_dpo_lora.yaml --data.init_args.train_file=YOUR/videos.jsonl": (
+        "tests/test_diffusion_training.py::test_config_header_command_runs_on_a_tiny_model"
+    ),
     # SmPO (scored pairs, inverted noise): tiny diffusion model, pairs with scores on every record
     "mmpo fit --config configs/diffusion/sd15_smpo_lora.yaml --data.init_args.train_file=YOUR/scored.jsonl": (
         "tests/test_diffusion_training.py::test_config_header_command_runs_on_a_tiny_model"
@@ -63,7 +67,7 @@ RUN_ELSEWHERE = {
         f"mmpo fit --config configs/tlpo/{name}.yaml --data.init_args.train_file=YOUR/train.jsonl": (
             "tests/test_tlpo_training.py::test_tlpo_config_header_command_runs_on_a_tiny_model"
         )
-        for name in ("sd15_expert_lora", "sd15_gate", "sd3_medium_gate")
+        for name in ("sd15_expert_lora", "sd15_gate", "sd3_medium_gate", "wan21_t2v_1_3b_gate")
     },
     # the model families' configs over the LLaVA recipe: each built on its family's tiny model
     **{

@@ -15,8 +15,8 @@ pytest.importorskip("diffusers")
 from helpers.diffusion import strip_datamodule  # noqa: E402
 
 from datamodules.core.records import BadSampleError  # noqa: E402
+from datamodules.diffusion.media import pair_pixels  # noqa: E402
 from datamodules.diffusion.module import DiffusionPreferenceDataModule  # noqa: E402
-from datamodules.diffusion.pairs import pair_pixels  # noqa: E402
 from mmpo.backbones import DiffusionBackbone, LoraSettings  # noqa: E402
 from mmpo.backbones.diffusion import DIFFUSION_LORA_TARGETS  # noqa: E402
 from mmpo.conditioned_sampling import sample_conditioned  # noqa: E402

@@ -20,7 +20,7 @@ import yaml
 pytest.importorskip("diffusers")
 
 import lightning as L  # noqa: E402
-from helpers.diffusion import tiny_run_args  # noqa: E402
+from helpers.diffusion import tiny_run_args, write_video_pairs  # noqa: E402
 
 from datamodules.diffusion.module import DiffusionPreferenceDataModule, write_diffusion_pairs  # noqa: E402
 from datamodules.diffusion.ranked import write_diffusion_lists  # noqa: E402
@@ -37,7 +37,9 @@ TINY_FOR = {  # the real checkpoint of each config -> the tiny build standing in
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
     "stabilityai/stable-diffusion-xl-base-1.0": "sdxl",
     "stabilityai/stable-diffusion-3-medium-diffusers": "sd3",
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan",
 }
+TINY_FRAMES = 9  # a video config's clips on its tiny build (4n + 1 frames)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,9 @@ def command_data(pairs, tmp_path_factory) -> dict[str, Path]:
     """The data each header command's placeholder stands for: pairs, pairs with a second caption (DCPO), lists."""
     dual, lists = tmp_path_factory.mktemp("dcpo-pairs"), tmp_path_factory.mktemp("ranked-lists")
     scored = tmp_path_factory.mktemp("scored-pairs")
+    videos = write_video_pairs(tmp_path_factory.mktemp("video-pairs"), n=4, frames=TINY_FRAMES)
     return {
+        "videos": videos,
         "pairs": pairs / "train.jsonl",
         "dual": write_diffusion_pairs(dual, n=8, seed=0, image_size=32, caption_rejected=True),
         "lists": write_diffusion_lists(lists, n=8, k=3, seed=0, image_size=32),
@@ -186,6 +190,7 @@ def test_diffusion_configs_parse_and_instantiate(config, diffusion_builds, monke
     assert optimizer.param_groups[0]["lr"] == model_args["optimizer"]["init_args"]["lr"]
     data_args = spec["data"]["init_args"]
     assert cli.datamodule.resolution == data_args["resolution"]
+    assert cli.datamodule.frames == data_args.get("frames")
     assert cli.datamodule.loader.batch_size == data_args["loader"]["batch_size"]
     assert cli.trainer.precision == spec["trainer"]["precision"]
 
@@ -200,12 +205,14 @@ def test_config_header_command_runs_on_a_tiny_model(config, diffusion_builds, co
     data = {"YOUR/train.jsonl": command_data["dual" if "dcpo" in config.stem else "pairs"]}  # DCPO: two captions
     data["YOUR/ranked.jsonl"] = command_data["lists"]
     data["YOUR/scored.jsonl"] = command_data["scored"]  # SmPO: scores on every record
+    data["YOUR/videos.jsonl"] = command_data["videos"]  # Wan: pairs of mp4 clips
     argv = shlex.split(command)[1:]
     for placeholder, file in data.items():
         argv = [a.replace(placeholder, str(file)) for a in argv]
     tiny = diffusion_builds[TINY_FOR[spec["model"]["init_args"]["backbone"]["init_args"]["model_name_or_path"]]]
     monkeypatch.chdir(REPO)
-    main(argv + tiny_run_args(tiny, tmp_path))
+    frames = [f"--data.init_args.frames={TINY_FRAMES}"] if spec["data"]["init_args"].get("frames") else []
+    main(argv + tiny_run_args(tiny, tmp_path) + frames)
     weights = load_file(tmp_path / "out" / "pytorch_lora_weights.safetensors")
     rank = spec["model"]["init_args"]["backbone"]["init_args"]["lora"]["init_args"]["r"]
     assert weights and {w.shape[0] for k, w in weights.items() if "lora_A" in k} == {rank}

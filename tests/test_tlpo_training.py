@@ -20,7 +20,7 @@ import yaml
 pytest.importorskip("diffusers")
 
 import lightning as L  # noqa: E402
-from helpers.diffusion import tiny_run_args  # noqa: E402
+from helpers.diffusion import tiny_run_args, write_video_pairs  # noqa: E402
 
 from datamodules.core.records import BadSampleError  # noqa: E402
 from datamodules.diffusion.module import DiffusionPreferenceDataModule, write_diffusion_pairs  # noqa: E402
@@ -40,11 +40,16 @@ EXPERTS_ARG = "model.init_args.backbone.init_args.experts"
 TINY_FOR = {  # the real checkpoint of each config -> the tiny build standing in for it
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15",
     "stabilityai/stable-diffusion-3-medium-diffusers": "sd3",
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "wan",
 }
 # the SD3 experts' targets named in configs/tlpo/sd3_medium_gate.yaml
 SD3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 SD3_TARGETS += ["ff.net.0.proj", "ff.net.2"]
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2"]
+# the Wan experts' targets named in configs/diffusion/wan21_t2v_1_3b_dpo_lora.yaml (self/cross attention, FFN)
+WAN_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"]
+EXPERT_TARGETS = {"sd15": TARGETS, "sd3": SD3_TARGETS, "wan": WAN_TARGETS}
+WAN_FRAMES = 9  # the Wan config's clips on the tiny build (4n + 1 frames)
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +110,16 @@ def experts_dir(diffusion_builds, tagged_pairs, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def sd3_experts_dir(diffusion_builds, tmp_path_factory) -> Path:
-    """Untrained experts (random B) on the tiny SD3, for its config: each saved by name, as stage 1 does."""
-    out = tmp_path_factory.mktemp("tlpo-sd3-experts")
+def tagged_videos(tmp_path_factory) -> Path:
+    """8 video-world pairs of mp4 clips, record i judged on dimension i mod 3 (the Wan config's data)."""
+    return write_video_pairs(tmp_path_factory.mktemp("tlpo-videos"), n=8, frames=WAN_FRAMES, dimensions=DIMENSIONS)
+
+
+def random_experts(diffusion_builds, kind: str, out: Path) -> Path:
+    """Untrained experts (random B) on a tiny build, for its config: each saved by name, as stage 1 does."""
     for i, dim in enumerate(EXPERTS):
-        lora = LoraSettings(r=2, alpha=2, dropout=0.0, target_modules=SD3_TARGETS)
-        backbone = ExpertDiffusionBackbone(str(diffusion_builds["sd3"]), stage="expert", expert=dim, lora=lora)
+        lora = LoraSettings(r=2, alpha=2, dropout=0.0, target_modules=EXPERT_TARGETS[kind])
+        backbone = ExpertDiffusionBackbone(str(diffusion_builds[kind]), stage="expert", expert=dim, lora=lora)
         model = backbone.build()
         with torch.no_grad():
             for n, p in model.denoiser.named_parameters():
@@ -120,11 +129,29 @@ def sd3_experts_dir(diffusion_builds, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def sd3_experts_dir(diffusion_builds, tmp_path_factory) -> Path:
+    return random_experts(diffusion_builds, "sd3", tmp_path_factory.mktemp("tlpo-sd3-experts"))
+
+
+@pytest.fixture(scope="module")
+def wan_experts_dir(diffusion_builds, tmp_path_factory) -> Path:
+    return random_experts(diffusion_builds, "wan", tmp_path_factory.mktemp("tlpo-wan-experts"))
+
+
 def tiny_and_experts(spec: dict, diffusion_builds, request) -> tuple[Path, Path]:
     """The tiny build standing in for a config's checkpoint, and the experts made on it."""
     kind = TINY_FOR[spec["model"]["init_args"]["backbone"]["init_args"]["model_name_or_path"]]
-    experts = request.getfixturevalue("experts_dir" if kind == "sd15" else "sd3_experts_dir")
+    experts = request.getfixturevalue("experts_dir" if kind == "sd15" else f"{kind}_experts_dir")
     return diffusion_builds[kind], experts
+
+
+def config_data(spec: dict, request) -> tuple[Path, list[str]]:
+    """A config's training file and the overrides it needs on the tiny build: tagged image pairs, or for a
+    video config tagged mp4 pairs at the tiny clip length."""
+    if spec["data"]["init_args"].get("frames"):
+        return request.getfixturevalue("tagged_videos"), [f"--data.init_args.frames={WAN_FRAMES}"]
+    return request.getfixturevalue("tagged_pairs"), []
 
 
 def test_stage_one_saves_one_peft_expert_per_dimension(experts_dir):
@@ -281,7 +308,9 @@ def test_bad_input_names_the_file_record_and_expert(diffusion_builds, experts_di
         ExpertDiffusionBackbone("x", stage="inference", experts_dir=str(experts_dir), experts=EXPERTS)
 
 
-def _stubbed_cli(config: Path, tiny: Path, experts_dir: Path, train_file: Path, monkeypatch, run: bool = False):
+def _stubbed_cli(
+    config: Path, tiny: Path, experts_dir: Path, train_file: Path, monkeypatch, run: bool = False, extra=()
+):
     monkeypatch.setattr(
         DiffusionBackbone, "load_pretrained", lambda self, *args: load_diffusion_model(str(tiny), None, self.dtype)
     )
@@ -290,15 +319,16 @@ def _stubbed_cli(config: Path, tiny: Path, experts_dir: Path, train_file: Path, 
     args += ["--data.init_args.loader.num_workers=0"]
     if "gate" in config.stem:
         args += [f"--model.init_args.backbone.init_args.experts_dir={experts_dir}", f"--{EXPERTS_ARG}={EXPERTS}"]
-    return MMPOCLI(args=args, run=run)
+    return MMPOCLI(args=[*args, *extra], run=run)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_tlpo_configs_parse_and_instantiate(config, diffusion_builds, tagged_pairs, monkeypatch, request):
+def test_tlpo_configs_parse_and_instantiate(config, diffusion_builds, monkeypatch, request):
     spec = yaml.safe_load(config.read_text())
     backbone_args = spec["model"]["init_args"]["backbone"]["init_args"]
     tiny, experts_dir = tiny_and_experts(spec, diffusion_builds, request)
-    cli = _stubbed_cli(config, tiny, experts_dir, tagged_pairs, monkeypatch)
+    train_file, extra = config_data(spec, request)
+    cli = _stubbed_cli(config, tiny, experts_dir, train_file, monkeypatch, extra=extra)
     backbone = cli.model.backbone
     assert type(backbone) is ExpertDiffusionBackbone and backbone.stage == backbone_args["stage"]
     assert cli.datamodule.dimensions == spec["data"]["init_args"]["dimensions"]
@@ -322,7 +352,7 @@ def test_tlpo_configs_parse_and_instantiate(config, diffusion_builds, tagged_pai
         for key, value in backbone_args["gate"]["init_args"].items():
             assert getattr(backbone.gate, key) == value, key
         fused = cli.model.policy.denoiser.tlpo_fusion.layers
-        targets = SD3_TARGETS if "sd3" in config.stem else TARGETS
+        targets = EXPERT_TARGETS[TINY_FOR[backbone_args["model_name_or_path"]]]
         assert all(any(n.endswith(t) for n in fused) for t in targets)  # every expert target is fused
     lr = spec["model"]["init_args"]["optimizer"]["init_args"]["lr"]
     assert cli.model.configure_optimizers().param_groups[0]["lr"] == lr
@@ -335,15 +365,15 @@ def _header_command(config: Path) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-def test_tlpo_config_header_command_runs_on_a_tiny_model(
-    config, diffusion_builds, tagged_pairs, tmp_path, monkeypatch, request
-):
-    tiny, experts_dir = tiny_and_experts(yaml.safe_load(config.read_text()), diffusion_builds, request)
-    argv = [a.replace("YOUR/train.jsonl", str(tagged_pairs)) for a in shlex.split(_header_command(config))[1:]]
+def test_tlpo_config_header_command_runs_on_a_tiny_model(config, diffusion_builds, tmp_path, monkeypatch, request):
+    spec = yaml.safe_load(config.read_text())
+    tiny, experts_dir = tiny_and_experts(spec, diffusion_builds, request)
+    train_file, extra = config_data(spec, request)
+    argv = [a.replace("YOUR/train.jsonl", str(train_file)) for a in shlex.split(_header_command(config))[1:]]
     if "gate" in config.stem:
         argv += [f"--model.init_args.backbone.init_args.experts_dir={experts_dir}", f"--{EXPERTS_ARG}={EXPERTS}"]
     monkeypatch.chdir(REPO)
-    main(argv + tiny_run_args(tiny, tmp_path))
+    main(argv + tiny_run_args(tiny, tmp_path) + extra)
     saved = tmp_path / "out"
     if "gate" in config.stem:
         info = json.loads((saved / "gate.json").read_text())

@@ -130,7 +130,7 @@ def build_latent_cache(
     stats, pending = CacheStats(), []
     with tqdm(total=len(dataset.records), desc="caching latents", unit="pair", disable=not show_progress) as bar:
         for i, rec in enumerate(dataset.records):
-            key = cache.key(rec.caption, rec.images, dataset.resolution, rec.where)
+            key = cache.key(rec.caption, rec.images, dataset.geometry, rec.where)
             if cache.has(key, need_text=encode_text is not None):
                 stats.reused += 1
                 bar.update()

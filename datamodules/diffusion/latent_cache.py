@@ -27,6 +27,7 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
@@ -99,8 +100,9 @@ class LatentCache:
         text = json.dumps({"version": CACHE_VERSION, "encoder_ids": built + [self.encoder_id]}, indent=2) + "\n"
         atomic_write_text(self.dir / _MANIFEST, text)
 
-    def key(self, caption: str, images: Sequence[str], resolution: int | Sequence[int], where: str) -> str:
-        """Fingerprint of an entry: caption, image bytes, resolution, encoder id and cache version."""
+    def key(self, caption: str, images: Sequence[str], resolution: Any, where: str) -> str:
+        """Fingerprint of an entry: caption, image bytes, resolution (with the frame count for clips), encoder
+        id and cache version."""
         h = hashlib.sha256(
             json.dumps(
                 {"v": CACHE_VERSION, "encoder": self.encoder_id, "resolution": resolution, "caption": caption},

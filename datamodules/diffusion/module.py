@@ -19,12 +19,12 @@ from datamodules.core.loaders import FirstBatchStatefulDataLoader, pins_memory
 from datamodules.core.samplers import EpochShuffleSampler
 from datamodules.core.settings import LoaderSettings, as_settings, migrate_flat_settings, settings_dict
 from datamodules.diffusion.cache import CacheStats, build_latent_cache
+from datamodules.diffusion.media import image_size
 from datamodules.diffusion.pairs import (
     DiffusionPairRecord,
     DiffusionPreferenceCollator,
     DiffusionPreferenceDataset,
     EpochTaggedSampler,
-    image_size,
     load_diffusion_records,
 )
 from datamodules.worlds.shapes import COLORS, ShapeObject, caption_for, render_scene, sample_scene
@@ -74,6 +74,10 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
             drawn from (seed, epoch, index), so that the model also learns the unconditional prediction
             classifier-free guidance needs (the diffusers text-to-image scripts' ``proportion_empty_prompts``;
             InPO's script uses 0.2). Validation and test groups keep their captions. Not with ``dual_captions``.
+        frames: video diffusion (Wan 2.1): every image path names a clip of this many frames, a video file
+            (frames sampled evenly over it; a shorter video is a bad record) or a film strip of frames side by
+            side (:mod:`datamodules.diffusion.clips`); ``resolution`` is then each frame's size, and batches hold
+            clips (K·B, 3, F, H, W). Wan's VAE takes 4n + 1 frames (5, 9, ..., 81). None: images.
     """
 
     #: the settings groups this class takes, by argument name
@@ -96,6 +100,7 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         dual_captions: bool = False,
         dimensions: list[str] | None = None,
         caption_dropout: float = 0.0,
+        frames: int | None = None,
         **flat_settings: Any,
     ) -> None:
         super().__init__()
@@ -124,6 +129,9 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
         if caption_dropout and dual_captions:
             raise ValueError("caption_dropout is not supported with dual_captions (which caption would be dropped?)")
         self.caption_dropout = caption_dropout
+        if frames is not None and frames < 1:
+            raise ValueError(f"frames must be >= 1, got {frames}")
+        self.frames = frames
         self.datasets: dict[str, DiffusionPreferenceDataset] = {}
         self.problems: dict[str, list[str]] = {}
         if cache_dir is not None and (random_flip or not center_crop):
@@ -145,6 +153,7 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
                 "dual_captions": dual_captions,
                 "dimensions": dimensions,
                 "caption_dropout": caption_dropout,
+                "frames": frames,
             }
         )
 
@@ -174,6 +183,7 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
                 cache_dir=self.cache_dir,
                 cache_encoder_id=self.cache_encoder_id,
                 caption_dropout=self.caption_dropout if split == "train" else 0.0,
+                frames=self.frames,
             )
 
     #: what a record is, for messages

@@ -34,17 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.transforms.functional import pil_to_tensor
 
 from datamodules.core.records import BadSampleError, load_records, resolve_media_path
 from datamodules.core.samplers import EpochShuffleSampler
 from datamodules.diffusion.batch import DiffusionPreferenceBatch, DiffusionPreferenceCollator
 from datamodules.diffusion.latent_cache import LatentCache
+from datamodules.diffusion.media import load_clip_frames, load_condition, pair_pixels
 from datamodules.vision_text.collator import load_image
 
 __all__ = [
@@ -55,7 +53,6 @@ __all__ = [
     "EpochTaggedSampler",
     "caption_field",
     "load_diffusion_records",
-    "pair_pixels",
     "parse_diffusion_record",
 ]
 
@@ -190,28 +187,6 @@ def _condition(raw: dict[str, Any], where: str, root: Path) -> str | None:
     return resolve_media_path(value, root, where)
 
 
-def load_condition(path: str, where: str) -> Tensor:
-    """A record's conditioning tensor: the ``.npy`` array at ``path`` as (c, h, w) float32.
-
-    Raises:
-        BadSampleError: naming ``where`` and the file, when it is missing, unreadable (pickled objects are
-            refused), not 3-dimensional or not finite.
-    """
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise BadSampleError(f"{where}: cannot read condition {path}: {e}") from e
-    if array.ndim != 3 or not np.issubdtype(array.dtype, np.number):
-        raise BadSampleError(
-            f"{where}: condition {path} must be a (channels, height, width) numeric array, got {array.dtype} "
-            f"{tuple(array.shape)}"
-        )
-    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-    if not bool(torch.isfinite(tensor).all()):
-        raise BadSampleError(f"{where}: condition {path} holds NaN or infinite values")
-    return tensor
-
-
 def caption_field(raw: dict[str, Any], name: str, where: str) -> str:
     """A caption of a record: a non-empty string.
 
@@ -329,46 +304,6 @@ def load_diffusion_records(
     return records, problems
 
 
-def image_size(resolution: int | Sequence[int]) -> tuple[int, int]:
-    """``(height, width)`` of training images: a square side, or ``[height, width]`` (e.g. a film strip of frames)."""
-    size = (resolution, resolution) if isinstance(resolution, int) else tuple(int(r) for r in resolution)
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"resolution must be a positive side or [height, width], got {resolution!r}")
-    return size
-
-
-def pair_pixels(
-    images: Sequence[Image.Image],
-    resolution: int | Sequence[int],
-    crop: tuple[float, float] = (0.5, 0.5),
-    flip: bool = False,
-) -> Tensor:
-    """Resize to cover the target size (bilinear, antialiased), crop it, flip, scale.
-
-    ``resolution`` R is a square R × R (the shorter side resized to R) or ``[height, width]`` (the image
-    scaled by the larger of the two ratios, so that it covers both, then cropped). Every image gets the
-    same crop, given as relative offsets ``(x, y)`` in [0, 1] of the free space (0.5, 0.5 is the centre
-    crop), so images of one size get the same pixels cut out.
-
-    Returns:
-        (K, 3, height, width) float in [-1, 1] for K images (a pair: K = 2).
-    """
-    height, width = image_size(resolution)
-    out = []
-    for im in images:
-        w, h = im.size
-        if (w, h) != (width, height) and (h < height or w < width or (h != height and w != width)):
-            s = max(height / h, width / w)
-            w, h = max(width, round(w * s)), max(height, round(h * s))
-            im = im.resize((w, h), Image.Resampling.BILINEAR)
-        left, top = round(crop[0] * (w - width)), round(crop[1] * (h - height))
-        im = im.crop((left, top, left + width, top + height))
-        if flip:
-            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        out.append(pil_to_tensor(im).float() / 127.5 - 1.0)  # uint8 (3, H, W) -> [-1, 1]
-    return torch.stack(out)
-
-
 class EpochTaggedSampler(EpochShuffleSampler):
     """:class:`EpochShuffleSampler` yielding ``(index, epoch)``.
 
@@ -394,11 +329,11 @@ class DiffusionPreferenceDataset(Dataset):
     and ``image_captions``. Indexed by an int or by ``(index, epoch)`` (:class:`EpochTaggedSampler`);
     the random crop and flip of a group are drawn from (seed, epoch, index) and shared by its images.
     A sample is a dict with ``id``, ``caption``, ``label``, ``scores``, ``image_captions`` and either
-    ``pixel_values`` (K, 3, H, W) or, with ``cache_dir``, ``latents`` (K, c, h, w) and the cached text
-    tensors, best first, and ``condition`` (c', h, w) when the record names a conditioning tensor (read from
-    its file in either case). With per-image captions (DCPO) the cached text is not served: the backbone
-    encodes each image's caption. With ``on_bad_sample="skip"`` an undecodable group yields None,
-    which the collator counts.
+    ``pixel_values`` (K, 3, H, W) (with ``frames``: clips (K, 3, F, H, W)) or, with ``cache_dir``, ``latents``
+    (K, c, h, w) (clips: (K, c, f, h, w)) and the cached text tensors, best first, and ``condition``
+    (c', h, w) when the record names a conditioning tensor (read from its file in either case). With
+    per-image captions (DCPO) the cached text is not served: the backbone encodes each image's caption.
+    With ``on_bad_sample="skip"`` an undecodable group yields None, which the collator counts.
 
     Args:
         records: validated pairs or ranked lists.
@@ -413,6 +348,8 @@ class DiffusionPreferenceDataset(Dataset):
         caption_dropout: probability that a group is trained unconditionally (its caption replaced by the
             empty caption, for classifier-free guidance), drawn from (seed, epoch, index); the sample's
             ``caption_dropped`` says which, and the backbone conditions those groups on ``""``.
+        frames: read every image path as a clip of this many frames (a video file or a film strip,
+            :mod:`datamodules.diffusion.clips`); ``resolution`` is then each frame's size. None: images.
     """
 
     def __init__(
@@ -426,9 +363,13 @@ class DiffusionPreferenceDataset(Dataset):
         cache_dir: str | os.PathLike | None = None,
         cache_encoder_id: str | None = None,
         caption_dropout: float = 0.0,
+        frames: int | None = None,
     ) -> None:
         if not 0.0 <= caption_dropout < 1.0:
             raise ValueError(f"caption_dropout must be in [0, 1), got {caption_dropout}")
+        if frames is not None and frames < 1:
+            raise ValueError(f"frames must be >= 1, got {frames}")
+        self.frames = frames
         self.records = records
         self.caption_dropout = caption_dropout
         self.resolution = resolution
@@ -454,11 +395,24 @@ class DiffusionPreferenceDataset(Dataset):
             return False
         return random.Random(f"{self.seed}:{epoch}:{index}:caption").random() < self.caption_dropout
 
+    @property
+    def geometry(self) -> int | Sequence[int] | dict[str, Any]:
+        """What the pixels' shape depends on, for the latent cache's keys: the resolution (images), or the
+        frame size and count (clips)."""
+        return self.resolution if self.frames is None else {"resolution": self.resolution, "frames": self.frames}
+
     def pixels(self, index: int, crop: tuple[float, float] = (0.5, 0.5), flip: bool = False) -> Tensor:
-        """(K, 3, H, W) in [-1, 1], the record's images in data order. Raises BadSampleError."""
+        """(K, 3, H, W) in [-1, 1], the record's images in data order, or with ``frames`` its clips
+        (K, 3, F, H, W). Raises BadSampleError."""
         rec = self.records[index]
-        images = [load_image(path, rec.where) for path in rec.images]
-        return pair_pixels(images, self.resolution, crop, flip)
+        if self.frames is None:
+            images = [load_image(path, rec.where) for path in rec.images]
+            return pair_pixels(images, self.resolution, crop, flip)
+        clips = [
+            pair_pixels(load_clip_frames(path, self.frames, rec.where), self.resolution, crop, flip)
+            for path in rec.images
+        ]
+        return torch.stack(clips).transpose(1, 2)  # K × (F, 3, H, W) -> (K, 3, F, H, W)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any] | None:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
@@ -473,7 +427,7 @@ class DiffusionPreferenceDataset(Dataset):
                 sample["pixel_values"] = self.pixels(index, *self.augmentation(index, epoch))[order]
             else:
                 entry = self.cache.load(
-                    self.cache.key(rec.caption, rec.images, self.resolution, rec.where), rec.where, rec.id
+                    self.cache.key(rec.caption, rec.images, self.geometry, rec.where), rec.where, rec.id
                 )
                 sample["latents"] = entry.pop("latents")[order]
                 # text_embeds (L, D) and text.<name>, or nothing; per-image captions are encoded by the backbone

@@ -8,6 +8,9 @@ Diffusion-DPO: ``DPOLoss(β)`` on these statistics is −log σ(β[(e_ref^w − 
 the official objective with ``β = β_official / 2`` (docs/diffusion.md has the table of conventions).
 A ranked list of K > 2 images is the same computation with more rows (RankDPO: ``LambdaRankLoss``);
 a batch with ``image_captions`` conditions each image on its own caption instead of the group's (DCPO).
+Video checkpoints (Wan 2.1 text-to-video, ``WanTransformer3DModel`` over ``AutoencoderKLWan``) are the same
+computation on 5-D latents (K·B, c, f, h, w) from clips (K·B, 3, F, H, W): the error is the mean over every
+latent element, and the group's one ε covers all its frames.
 A batch with ``condition`` (B, c', h, w) (e.g. a reference image's latents and per-frame audio features)
 has it concatenated to every row's noisy latents as extra input channels, as image-to-video and
 InstructPix2Pix-style denoisers take their conditioning; the denoiser's ``in_channels`` must be c + c'.
@@ -59,7 +62,7 @@ class DiffusionBackbone(Backbone):
     Args:
         model_name_or_path: hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``,
             ``stabilityai/stable-diffusion-xl-base-1.0``, ``stabilityai/stable-diffusion-3-medium-diffusers``)
-            or a local pipeline folder (with ``model_index.json``).
+            ``Wan-AI/Wan2.1-T2V-1.3B-Diffusers``, or a local pipeline folder (with ``model_index.json``).
         lora: LoRA on the denoiser (e.g. ``target_modules: [to_q, to_k, to_v, to_out.0]``, the attention
             projections); None trains the whole denoiser.
         dtype: the denoiser's and text encoders' weights at load time (the VAE stays float32; LoRA
@@ -77,7 +80,7 @@ class DiffusionBackbone(Backbone):
         segments: report the statistic per temporal segment too (DenseDPO): the latents' width is cut into
             this many equal column blocks (the frames of a film strip, or groups of them), and
             ``token_logps`` (B, K, S) holds −(block error)/S, so that ``logps`` (their sum) is the usual
-            −(mean error). None: one statistic per image.
+            −(mean error); video latents are cut along their latent frames instead. None: one statistic per image.
     """
 
     def __init__(
@@ -188,10 +191,25 @@ class DiffusionBackbone(Backbone):
         """Scaled VAE latents of images in [-1, 1]: (N, 3, H, W) -> (N, c, h, w) float32, no gradient.
 
         The posterior's mean, shifted and scaled by the VAE config (``shift_factor``, ``scaling_factor``).
+        A video VAE (``AutoencoderKLWan``) takes clips (N, 3, F, H, W), F = 4n + 1 frames, to (N, c, f, h, w),
+        normalised per channel by its ``latents_mean`` and ``latents_std`` as ``WanPipeline`` un-normalises them.
         """
         vae = model.vae
+        video = getattr(vae.config, "scale_factor_temporal", None) is not None  # AutoencoderKLWan
+        if video != (pixel_values.dim() == 5):
+            raise ValueError(
+                f"{type(vae).__name__} encodes {'clips (N, 3, F, H, W)' if video else 'images (N, 3, H, W)'}, "
+                f"got pixels of shape {tuple(pixel_values.shape)}"
+                + ("; set the datamodule's frames" if video else "; video data needs a video checkpoint (Wan)")
+            )
+        if video and (pixel_values.shape[2] - 1) % vae.config.scale_factor_temporal:
+            step = vae.config.scale_factor_temporal
+            raise ValueError(f"the Wan VAE encodes clips of {step}n + 1 frames, got {pixel_values.shape[2]}")
         with torch.no_grad():
             mean = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.mean.float()
+        if video:
+            stats = torch.tensor([vae.config.latents_mean, vae.config.latents_std], device=mean.device)  # (2, c)
+            return (mean - stats[0].view(1, -1, 1, 1, 1)) / stats[1].view(1, -1, 1, 1, 1)
         shift = getattr(vae.config, "shift_factor", None) or 0.0
         return (mean - shift) * vae.config.scaling_factor
 
@@ -235,7 +253,7 @@ class DiffusionBackbone(Backbone):
             text = self.encode_image_captions(model, batch.image_captions)
         elif batch.text_embeds is not None:
             text = TextConditioning(batch.text_embeds, batch.text_extra.get("pooled"))
-            if model.family != "sd" and text.pooled is None:
+            if model.family in ("sdxl", "sd3") and text.pooled is None:
                 raise ValueError(
                     f"the latent cache holds no pooled text embeddings, which a {model.family} denoiser needs: "
                     "build it with DiffusionBackbone.cache_encoders"
@@ -306,7 +324,7 @@ class DiffusionBackbone(Backbone):
         text: TextConditioning,
         condition: Tensor | None = None,
     ) -> Tensor:
-        """The denoiser's output for noisy latents (N, c, h, w) at ``timesteps`` (N,) under per-row ``text``.
+        """The denoiser's output for noisy latents (N, c, h, w) or (N, c, f, h, w) at ``timesteps`` (N,) under ``text``.
 
         ``condition`` (N, c', h, w), when given, is concatenated after the latents' channels.
         """
@@ -326,6 +344,10 @@ class DiffusionBackbone(Backbone):
                 + ("; give each record a 'condition' file" if condition is None else "")
             )
         denoiser = model.denoiser
+        if model.family == "wan":
+            return denoiser(
+                hidden_states=noisy, timestep=timesteps, encoder_hidden_states=text.embeds, return_dict=False
+            )[0]
         if model.family == "sd3":
             return denoiser(
                 hidden_states=noisy, timestep=timesteps, encoder_hidden_states=text.embeds,
@@ -372,9 +394,9 @@ class DiffusionBackbone(Backbone):
 
     @staticmethod
     def _condition_rows(batch: Any, k: int) -> Tensor | None:
-        """The batch's condition (B, c', h, w) repeated for the K rows of each group (K·B, ...), or None."""
+        """The batch's condition (B, c', ...) repeated for the K rows of each group (K·B, ...), or None."""
         condition = getattr(batch, "condition", None)
-        return None if condition is None else condition.float().repeat(k, 1, 1, 1)
+        return None if condition is None else condition.float().repeat(k, *([1] * (condition.dim() - 1)))
 
     # -- saving -------------------------------------------------------------------------------
     def save(self, model: nn.Module, out_dir: str | os.PathLike) -> None:

@@ -4,7 +4,10 @@
 with its own class's ``from_pretrained(path, subfolder=...)``, as a diffusers pipeline does, except
 the scheduler: training noises with ``DDPMScheduler`` (UNet checkpoints, whatever sampler they ship)
 or ``FlowMatchEulerDiscreteScheduler`` (flow-matching checkpoints), both read from the checkpoint's
-``scheduler`` config, as the diffusers training scripts do.
+``scheduler`` config, as the diffusers training scripts do. A flow-matching checkpoint that ships another
+sampler (Wan 2.1: ``UniPCMultistepScheduler`` with ``use_flow_sigmas`` and ``prediction_type:
+flow_prediction``) trains on ``FlowMatchEulerDiscreteScheduler`` with the sampler's ``flow_shift`` as its
+shift and the same ``num_train_timesteps``, so the training sigmas follow the checkpoint's shifted schedule.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ class DiffusionModel(nn.Module):
     whatever ``train()`` is asked, so no dropout of theirs changes the encodings.
 
     Args:
-        denoiser: ``UNet2DConditionModel`` or ``SD3Transformer2DModel``.
-        vae: ``AutoencoderKL``.
+        denoiser: ``UNet2DConditionModel``, ``SD3Transformer2DModel`` or ``WanTransformer3DModel``.
+        vae: ``AutoencoderKL`` (``AutoencoderKLWan`` for Wan).
         text_encoders: the text encoders by pipeline name (``text_encoder``, ``text_encoder_2``, ...).
         tokenizers: their tokenizers by pipeline name (``tokenizer``, ``tokenizer_2``, ...).
         scheduler: the training scheduler (``schedule`` is the noising it defines).
@@ -72,7 +75,10 @@ class DiffusionModel(nn.Module):
     @property
     def vae_scale_factor(self) -> int:
         """Pixels per latent along a side."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        config = self.vae.config
+        if getattr(config, "scale_factor_spatial", None) is not None:  # AutoencoderKLWan
+            return int(config.scale_factor_spatial)
+        return 2 ** (len(config.block_out_channels) - 1)
 
     def train(self, mode: bool = True) -> DiffusionModel:
         super().train(mode)
@@ -120,11 +126,23 @@ def load_diffusion_model(path: str, revision: str | None = None, dtype: str = "f
     denoiser_name = "unet" if "unet" in present else "transformer" if "transformer" in present else None
     if denoiser_name is None or "vae" not in present or "scheduler" not in present:
         raise ValueError(f"{path}: model_index.json names no unet/transformer, vae or scheduler")
+    if "transformer_2" in present:
+        raise ValueError(
+            f"{path}: model_index.json names two transformers (Wan 2.2's high- and low-noise experts); "
+            "DiffusionBackbone trains one denoiser"
+        )
     weights = _DTYPES[dtype]
-    scheduler_class = (
-        FlowMatchEulerDiscreteScheduler if index["scheduler"][1].startswith("FlowMatch") else DDPMScheduler
-    )
     kwargs = {"subfolder": "scheduler", **({"revision": revision} if revision else {})}
+    if index["scheduler"][1].startswith("FlowMatch"):
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, **kwargs)
+    else:
+        config = DDPMScheduler.load_config(path, **kwargs)
+        if config.get("use_flow_sigmas") or config.get("prediction_type") == "flow_prediction":
+            scheduler = FlowMatchEulerDiscreteScheduler(
+                num_train_timesteps=config.get("num_train_timesteps", 1000), shift=float(config.get("flow_shift", 1.0))
+            )
+        else:
+            scheduler = DDPMScheduler.from_pretrained(path, **kwargs)
     encoders = {n: _component(path, index, n, revision, weights) for n in _TEXT_ENCODERS if n in present}
     tokenizers = {
         n.replace("text_encoder", "tokenizer"): _component(
@@ -137,7 +155,7 @@ def load_diffusion_model(path: str, revision: str | None = None, dtype: str = "f
         vae=_component(path, index, "vae", revision, torch.float32),
         text_encoders=encoders,
         tokenizers=tokenizers,
-        scheduler=scheduler_class.from_pretrained(path, **kwargs),
+        scheduler=scheduler,
         pipeline_class=index["_class_name"],
         denoiser_name=denoiser_name,
     )

@@ -91,7 +91,7 @@ class NoiseSchedule(ABC):
     def draw(
         self, groups: int, latent_shape: Sequence[int], device: torch.device, seeds: Sequence[int] | None = None
     ) -> NoiseDraw:
-        """A fresh draw for ``groups`` groups of latents shaped ``latent_shape`` (c, h, w).
+        """A fresh draw for ``groups`` groups of latents shaped ``latent_shape`` ((c, h, w) or (c, f, h, w)).
 
         Args:
             groups: B.
@@ -170,7 +170,7 @@ class FlowMatchingSchedule(NoiseSchedule):
         return NoiseDraw(timesteps=timesteps, noise=noise, sigmas=sigmas)
 
     def noisy(self, latents: Tensor, draw: NoiseDraw) -> Tensor:
-        sigma = draw.sigmas.view(-1, 1, 1, 1).to(latents.dtype)  # (N, 1, 1, 1)
+        sigma = draw.sigmas.view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)  # (N, 1, ...)
         return (1.0 - sigma) * latents + sigma * draw.noise.to(latents.dtype)
 
     def target(self, latents: Tensor, draw: NoiseDraw) -> Tensor:
@@ -185,15 +185,20 @@ def noise_schedule(scheduler) -> NoiseSchedule:
 
 
 def denoising_errors(prediction: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error over channels, height and width, in float32: (N, C, H, W) -> (N,)."""
-    return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+    """Mean squared error over every dimension but the first, in float32: (N, C, H, W) or (N, C, F, H, W) -> (N,)."""
+    return (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, prediction.dim())))
 
 
 def segment_errors(prediction: Tensor, target: Tensor, segments: int) -> Tensor:
-    """Mean squared error of each of ``segments`` equal column blocks (temporal segments of a film strip), over
-    channels, height and the block's width, in float32: (N, C, H, W) -> (N, S)."""
-    width = prediction.shape[-1]
-    if width % segments:
-        raise ValueError(f"latents {width} wide cannot be cut into {segments} equal segments")
-    squared = (prediction.float() - target.float()).pow(2)
-    return squared.unflatten(-1, (segments, width // segments)).mean(dim=(1, 2, 4))
+    """Mean squared error of each of ``segments`` equal temporal blocks, in float32: (N, S).
+
+    Image latents (N, C, H, W) are a film strip of frames side by side: the blocks are equal column blocks
+    of the width. Video latents (N, C, F, H, W) are cut along the latent frames F.
+    """
+    axis = 2 if prediction.dim() == 5 else prediction.dim() - 1
+    length = prediction.shape[axis]
+    if length % segments:
+        what = f"{length} latent frames" if axis == 2 else f"latents {length} wide"
+        raise ValueError(f"{what} cannot be cut into {segments} equal segments")
+    squared = (prediction.float() - target.float()).pow(2).unflatten(axis, (segments, length // segments))
+    return squared.mean(dim=tuple(d for d in range(1, squared.dim()) if d != axis))  # all but N and the segment

@@ -1,4 +1,4 @@
-"""Caption conditioning of Stable Diffusion 1.x/2.x, SDXL and SD3, from their frozen text encoders.
+"""Caption conditioning of Stable Diffusion 1.x/2.x, SDXL, SD3 and Wan 2.1, from their frozen text encoders.
 
 Each family conditions its denoiser on the captions differently; the functions here write down what
 each pipeline feeds its denoiser (read from the diffusers pipelines' documented behaviour):
@@ -9,12 +9,17 @@ each pipeline feeds its denoiser (read from the diffusers pipelines' documented 
 - ``sd3``: the penultimate hidden states of CLIP-L and CLIP-G side by side, zero-padded to T5's width
   and followed by T5's last hidden state along the sequence, (B, 77 + 256, D_T5); both CLIPs' pooled
   projections side by side (B, P_L + P_G).
+- ``wan``: UMT5's last hidden state over the caption's own tokens, zeros after them up to 512 positions
+  (B, 512, D), as ``WanPipeline`` builds it; no pooled embedding. Captions are cleaned as the pipeline does
+  (HTML entities unescaped, whitespace collapsed; its optional ``ftfy`` repair is not applied).
 
-Captions are padded to the tokenizer's window and cut there (77 tokens for CLIP, 256 for SD3's T5).
+Captions are padded to the tokenizer's window and cut there (77 tokens for CLIP, 256 for SD3's T5, 512 for
+Wan's UMT5).
 """
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -26,9 +31,10 @@ from torch import Tensor, nn
 
 __all__ = ["Family", "TextConditioning", "encode_captions", "family_of"]
 
-Family = Literal["sd", "sdxl", "sd3"]
+Family = Literal["sd", "sdxl", "sd3", "wan"]
 
 _T5_LENGTH = 256  # SD3's pipeline default max_sequence_length
+_UMT5_LENGTH = 512  # WanPipeline's default max_sequence_length
 
 
 @dataclass(eq=False)
@@ -68,9 +74,13 @@ def family_of(denoiser: nn.Module) -> Family:
         raise ValueError(f"UNet2DConditionModel with addition_embed_type={added!r} is not supported")
     if name == "SD3Transformer2DModel":
         return "sd3"
+    if name == "WanTransformer3DModel":
+        if getattr(config, "image_dim", None) is not None:
+            raise ValueError("WanTransformer3DModel with image_dim (image-to-video, CLIP image input) is not supported")
+        return "wan"
     raise ValueError(
-        f"{name} is not supported: DiffusionBackbone trains UNet2DConditionModel (SD 1.x/2.x, SDXL) and "
-        "SD3Transformer2DModel (SD3) denoisers"
+        f"{name} is not supported: DiffusionBackbone trains UNet2DConditionModel (SD 1.x/2.x, SDXL), "
+        "SD3Transformer2DModel (SD3) and WanTransformer3DModel (Wan 2.1 text-to-video) denoisers"
     )
 
 
@@ -84,18 +94,30 @@ def _clip(encoder: nn.Module, tokenizer: Any, captions: list[str], device: torch
     return encoder(ids, output_hidden_states=True)
 
 
+def _umt5(encoder: nn.Module, tokenizer: Any, captions: list[str], device: torch.device) -> Tensor:
+    """WanPipeline's prompt embeddings: UMT5 over each cleaned caption, zeros past its last token, (B, 512, D)."""
+    cleaned = [" ".join(html.unescape(html.unescape(c)).split()) for c in captions]
+    out = tokenizer(
+        cleaned, padding="max_length", max_length=_UMT5_LENGTH, truncation=True, add_special_tokens=True,
+        return_attention_mask=True, return_tensors="pt",
+    )  # fmt: skip
+    mask = out.attention_mask.to(device)  # (B, L)
+    hidden = encoder(out.input_ids.to(device), mask).last_hidden_state  # (B, L, D)
+    return hidden * mask.gt(0).unsqueeze(-1).to(hidden.dtype)  # the pipeline's cut-and-zero-pad
+
+
 def encode_captions(
     family: Family, encoders: Mapping[str, nn.Module], tokenizers: Mapping[str, Any], captions: list[str]
 ) -> TextConditioning:
     """The conditioning of ``captions`` (B) for a denoiser of ``family``, without gradients.
 
     Args:
-        family: ``sd``, ``sdxl`` or ``sd3`` (:func:`family_of`).
+        family: ``sd``, ``sdxl``, ``sd3`` or ``wan`` (:func:`family_of`).
         encoders: the text encoders by pipeline name (``text_encoder``, ``text_encoder_2``, ...).
         tokenizers: their tokenizers by pipeline name (``tokenizer``, ``tokenizer_2``, ...).
         captions: the B captions.
     """
-    needed = {"sd": 1, "sdxl": 2, "sd3": 3}[family]
+    needed = {"sd": 1, "sdxl": 2, "sd3": 3, "wan": 1}[family]
     names = ["text_encoder"] + [f"text_encoder_{i}" for i in range(2, needed + 1)]
     missing = [n for n in names if n not in encoders]
     if missing:
@@ -103,6 +125,8 @@ def encode_captions(
     device = next(encoders["text_encoder"].parameters()).device
     toks = [tokenizers[n.replace("text_encoder", "tokenizer")] for n in names]
     with torch.no_grad():
+        if family == "wan":
+            return TextConditioning(_umt5(encoders["text_encoder"], toks[0], captions, device))
         if family == "sd":
             return TextConditioning(_clip(encoders["text_encoder"], toks[0], captions, device).last_hidden_state)
         first = _clip(encoders["text_encoder"], toks[0], captions, device)

@@ -1,8 +1,8 @@
-"""Tiny, randomly initialised diffusion pipelines built offline: SD 1.5-, SDXL- and SD3-style.
+"""Tiny, randomly initialised diffusion pipelines built offline: SD 1.5-, SDXL-, SD3- and Wan 2.1-style.
 
 Nothing can be fetched from a model hub in tests, so each builder makes the pipeline's components
-from diffusers / transformers configs (a UNet or an MMDiT transformer, a VAE, CLIP and T5 text
-encoders, a word-level tokenizer over the caller's words, the checkpoint's scheduler) and writes them
+from diffusers / transformers configs (a UNet, an MMDiT or a Wan video transformer, a VAE, CLIP, T5 or
+UMT5 text encoders, a word-level tokenizer over the caller's words, the checkpoint's scheduler) and writes them
 with the pipeline's ``save_pretrained``. Everything downstream loads the folder with
 ``from_pretrained(path, subfolder=...)`` exactly as it loads ``stable-diffusion-v1-5/stable-diffusion-v1-5``:
 the loading path under test is the real one.
@@ -26,7 +26,7 @@ from datamodules.core.atomic import atomic_directory
 from mmpo.tiny.build import reusable_build
 from mmpo.tiny.chat_templates import word_tokenizer
 
-__all__ = ["TINY_TEXT_LENGTH", "build_tiny_sd", "build_tiny_sd3", "diffusion_word_tokenizer"]
+__all__ = ["TINY_TEXT_LENGTH", "build_tiny_sd", "build_tiny_sd3", "build_tiny_wan", "diffusion_word_tokenizer"]
 
 #: tokens per caption (with <s> and </s>): the shapes world's longest caption has 13 words
 TINY_TEXT_LENGTH = 24
@@ -241,5 +241,68 @@ def build_tiny_sd3(out: str | os.PathLike, words: Iterable[str], seed: int = 0, 
             tokenizer_2=tokenizer,
             text_encoder_3=T5EncoderModel(t5),
             tokenizer_3=tokenizer,
+        )
+    return _write(out, pipeline, settings)
+
+
+def build_tiny_wan(out: str | os.PathLike, words: Iterable[str], seed: int = 0, overwrite: bool = False) -> Path:
+    """Build and save a tiny ``WanPipeline`` (Wan 2.1 text-to-video): a video transformer trained by flow matching.
+
+    As the real checkpoint: a ``WanTransformer3DModel`` with (1, 2, 2) patches, a UMT5 text encoder, an
+    ``AutoencoderKLWan`` with Wan's 4× temporal and 8× spatial compression (clips of 4n + 1 frames; 32 px
+    frames give 4 × 4 latents) and per-channel latent statistics, and the ``UniPCMultistepScheduler`` Wan ships
+    (flow sigmas, ``flow_prediction``, ``flow_shift`` 3).
+
+    Args:
+        out: output directory (reused when it holds a build with the same settings).
+        words: the captions' vocabulary.
+        seed: weight initialisation seed.
+        overwrite: rebuild even when ``out`` holds a matching build.
+
+    Returns:
+        ``out``.
+    """
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    words = sorted(set(words))
+    settings = {"kind": "tiny-wan", "seed": seed, "words": words}
+    out = Path(out)
+    if reusable_build(out, settings, overwrite):
+        return out
+    tokenizer = diffusion_word_tokenizer(words)
+    umt5 = UMT5Config(
+        vocab_size=len(tokenizer), d_model=_WIDTH, d_ff=2 * _WIDTH, d_kv=16, num_layers=2, num_heads=2,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        pipeline = WanPipeline(
+            tokenizer=tokenizer,
+            text_encoder=UMT5EncoderModel(umt5),
+            vae=AutoencoderKLWan(
+                base_dim=8,
+                z_dim=4,
+                dim_mult=[1, 1, 2, 2],
+                num_res_blocks=1,
+                temperal_downsample=[False, True, True],
+                latents_mean=(torch.randn(4, generator=generator) * 0.5).tolist(),
+                latents_std=(1.0 + torch.rand(4, generator=generator)).tolist(),
+            ),  # fmt: skip
+            transformer=WanTransformer3DModel(
+                patch_size=(1, 2, 2),
+                num_attention_heads=2,
+                attention_head_dim=8,
+                in_channels=4,
+                out_channels=4,
+                text_dim=_WIDTH,
+                freq_dim=16,
+                ffn_dim=32,
+                num_layers=2,
+                rope_max_seq_len=32,
+            ),  # fmt: skip
+            scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
         )
     return _write(out, pipeline, settings)

@@ -53,3 +53,40 @@ def strip_datamodule(train_file: Path, batch_size: int = 4, **kwargs):
     )  # fmt: skip
     dm.setup("fit")
     return dm
+
+
+def write_video_pairs(
+    root: Path, n: int = 8, frames: int = 9, size: int = 32, seed: int = 0, strips: bool = False, dimensions=None
+) -> Path:
+    """``n`` video-world pairs under ``root`` (``train.jsonl``): the caption's clip preferred to the same clip
+    played backwards (every object moving against its caption), as mp4 files or, with ``strips``, as PNG film
+    strips of the frames side by side. ``dimensions``: names given to the records in turn (TLPO)."""
+    import json
+    import random
+
+    from PIL import Image
+
+    from datamodules.vision_text.video_io import write_video
+    from datamodules.worlds.video import caption_for, render_clip, sample_clip
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng, lines = random.Random(seed), []
+    for i in range(n):
+        objects = sample_clip(rng, num_frames=frames, size=size, max_objects=1)
+        clip = render_clip(objects, frames, size)  # (F, H, W, 3) uint8
+        names = []
+        for tag, frames_of in (("good", clip), ("bad", clip[::-1])):
+            if strips:
+                names.append(f"{i:03d}_{tag}.png")
+                Image.fromarray(frames_of.transpose(1, 0, 2, 3).reshape(size, -1, 3)).save(root / names[-1])
+            else:
+                names.append(f"{i:03d}_{tag}.mp4")
+                write_video(root / names[-1], frames_of, fps=8)
+        record = {"id": f"v{i}", "caption": caption_for(objects), "image_0": names[0], "image_1": names[1]}
+        record["label_0"] = 1.0
+        if dimensions:
+            record["dimension"] = dimensions[i % len(dimensions)]
+        lines.append(json.dumps(record))
+    path = root / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
