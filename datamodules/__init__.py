@@ -16,6 +16,7 @@ from datamodules.diffusion.ranked import (
     load_diffusion_ranked_records,
     write_diffusion_lists,
 )
+from datamodules.diffusion.trajectories import DiffusionTrajectoryDataModule, write_trajectory_pairs
 from datamodules.ranked.lists import (
     RankedPair,
     RankedPreferenceDataset,
@@ -41,6 +42,7 @@ __all__ = [
     "DiffusionPreferenceDataModule",
     "DiffusionRankedDataModule",
     "DiffusionRankedRecord",
+    "DiffusionTrajectoryDataModule",
     "EpochShuffleSampler",
     "FrameSettings",
     "ImagePreferenceDataModule",
@@ -74,6 +76,7 @@ __all__ = [
     "vocabulary",
     "write_diffusion_lists",
     "write_diffusion_pairs",
+    "write_trajectory_pairs",
     "write_shapes_world",
     "write_video",
 ]

@@ -58,6 +58,10 @@ RUN_ELSEWHERE = {
     "mmpo fit --config configs/diffusion/wan21_t2v_1_3b_dpo_lora.yaml --data.init_args.train_file=YOUR/videos.jsonl": (
         "tests/test_diffusion_training.py::test_config_header_command_runs_on_a_tiny_model"
     ),
+    # D3PO: trajectory pairs sampled from the tiny SD 1.5
+    "mmpo fit --config configs/diffusion/sd15_d3po_lora.yaml --data.init_args.train_file=YOUR/trajectories.jsonl": (
+        "tests/test_diffusion_training.py::test_config_header_command_runs_on_a_tiny_model"
+    ),
     # SmPO (scored pairs, inverted noise): tiny diffusion model, pairs with scores on every record
     "mmpo fit --config configs/diffusion/sd15_smpo_lora.yaml --data.init_args.train_file=YOUR/scored.jsonl": (
         "tests/test_diffusion_training.py::test_config_header_command_runs_on_a_tiny_model"

@@ -20,7 +20,7 @@ import yaml
 pytest.importorskip("diffusers")
 
 import lightning as L  # noqa: E402
-from helpers.diffusion import tiny_run_args, write_video_pairs  # noqa: E402
+from helpers.diffusion import tiny_run_args, tiny_trajectory_pairs, write_video_pairs  # noqa: E402
 
 from datamodules.diffusion.module import DiffusionPreferenceDataModule, write_diffusion_pairs  # noqa: E402
 from datamodules.diffusion.ranked import write_diffusion_lists  # noqa: E402
@@ -50,12 +50,13 @@ def pairs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def command_data(pairs, tmp_path_factory) -> dict[str, Path]:
+def command_data(pairs, diffusion_builds, tmp_path_factory) -> dict[str, Path]:
     """The data each header command's placeholder stands for: pairs, pairs with a second caption (DCPO), lists."""
     dual, lists = tmp_path_factory.mktemp("dcpo-pairs"), tmp_path_factory.mktemp("ranked-lists")
     scored = tmp_path_factory.mktemp("scored-pairs")
     videos = write_video_pairs(tmp_path_factory.mktemp("video-pairs"), n=4, frames=TINY_FRAMES)
     return {
+        "trajectories": tiny_trajectory_pairs(diffusion_builds["sd15"], tmp_path_factory.mktemp("trajectories")),
         "videos": videos,
         "pairs": pairs / "train.jsonl",
         "dual": write_diffusion_pairs(dual, n=8, seed=0, image_size=32, caption_rejected=True),
@@ -189,7 +190,7 @@ def test_diffusion_configs_parse_and_instantiate(config, diffusion_builds, monke
     optimizer = module.configure_optimizers()
     assert optimizer.param_groups[0]["lr"] == model_args["optimizer"]["init_args"]["lr"]
     data_args = spec["data"]["init_args"]
-    assert cli.datamodule.resolution == data_args["resolution"]
+    assert cli.datamodule.resolution == data_args.get("resolution", 512)  # trajectories (D3PO) need none
     assert cli.datamodule.frames == data_args.get("frames")
     assert cli.datamodule.loader.batch_size == data_args["loader"]["batch_size"]
     assert cli.trainer.precision == spec["trainer"]["precision"]
@@ -206,6 +207,7 @@ def test_config_header_command_runs_on_a_tiny_model(config, diffusion_builds, co
     data["YOUR/ranked.jsonl"] = command_data["lists"]
     data["YOUR/scored.jsonl"] = command_data["scored"]  # SmPO: scores on every record
     data["YOUR/videos.jsonl"] = command_data["videos"]  # Wan: pairs of mp4 clips
+    data["YOUR/trajectories.jsonl"] = command_data["trajectories"]  # D3PO: sampled trajectory pairs
     argv = shlex.split(command)[1:]
     for placeholder, file in data.items():
         argv = [a.replace(placeholder, str(file)) for a in argv]

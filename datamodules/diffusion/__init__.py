@@ -10,6 +10,7 @@ from datamodules.diffusion.ranked import (
     load_diffusion_ranked_records,
     write_diffusion_lists,
 )
+from datamodules.diffusion.trajectories import DiffusionTrajectoryDataModule, write_trajectory_pairs
 
 __all__ = [
     "DiffusionPairRecord",
@@ -17,6 +18,7 @@ __all__ = [
     "DiffusionPreferenceDataModule",
     "DiffusionRankedDataModule",
     "DiffusionRankedRecord",
+    "DiffusionTrajectoryDataModule",
     "LatentCache",
     "LatentCacheMissError",
     "build_latent_cache",
@@ -24,4 +26,5 @@ __all__ = [
     "load_diffusion_records",
     "write_diffusion_lists",
     "write_diffusion_pairs",
+    "write_trajectory_pairs",
 ]

@@ -13,7 +13,30 @@ from torch import Tensor
 
 from datamodules.diffusion.latent_cache import TEXT_PREFIX
 
-__all__ = ["DiffusionPreferenceBatch", "DiffusionPreferenceCollator"]
+__all__ = ["DiffusionPreferenceBatch", "DiffusionPreferenceCollator", "TrajectoryStep"]
+
+
+@dataclass
+class TrajectoryStep:
+    """One recorded denoising step of every row (D3PO): the batch's ``latents`` are the rows' x_t.
+
+    Attributes:
+        next_latents: (K·B, c, h, w) the sampled x_{t'} of each row, same row order as ``latents``.
+        timesteps: (B,) long, t of each group (both trajectories of a group at the same step).
+        prev_timesteps: (B,) long, t'.
+        eta: the sampler's η (> 0), the same for the whole batch.
+        guidance_scale: the sampler's classifier-free guidance scale (1: none), the same for the whole batch.
+    """
+
+    next_latents: Tensor
+    timesteps: Tensor
+    prev_timesteps: Tensor
+    eta: float
+    guidance_scale: float
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> TrajectoryStep:
+        return TrajectoryStep(fn(self.next_latents), fn(self.timesteps), fn(self.prev_timesteps), self.eta,
+                              self.guidance_scale)  # fmt: skip
 
 
 @dataclass
@@ -56,6 +79,9 @@ class DiffusionPreferenceBatch:
         condition: (B, c', h, w) each group's conditioning tensor at latent resolution (the records'
             ``condition`` files), which the backbone concatenates to every row's noisy latents as extra
             input channels; None when the records name none.
+        trajectory: one recorded sampling step per row (D3PO, ``DiffusionTrajectoryDataModule``): ``latents``
+            hold each row's x_t, and the backbone's statistic is the step's log-density instead of the
+            denoising error; None for image data.
     """
 
     pixel_values: Tensor | None
@@ -73,6 +99,7 @@ class DiffusionPreferenceBatch:
     caption_dropped: Tensor | None = None
     condition: Tensor | None = None
     segment_labels: Tensor | None = None
+    trajectory: TrajectoryStep | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -129,6 +156,7 @@ class DiffusionPreferenceBatch:
             caption_dropped=move(self.caption_dropped),
             condition=move(self.condition),
             segment_labels=move(self.segment_labels),
+            trajectory=None if self.trajectory is None else self.trajectory.map(fn),
         )
 
     def to(self, device: torch.device | str, non_blocking: bool | None = None) -> DiffusionPreferenceBatch:
@@ -222,6 +250,7 @@ class DiffusionPreferenceCollator:
                 found = ", ".join(f"{s['id']!r}: {len(s.get('segment_labels', ()))}" for s in kept)
                 raise ValueError(f"segment_labels per record differ within a batch (segments: {found})")
             segment_labels = torch.tensor([s["segment_labels"] for s in kept], dtype=torch.float32)
+        trajectory = _trajectory_step(kept)
         if any(s["scores"] is not None for s in kept):
             nan = (math.nan,) * sizes[0]
             scores = torch.tensor([s["scores"] if s["scores"] is not None else nan for s in kept], dtype=torch.float32)
@@ -240,4 +269,27 @@ class DiffusionPreferenceCollator:
             caption_dropped=torch.tensor(dropped) if any(dropped) else None,
             condition=condition,
             segment_labels=segment_labels,
+            trajectory=trajectory,
         )
+
+
+def _trajectory_step(kept: list[dict[str, Any]]) -> TrajectoryStep | None:
+    """The samples' recorded steps as one :class:`TrajectoryStep`, or None for image data."""
+    steps = [s.get("trajectory") for s in kept]
+    if all(step is None for step in steps):
+        return None
+    settings = {(s["trajectory"]["eta"], s["trajectory"]["guidance_scale"]) for s in kept if "trajectory" in s}
+    if any(step is None for step in steps) or len(settings) != 1:
+        found = ", ".join(f"{s['id']!r}: {s.get('trajectory', {}).get('eta')}" for s in kept)
+        raise ValueError(
+            f"cannot batch recorded steps of different samplers or with images (eta per record: {found}; "
+            f"(eta, guidance) settings {sorted(settings)})"
+        )
+    eta, guidance = settings.pop()
+    return TrajectoryStep(
+        next_latents=rearrange(torch.stack([s["trajectory"]["next_latents"] for s in kept]), "b k ... -> (k b) ..."),
+        timesteps=torch.tensor([s["trajectory"]["timestep"] for s in kept], dtype=torch.long),
+        prev_timesteps=torch.tensor([s["trajectory"]["prev_timestep"] for s in kept], dtype=torch.long),
+        eta=eta,
+        guidance_scale=guidance,
+    )

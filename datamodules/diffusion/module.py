@@ -171,20 +171,24 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
             if problems:
                 n = len(problems) + len(records)
                 log.warning("%s: skipped %d bad record(s) of %d; first: %s", path, len(problems), n, problems[0])
-            augment = split == "train" and self.cache_dir is None
             self.problems[split] = problems
-            self.datasets[split] = DiffusionPreferenceDataset(
-                records,
-                resolution=self.resolution,
-                random_crop=augment and not self.center_crop,
-                random_flip=augment and self.random_flip,
-                seed=self.loader.seed,
-                on_bad_sample=self.on_bad_sample,
-                cache_dir=self.cache_dir,
-                cache_encoder_id=self.cache_encoder_id,
-                caption_dropout=self.caption_dropout if split == "train" else 0.0,
-                frames=self.frames,
-            )
+            self.datasets[split] = self.make_dataset(records, split)
+
+    def make_dataset(self, records: list[DiffusionPairRecord], split: str) -> DiffusionPreferenceDataset:
+        """The dataset of one split's records (subclasses serve other items)."""
+        augment = split == "train" and self.cache_dir is None
+        return DiffusionPreferenceDataset(
+            records,
+            resolution=self.resolution,
+            random_crop=augment and not self.center_crop,
+            random_flip=augment and self.random_flip,
+            seed=self.loader.seed,
+            on_bad_sample=self.on_bad_sample,
+            cache_dir=self.cache_dir,
+            cache_encoder_id=self.cache_encoder_id,
+            caption_dropout=self.caption_dropout if split == "train" else 0.0,
+            frames=self.frames,
+        )
 
     #: what a record is, for messages
     record_kind: ClassVar[str] = "pairs"

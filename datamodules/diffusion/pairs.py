@@ -150,14 +150,14 @@ def _preference(raw: dict[str, Any], where: str) -> tuple[float, tuple[float, fl
     return p0, (s0, s1)
 
 
-def _image(raw: dict[str, Any], names: tuple[str, str], where: str, root: Path) -> str:
+def _image(raw: dict[str, Any], names: tuple[str, ...], where: str, root: Path, kind: str = "image") -> str:
     given = [n for n in names if raw.get(n) is not None]
     if len(given) > 1:
         raise BadSampleError(f"{where}: give {names[0]!r} or its alias {names[1]!r}, not both")
     value = raw[given[0]]
     if not isinstance(value, str):
         raise BadSampleError(
-            f"{where}: {given[0]!r} must be an image path relative to the data root, got {type(value).__name__} "
+            f"{where}: {given[0]!r} must be an {kind} path relative to the data root, got {type(value).__name__} "
             "(image bytes inside the data file are not read: write them out as files)"
         )
     return resolve_media_path(value, root, where)
@@ -202,7 +202,12 @@ def caption_field(raw: dict[str, Any], name: str, where: str) -> str:
 
 
 def parse_diffusion_record(
-    raw: dict[str, Any], where: str, data_root: Path, dual_captions: bool = False
+    raw: dict[str, Any],
+    where: str,
+    data_root: Path,
+    dual_captions: bool = False,
+    image_fields: tuple[tuple[str, ...], tuple[str, ...]] = _IMAGE_FIELDS,
+    kind: str = "image",
 ) -> DiffusionPairRecord:
     """Validate one raw pair record and resolve its image paths.
 
@@ -211,6 +216,9 @@ def parse_diffusion_record(
         where: ``<file>:<line>`` for messages.
         data_root: directory image paths are relative to.
         dual_captions: read ``caption_rejected`` (required) for DCPO; False leaves it unread.
+        image_fields: the field names of the two files (each with its aliases); D3PO's records name
+            ``trajectory_0`` and ``trajectory_1``.
+        kind: what the files are, for messages.
 
     Raises:
         BadSampleError: naming ``where`` and the problem.
@@ -218,7 +226,7 @@ def parse_diffusion_record(
     missing = [] if raw.get("caption") is not None else ["caption"]
     if dual_captions and raw.get("caption_rejected") is None:
         missing.append("caption_rejected (dual_captions: the dispreferred image's caption)")
-    missing += [names[0] for names in _IMAGE_FIELDS if all(raw.get(n) is None for n in names)]
+    missing += [names[0] for names in image_fields if all(raw.get(n) is None for n in names)]
     if all(raw.get(k) is None for k in ("label_0", "label_1", "scores", "segment_labels")):
         missing.append("label_0 (or scores, or segment_labels)")
     if missing:
@@ -232,7 +240,7 @@ def parse_diffusion_record(
         p0, scores = (0.5 if not any(segments) else 1.0 if sum(segments) >= 0 else 0.0), None
     else:
         p0, scores = _preference(raw, where)
-    images = (_image(raw, _IMAGE_FIELDS[0], where, data_root), _image(raw, _IMAGE_FIELDS[1], where, data_root))
+    images = tuple(_image(raw, names, where, data_root, kind) for names in image_fields)
     condition = _condition(raw, where, data_root)
     winner = 0 if p0 >= 0.5 else 1
     return DiffusionPairRecord(

@@ -43,6 +43,7 @@ from mmpo.backbones.diffusion_inversion import inverted_noise
 from mmpo.backbones.diffusion_model import DiffusionModel, load_diffusion_model
 from mmpo.backbones.diffusion_noise import NoiseDraw, denoising_errors, record_seed, segment_errors
 from mmpo.backbones.diffusion_text import TextConditioning, encode_captions
+from mmpo.backbones.diffusion_trajectory import transition_statistics
 from mmpo.backbones.protocol import Backbone
 from mmpo.backbones.vlm import LoraSettings
 from mmpo.losses.base import ResponseStats
@@ -363,12 +364,18 @@ class DiffusionBackbone(Backbone):
         )[0]
 
     def statistics(self, model: nn.Module, batch: Any) -> ResponseStats:
-        """−(mean squared denoising error) (B, K) of ``model`` on ``batch``, ``tokens`` = 1.
+        """−(mean squared denoising error) (B, K) of ``model`` on ``batch``, ``tokens`` = 1; for a batch of
+        recorded sampling steps (``batch.trajectory``, D3PO) the steps' log-densities instead
+        (:func:`~mmpo.backbones.diffusion_trajectory.transition_statistics`).
 
         One denoiser forward over the batch's K·B rows (row k·B + b: response k of group b), every row
         of a group at the group's (t, ε), conditioned on the group's caption or, with per-image
         captions (DCPO), on its own.
         """
+        if getattr(batch, "trajectory", None) is not None:  # D3PO: each row a recorded sampling step
+            if self.segments is not None or self.noise != "random":
+                raise ValueError("recorded trajectory steps (D3PO) take neither segments nor noise: inversion")
+            return transition_statistics(self, model, batch)
         k = batch.group_size
         latents, text = self._inputs(model, batch)  # (K·B, c, h, w), (B, ...) or per image (K·B, ...)
         per_image = getattr(batch, "image_captions", None) is not None

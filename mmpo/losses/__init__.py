@@ -50,6 +50,7 @@ from mmpo.losses.scored import (
     smpo_loss,
     soft_label_dpo_loss,
 )
+from mmpo.losses.stepwise import D3POLoss, d3po_loss
 from mmpo.losses.token_level import SparsePOLoss, TDPOLoss, activation_masks, sparse_po_loss, tdpo_loss
 from mmpo.losses.triple import TriplePreferenceLoss, triple_preference_loss
 from mmpo.losses.unpaired import (
@@ -70,6 +71,7 @@ __all__ = [
     "BCOPairLoss",
     "CombinedLoss",
     "DPOLoss",
+    "D3POLoss",
     "DenseDPOLoss",
     "FDPOLoss",
     "HingeLoss",
@@ -103,6 +105,7 @@ __all__ = [
     "bco_loss",
     "bco_pair_loss",
     "dcg_pair_weights",
+    "d3po_loss",
     "dense_dpo_loss",
     "dpo_loss",
     "f_divergence_link",

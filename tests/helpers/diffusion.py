@@ -90,3 +90,16 @@ def write_video_pairs(
     path = root / "train.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def tiny_trajectory_pairs(tiny: Path, root: Path, n: int = 2, steps: int = 4) -> Path:
+    """``n`` D3PO trajectory pairs sampled from the tiny SD 1.5 ``tiny`` (``steps`` steps, eta 1, guidance 3),
+    written under ``root`` with scores that prefer trajectory 0; returns the JSONL file."""
+    from datamodules.diffusion.trajectories import write_trajectory_pairs
+    from mmpo.backbones import DiffusionBackbone
+    from mmpo.backbones.diffusion_trajectory import sample_trajectory_pairs
+
+    backbone = DiffusionBackbone(str(tiny))
+    captions = [("a red circle .", "a blue square .")[i % 2] for i in range(n)]
+    sampled = sample_trajectory_pairs(backbone, backbone.build(), captions, list(range(n)), steps, 1.0, 3.0)
+    return write_trajectory_pairs(root, captions, sampled, [(1.0, 0.0)] * n, eta=1.0, guidance_scale=3.0)
