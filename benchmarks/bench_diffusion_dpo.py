@@ -17,6 +17,9 @@ no 0.5 factor), the disabled adapter as the reference, centre crop and no flip:
 - ``mmpo``: ``PreferenceModule`` with ``DiffusionBackbone`` through a Lightning ``Trainer``, latents and
   text embeddings read from the on-disk cache (built before training, timed on its own).
 - ``mmpo-uncached``: the same, encoding the images and captions on the fly each step.
+- ``mmpo-cached-ref``: ``mmpo`` with ``reference: cached`` (each record's (t, ε) drawn from its id,
+  ``noise_per_record``): the reference's statistics computed once before training (outside the timed window,
+  like the latent cache), so a step runs the policy only.
 
 The timed window runs from the end of the last warm-up step to the end of the last step (data loading,
 encoding, both passes, backward and optimizer step). The parent prints a table and writes JSON.
@@ -38,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from runners import StepClock, peak_memory, rss_now_mb  # noqa: E402
 
-FRAMEWORKS = ("mmpo", "mmpo-uncached", "diffusers")
+FRAMEWORKS = ("mmpo", "mmpo-uncached", "mmpo-cached-ref", "diffusers")
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 BETA = 2500.0
 LEARNING_RATE = 1e-4
@@ -114,7 +117,9 @@ def _prepare(root: Path, n_pairs: int, resolution: int, geometry: str = "tiny") 
     return model, pairs
 
 
-def run_mmpo(args: argparse.Namespace, model_dir: Path, pairs: Path, cached: bool) -> dict[str, Any]:
+def run_mmpo(
+    args: argparse.Namespace, model_dir: Path, pairs: Path, cached: bool, cached_reference: bool = False
+) -> dict[str, Any]:
     import shutil
     import tempfile
 
@@ -137,10 +142,14 @@ def run_mmpo(args: argparse.Namespace, model_dir: Path, pairs: Path, cached: boo
             clock.step()
 
     lora = LoraSettings(r=args.rank, alpha=args.rank, dropout=0.0, target_modules=TARGETS)
-    backbone = DiffusionBackbone(str(model_dir), lora=lora)
+    backbone = DiffusionBackbone(str(model_dir), lora=lora, noise_per_record=cached_reference)
     optimizer = functools.partial(torch.optim.AdamW, lr=LEARNING_RATE)
-    module = PreferenceModule(backbone, DPOLoss(beta=BETA), optimizer=optimizer, reference="adapter")
     cache_dir = tempfile.mkdtemp(prefix="mmpo-bench-latents-") if cached else None
+    reference = "cached" if cached_reference else "adapter"
+    module = PreferenceModule(
+        backbone, DPOLoss(beta=BETA), optimizer=optimizer, reference=reference,
+        reference_cache_dir=None if cache_dir is None else str(Path(cache_dir) / "reference"),
+    )  # fmt: skip
     dm = DiffusionPreferenceDataModule(
         train_file=str(pairs),
         resolution=args.resolution,
@@ -277,7 +286,8 @@ def _child(args: argparse.Namespace) -> None:
     if args.child == "diffusers":
         result = run_diffusers_example(args, model_dir, pairs)
     else:
-        result = run_mmpo(args, model_dir, pairs, cached=args.child == "mmpo")
+        result = run_mmpo(args, model_dir, pairs, cached=args.child != "mmpo-uncached",
+                          cached_reference=args.child == "mmpo-cached-ref")  # fmt: skip
     result["torch_threads"] = torch.get_num_threads()
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 

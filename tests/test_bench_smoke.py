@@ -141,7 +141,7 @@ def test_the_diffusion_bench_runs_mmpo_and_the_diffusers_example_step_and_report
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     rows = {r["framework"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(rows) == {"mmpo", "mmpo-uncached", "diffusers"}
+    assert set(rows) == {"mmpo", "mmpo-uncached", "mmpo-cached-ref", "diffusers"}
     for row in rows.values():
         assert row["timed_steps"] == 1 and row["pairs_per_s"] > 0 and math.isfinite(row["loss"])
         # the same LoRA on the same UNet: rank 4 on to_q, to_k, to_v, to_out.0

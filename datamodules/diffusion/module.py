@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from datamodules.core.atomic import atomic_file, atomic_write_text
+from datamodules.core.cache_source import CacheableSplit
 from datamodules.core.loaders import FirstBatchStatefulDataLoader, pins_memory
 from datamodules.core.samplers import EpochShuffleSampler
 from datamodules.core.settings import LoaderSettings, as_settings, migrate_flat_settings, settings_dict
@@ -189,6 +190,31 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
             caption_dropout=self.caption_dropout if split == "train" else 0.0,
             frames=self.frames,
         )
+
+    def reference_cache_split(self, split: str) -> CacheableSplit | None:
+        """The split as ``reference: cached`` sees it (:class:`~datamodules.core.cache_source.ReferenceCacheData`).
+
+        Raises:
+            ValueError: the training split's pixels or captions change from epoch to epoch (random crop or
+                flip, caption dropout), so the reference's statistics of a record would too.
+        """
+        if split not in self.datasets:
+            return None
+        dataset = self.datasets[split]
+        changing = [name for name in ("random_crop", "random_flip") if getattr(dataset, name, False)]
+        changing += ["caption_dropout"] if getattr(dataset, "caption_dropout", 0.0) else []
+        if changing:
+            raise ValueError(
+                f"reference: cached needs the same inputs every epoch, but the {split} split has {changing}: set "
+                "center_crop: true, random_flip: false and caption_dropout: 0 (a latent cache turns crops off too)"
+            )
+        return CacheableSplit(dataset, dataset.records, DiffusionPreferenceCollator(), self.loader.eval_size,
+                              self.reference_cache_settings())  # fmt: skip
+
+    def reference_cache_settings(self) -> dict[str, Any]:
+        """What besides the records changes a record's statistics (part of the reference cache's name)."""
+        settings = {"resolution": self.resolution, "frames": self.frames, "dual_captions": self.dual_captions}
+        return settings | {"latents": self.cache_encoder_id if self.cache_dir is not None else None}
 
     #: what a record is, for messages
     record_kind: ClassVar[str] = "pairs"

@@ -29,7 +29,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from datamodules.core.atomic import atomic_file, atomic_write_text
+from datamodules.core.cache_source import CacheableSplit
 from datamodules.core.records import BadSampleError, load_records
+from datamodules.diffusion.batch import DiffusionPreferenceCollator
 from datamodules.diffusion.module import DiffusionPreferenceDataModule
 from datamodules.diffusion.pairs import DiffusionPairRecord, parse_diffusion_record
 
@@ -215,6 +217,16 @@ class DiffusionTrajectoryDataModule(DiffusionPreferenceDataModule):
 
     def read_records(self, path: str, root: str) -> tuple[list[DiffusionPairRecord], list[str]]:
         return load_trajectory_records(path, root, self.on_bad_sample, self.drop_ties)
+
+    def reference_cache_split(self, split: str) -> CacheableSplit | None:
+        """Every (pair, step) item of the split, whatever ``steps_per_record`` serves per epoch: a recorded step's
+        statistic draws no noise, so each item's reference value is computed once."""
+        if split not in self.datasets:
+            return None
+        served = self.datasets[split]
+        every = DiffusionTrajectoryDataset(served.records, served.num_steps, None, served.seed, served.on_bad_sample)
+        settings = {"draws_noise": False, "steps": served.num_steps}
+        return CacheableSplit(every, served.records, DiffusionPreferenceCollator(), self.loader.eval_size, settings)
 
     def make_dataset(self, records: list[DiffusionPairRecord], split: str) -> DiffusionTrajectoryDataset:
         first = records[0]

@@ -78,6 +78,10 @@ class DiffusionBackbone(Backbone):
         renoise: average two predictions per inversion step (ReNoise), as SmPO's script does.
         inversion_eta: InPO's stochastic inversion: η·σ·z added after each inversion step (σ the DDIM step's
             standard deviation; the InPO script uses 0.1 with ``renoise: false``); 0 inverts deterministically.
+        noise_per_record: draw each training record's (t, ε) as evaluation does, from ``eval_seed`` and the
+            record's id: the same in every pass and every epoch, so the reference's statistics can be computed
+            once and cached (``reference: cached``). With one epoch this is as random as a fresh draw per step;
+            over several epochs each pair keeps its one (t, ε).
         segments: report the statistic per temporal segment too (DenseDPO): the latents' width is cut into
             this many equal column blocks (the frames of a film strip, or groups of them), and
             ``token_logps`` (B, K, S) holds −(block error)/S, so that ``logps`` (their sum) is the usual
@@ -97,6 +101,7 @@ class DiffusionBackbone(Backbone):
         renoise: bool = True,
         inversion_eta: float = 0.0,
         segments: int | None = None,
+        noise_per_record: bool = False,
     ) -> None:
         if noise not in ("random", "inversion"):
             raise ValueError(f"noise must be 'random' or 'inversion', got {noise!r}")
@@ -107,6 +112,9 @@ class DiffusionBackbone(Backbone):
         if segments is not None and segments < 1:
             raise ValueError(f"segments must be >= 1, got {segments}")
         self.segments = segments
+        if noise_per_record and eval_seed is None:
+            raise ValueError("noise_per_record draws from eval_seed and each record's id: set eval_seed")
+        self.noise_per_record = noise_per_record
         self.inversion_eta = inversion_eta
         self.noise = noise
         self.inversion_steps = inversion_steps
@@ -184,8 +192,20 @@ class DiffusionBackbone(Backbone):
         """Inside the block a batch's latents and text embeddings are encoded once for all passes."""
         return self._reuse()
 
+    #: one statistic per image (−(denoising error)), not per-token log-probs
+    token_statistics = False
+
     def fingerprint_settings(self) -> dict[str, Any]:
-        return {"dtype": self.dtype}
+        return {"dtype": self.dtype, "eval_seed": self.eval_seed, "noise_per_record": self.noise_per_record}
+
+    def reference_cache_problem(self) -> str | None:
+        if self.noise == "inversion":
+            return "noise: inversion estimates each image's noise with the policy being trained"
+        if self.segments is not None:
+            return "DenseDPO's per-segment statistics are not cached"
+        if not self.noise_per_record:
+            return "training draws a fresh (t, ε) every step; set noise_per_record: true to draw one per record"
+        return None
 
     # -- statistics ---------------------------------------------------------------------------
     def encode_images(self, model: DiffusionModel, pixel_values: Tensor) -> Tensor:
@@ -294,7 +314,7 @@ class DiffusionBackbone(Backbone):
                 raise ValueError(f"batch.noise_draw is for {tuple(draw.noise.shape)} latents, not {groups} × {shape}")
             return draw
         seeds = None
-        if not model.training and self.eval_seed is not None:
+        if (not model.training or self.noise_per_record) and self.eval_seed is not None:
             seeds = [record_seed(self.eval_seed, i) for i in batch.ids]
         draw = model.schedule.draw(groups, shape, latents.device, seeds)
         if self.noise == "inversion":

@@ -30,10 +30,13 @@ class Backbone(ABC):
     Attributes:
         model_name_or_path: the checkpoint the model is built from (the reference's identity).
         revision: hub revision, or None.
+        token_statistics: the statistics are summed per-token log-probs (``token_logps`` with a mask), as a
+            language model's; False for one number per response (a diffusion model's −(denoising error)).
     """
 
     model_name_or_path: str
     revision: str | None = None
+    token_statistics: bool = True
 
     @property
     @abstractmethod
@@ -90,6 +93,11 @@ class Backbone(ABC):
     def fingerprint_settings(self) -> dict[str, Any]:
         """Settings besides the checkpoint that change the reference's statistics (cache identity)."""
         return {}
+
+    def reference_cache_problem(self) -> str | None:
+        """Why the reference's statistics of a record could differ between passes, so that ``reference: cached``
+        cannot serve this backbone on data whose statistics draw noise; None when they cannot."""
+        return None
 
     def describe(self, model: nn.Module) -> str:
         """One line for the log: what trains and how much."""

@@ -25,7 +25,13 @@ from torch import Tensor
 from datamodules.core.atomic import atomic_file
 from mmpo.logprobs import span_coordinates
 
-__all__ = ["ReferenceCache", "data_fingerprint", "model_fingerprint"]
+__all__ = [
+    "ReferenceCache",
+    "compute_reference_cache",
+    "compute_response_cache",
+    "data_fingerprint",
+    "model_fingerprint",
+]
 
 # 2: K responses per record (was: chosen and rejected); fingerprints cover every record field.
 CACHE_VERSION = 2
@@ -81,14 +87,15 @@ def _media_digest(item: Any, h: Any) -> None:
 
 
 def _is_media_field(name: str) -> bool:
-    return name.endswith(("images", "videos", "media"))
+    # a diffusion record's conditioning tensor (``condition``, a .npy file) is hashed by its bytes too
+    return name.endswith(("images", "videos", "media", "condition"))
 
 
 def data_fingerprint(records: Iterable[Any], settings: dict[str, Any]) -> str:
     """Identity of a record list as the collator sees it.
 
     Every field of every record (a dataclass) but ``where`` and ``side`` is hashed; fields whose name
-    ends in ``images``, ``videos`` or ``media`` (``rejected_images``, per-response media, ...) are
+    ends in ``images``, ``videos``, ``media`` or ``condition`` (``rejected_images``, per-response media, ...) are
     hashed by the bytes of the files they name, so replacing an image under the same name changes the fingerprint.
     ``settings`` holds what else changes a log-prob (processor, max_length, frame sampling, ...).
     """
@@ -107,7 +114,8 @@ def data_fingerprint(records: Iterable[Any], settings: dict[str, Any]) -> str:
 
 
 class ReferenceCache:
-    """Token log-probs of the K responses of every record, by record id.
+    """Token log-probs of the K responses of every record, by record id (or, for a backbone with one statistic
+    per response, that statistic as a one-element tensor).
 
     Args:
         responses: per record, the K (T_k,) token log-prob tensors of its responses, in group order.
@@ -153,6 +161,18 @@ class ReferenceCache:
             groups.append(parts[start : start + k])
             start += k
         return cls(groups, json.loads(meta["ids"]))
+
+    def response_logps(self, ids: list[str], k: int) -> Tensor:
+        """(B, K) cached per-response statistics of the records ``ids`` (one value per response)."""
+        missing = [rid for rid in ids if rid not in self.index]
+        if missing:
+            raise KeyError(f"records not in the reference cache: {missing[:5]} (was the data changed?)")
+        groups = [self.responses[self.index[rid]] for rid in ids]
+        for rid, group in zip(ids, groups, strict=True):
+            if len(group) != k or any(t.numel() != 1 for t in group):
+                raise ValueError(f"reference cache holds {[t.numel() for t in group]} values for record {rid!r}, "
+                                 f"not one per response for {k} responses")  # fmt: skip
+        return torch.stack([torch.cat(group) for group in groups]) if groups else torch.zeros(0, k)
 
     def token_logps(
         self, ids: list[str], response_mask: Tensor, host_lengths: tuple[Sequence[int], Sequence[int]] | None = None
@@ -223,5 +243,25 @@ def compute_reference_cache(
         mask = batch.response_mask.cpu()
         b, k = batch.num_groups, batch.group_size
         groups.extend([tokens[j * b + i][mask[j * b + i]] for j in range(k)] for i in range(b))
+        ids.extend(batch.ids)
+    return ReferenceCache(groups, ids)
+
+
+@torch.no_grad()
+def compute_response_cache(
+    logps: Any, dataset: Any, collator: Any, batch_size: int, device: torch.device, desc: str = ""
+) -> ReferenceCache:
+    """Run ``logps(batch)`` (B, K) over a dataset in order and keep each response's statistic (one value per
+    response: a diffusion model's −(denoising error)). Arguments as :func:`compute_reference_cache`."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
+    groups, ids = [], []
+    for batch in tqdm(loader, desc=desc or "reference statistics", unit="batch", leave=False):
+        if batch.num_groups == 0:
+            continue
+        values = logps(batch.to(device)).float().cpu()  # (B, K)
+        groups.extend([list(row.split(1)) for row in values])
         ids.extend(batch.ids)
     return ReferenceCache(groups, ids)

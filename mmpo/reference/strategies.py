@@ -21,7 +21,13 @@ from datamodules.core.cache_source import ReferenceCacheData
 from mmpo.backbones.protocol import Backbone
 from mmpo.losses.base import PreferenceLoss, ResponseStats
 from mmpo.reference.adapter_snapshot import snapshot_active
-from mmpo.reference.cache import ReferenceCache, compute_reference_cache, data_fingerprint, model_fingerprint
+from mmpo.reference.cache import (
+    ReferenceCache,
+    compute_reference_cache,
+    compute_response_cache,
+    data_fingerprint,
+    model_fingerprint,
+)
 
 if TYPE_CHECKING:
     from mmpo.module import PreferenceModule
@@ -207,6 +213,9 @@ class CachedReference(ReferenceStrategy):
     def statistics(self, module: PreferenceModule, batch: Any, split: str) -> ResponseStats:
         if split not in self._caches:
             raise RuntimeError(f"no cached reference log-probs for the {split} split")
+        if not module.backbone.token_statistics:  # one number per response (diffusion)
+            logps = self._caches[split].response_logps(batch.ids, batch.group_size).to(module.device)
+            return ResponseStats(logps=logps, tokens=torch.ones_like(logps))
         tokens = self._caches[split].token_logps(batch.ids, batch.response_mask, batch.host_lengths())
         return ResponseStats.from_rows(tokens, batch.response_mask, batch.group_size)
 
@@ -227,6 +236,9 @@ class CachedReference(ReferenceStrategy):
             source = dm.reference_cache_split(split)
             if source is None:
                 continue
+            problem = backbone.reference_cache_problem()
+            if problem and source.settings.get("draws_noise", True):
+                raise ValueError(f"reference 'cached' cannot serve {type(backbone).__name__} here: {problem}")
             path = root / f"{split}-{model_fp}-{data_fingerprint(source.records, source.settings)}.safetensors"
             if not path.exists() and trainer.is_global_zero:
                 if trainer.global_step > 0 and not backbone.uses_lora:
@@ -242,12 +254,14 @@ class CachedReference(ReferenceStrategy):
     def _compute(module: PreferenceModule, source: Any, split: str) -> ReferenceCache:
         backbone, policy = module.backbone, module.policy
 
-        def token_logps(batch: Any) -> Tensor:
+        def reference(batch: Any) -> ResponseStats:
             if backbone.uses_lora:
                 with backbone.adapters_disabled(policy):
-                    stats = backbone.statistics(policy, batch)
-            else:  # before the first step the policy is the reference
-                stats = backbone.statistics(policy, batch)
+                    return backbone.statistics(policy, batch)
+            return backbone.statistics(policy, batch)  # before the first step the policy is the reference
+
+        def token_logps(batch: Any) -> Tensor:
+            stats = reference(batch)
             if stats.token_logps is None:
                 raise ValueError(f"{type(backbone).__name__} gives no per-token statistics to cache")
             return stats.token_logps.transpose(0, 1).reshape(-1, stats.token_logps.shape[-1])  # (N, T) rows
@@ -256,6 +270,11 @@ class CachedReference(ReferenceStrategy):
         policy.eval()
         try:
             desc = f"reference ({split})"
+            if not backbone.token_statistics:
+                return compute_response_cache(
+                    lambda batch: reference(batch).logps, source.dataset, source.collator, source.batch_size,
+                    module.device, desc,
+                )  # fmt: skip
             return compute_reference_cache(
                 token_logps, source.dataset, source.collator, source.batch_size, module.device, desc
             )
