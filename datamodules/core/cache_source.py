@@ -24,6 +24,8 @@ class CacheableSplit:
         batch_size: groups per reference forward.
         settings: everything besides the records that changes a log-prob: processor and its
             settings, ``max_length``, frame sampling, ...
+        noise_free: the items' statistics draw no noise whatever the backbone's settings (a diffusion
+            model's recorded sampling steps), so a backbone that draws noise per step can still be cached.
     """
 
     dataset: Dataset
@@ -31,6 +33,7 @@ class CacheableSplit:
     collator: Callable[[list[Any]], Any]
     batch_size: int
     settings: dict[str, Any] = field(default_factory=dict)
+    noise_free: bool = False
 
 
 @runtime_checkable

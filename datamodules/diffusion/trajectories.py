@@ -225,8 +225,10 @@ class DiffusionTrajectoryDataModule(DiffusionPreferenceDataModule):
             return None
         served = self.datasets[split]
         every = DiffusionTrajectoryDataset(served.records, served.num_steps, None, served.seed, served.on_bad_sample)
-        settings = {"draws_noise": False, "steps": served.num_steps}
-        return CacheableSplit(every, served.records, DiffusionPreferenceCollator(), self.loader.eval_size, settings)
+        settings = {"steps": served.num_steps}
+        return CacheableSplit(
+            every, served.records, DiffusionPreferenceCollator(), self.loader.eval_size, settings, noise_free=True
+        )
 
     def make_dataset(self, records: list[DiffusionPairRecord], split: str) -> DiffusionTrajectoryDataset:
         first = records[0]

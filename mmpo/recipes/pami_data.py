@@ -101,14 +101,22 @@ def _write_jsonl(path: Path, records: list[dict]) -> Path:
 
 
 def prepare(
-    workdir: Path, n_train: int, n_yes_no: int, n_val: int, seed: int, vision_steps: int, progress: bool = True
+    workdir: Path,
+    n_train: int,
+    n_yes_no: int,
+    n_val: int,
+    seed: int,
+    vision_steps: int,
+    progress: bool = True,
+    patch_size: int = MODEL["patch_size"],
 ) -> dict:
     """Write the world, the SFT / preference / awareness splits and the pretrained tiny video-LLM.
 
     Files under ``workdir / "data"``: the world (``train.jsonl``, ``val.jsonl``), ``sft_train.jsonl`` (the
     world's training records then ``n_yes_no`` yes/no pairs of training clips, shuffled with ``seed``; the
     preference stages train on the same records' chosen answers) and ``awareness.jsonl`` (the world's held-out
-    direction and colour questions, for the prompt-awareness scores).
+    direction and colour questions, for the prompt-awareness scores). ``patch_size`` sets the tower's patches
+    (its 2x2-pooled tokens are 16 px cells of the 48 px frames at 8, 8 px cells at 4).
 
     Returns:
         ``{"model": path, "vision": pretraining report, "files": {...}, "counts": {...}}``.
@@ -130,8 +138,9 @@ def prepare(
         "awareness": _write_jsonl(data / "awareness.jsonl", [r for r in val if r["kind"] in ("direction", "color")]),
     }
     path = build_tiny_llava(
-        workdir / "tiny-video-llava", [*vocabulary(), *probe_vocabulary()], seed=seed, video=True, **MODEL
-    )
+        workdir / "tiny-video-llava", [*vocabulary(), *probe_vocabulary()], seed=seed, video=True,
+        **(MODEL | {"patch_size": patch_size}),
+    )  # fmt: skip
     vision = pretrain_video_tower(path, steps=vision_steps, seed=seed, progress=progress)
     counts = {"world_train": len(train), "yes_no_train": len(yes_no), "val": len(val)}
     return {"model": path, "vision": vision, "files": files, "counts": counts}

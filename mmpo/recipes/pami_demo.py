@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
         "--n-val", type=int, default=200, help="world validation records (awareness: its direction/colour)"
     )
     parser.add_argument("--vision-steps", type=int, default=300, help="vision tower pretraining steps")
+    parser.add_argument(
+        "--patch-size", type=int, default=8, help="the tower's patch side at 48 px frames (8: 9 tokens a frame, 4: 36)"
+    )
     parser.add_argument("--sft-epochs", type=int, default=8)
     parser.add_argument("--sft-lr", type=float, default=2e-3)
     parser.add_argument("--dpo-steps", type=int, default=30, help="optimizer steps of each preference run")
@@ -223,7 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    prepared = prepare(workdir, args.n_train, args.n_yes_no, args.n_val, args.world_seed, args.vision_steps)
+    prepared = prepare(
+        workdir, args.n_train, args.n_yes_no, args.n_val, args.world_seed, args.vision_steps, patch_size=args.patch_size
+    )
     vision = prepared["vision"]
     print(
         f"[mmpo] video tower: held-out frames recognised {vision['accuracy']:.3f}, object patches' colour "

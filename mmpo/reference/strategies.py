@@ -237,7 +237,7 @@ class CachedReference(ReferenceStrategy):
             if source is None:
                 continue
             problem = backbone.reference_cache_problem()
-            if problem and source.settings.get("draws_noise", True):
+            if problem and not source.noise_free:
                 raise ValueError(f"reference 'cached' cannot serve {type(backbone).__name__} here: {problem}")
             path = root / f"{split}-{model_fp}-{data_fingerprint(source.records, source.settings)}.safetensors"
             if not path.exists() and trainer.is_global_zero:
