@@ -9,6 +9,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -252,3 +253,37 @@ def test_unsupported_wan_checkpoints_are_refused_clearly(diffusion_builds, tmp_p
     (two / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="two transformers .Wan 2.2"):
         DiffusionBackbone(str(two)).build()
+
+
+def test_a_video_condition_per_latent_frame_reaches_the_transformer(diffusion_builds, strips, tmp_path):
+    from diffusers import WanTransformer3DModel
+
+    tiny = shutil.copytree(diffusion_builds["wan"], tmp_path / "wan-conditioned")
+    config = json.loads((tiny / "transformer" / "config.json").read_text())
+    keys = ("patch_size", "num_attention_heads", "attention_head_dim", "text_dim", "freq_dim", "ffn_dim", "num_layers")
+    torch.manual_seed(0)
+    WanTransformer3DModel(**{k: config[k] for k in keys}, in_channels=6, out_channels=4).save_pretrained(
+        tiny / "transformer"
+    )
+    records = [json.loads(line) for line in strips.read_text().splitlines()]
+    data = shutil.copytree(strips.parent, tmp_path / "data")
+    rng = torch.Generator().manual_seed(1)
+    for i, r in enumerate(records):  # two channels per latent frame: (2, 3, 4, 4) for 9 frames at 32 px
+        np.save(data / f"c{i}.npy", torch.randn(2, 3, 4, 4, generator=rng).numpy())
+        r["condition"] = f"c{i}.npy"
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    batch = first(data / "train.jsonl")
+    assert batch.condition.shape == (4, 2, 3, 4, 4)
+    backbone = DiffusionBackbone(str(tiny))
+    model = backbone.build().eval()
+    batch.noise_draw = model.schedule.draw(4, (4, 3, 4, 4), torch.device("cpu"))
+    with torch.no_grad():
+        stats = backbone.statistics(model, batch)
+        latents = backbone.encode_images(model, batch.pixel_values)
+        draw = batch.noise_draw.rows(2)
+        noisy = model.schedule.noisy(latents, draw)
+        text = backbone.encode_text(model, batch.captions).embeds.repeat(2, 1, 1)
+        inputs = torch.cat([noisy, batch.condition.repeat(2, 1, 1, 1, 1)], dim=1)  # (8, 6, 3, 4, 4)
+        out = model.denoiser(hidden_states=inputs, timestep=draw.timesteps, encoder_hidden_states=text)[0]
+    by_hand = -(out - model.schedule.target(latents, draw)).pow(2).mean(dim=(1, 2, 3, 4)).view(2, 4).T
+    torch.testing.assert_close(stats.logps, by_hand)

@@ -97,20 +97,21 @@ def load_clip_frames(path: str, frames: int, where: str) -> list[Image.Image]:
 
 
 def load_condition(path: str, where: str) -> Tensor:
-    """A record's conditioning tensor: the ``.npy`` array at ``path`` as (c, h, w) float32.
+    """A record's conditioning tensor: the ``.npy`` array at ``path`` as (c, h, w) float32, or (c, f, h, w) for a
+    video model (per latent frame).
 
     Raises:
         BadSampleError: naming ``where`` and the file, when it is missing, unreadable (pickled objects are
-            refused), not 3-dimensional or not finite.
+            refused), not 3- or 4-dimensional or not finite.
     """
     try:
         array = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
         raise BadSampleError(f"{where}: cannot read condition {path}: {e}") from e
-    if array.ndim != 3 or not np.issubdtype(array.dtype, np.number):
+    if array.ndim not in (3, 4) or not np.issubdtype(array.dtype, np.number):
         raise BadSampleError(
-            f"{where}: condition {path} must be a (channels, height, width) numeric array, got {array.dtype} "
-            f"{tuple(array.shape)}"
+            f"{where}: condition {path} must be a (channels, height, width) numeric array, or (channels, frames, "
+            f"height, width) for a video model, got {array.dtype} {tuple(array.shape)}"
         )
     tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
     if not bool(torch.isfinite(tensor).all()):

@@ -11,9 +11,10 @@ a batch with ``image_captions`` conditions each image on its own caption instead
 Video checkpoints (Wan 2.1 text-to-video, ``WanTransformer3DModel`` over ``AutoencoderKLWan``) are the same
 computation on 5-D latents (K·B, c, f, h, w) from clips (K·B, 3, F, H, W): the error is the mean over every
 latent element, and the group's one ε covers all its frames.
-A batch with ``condition`` (B, c', h, w) (e.g. a reference image's latents and per-frame audio features)
-has it concatenated to every row's noisy latents as extra input channels, as image-to-video and
-InstructPix2Pix-style denoisers take their conditioning; the denoiser's ``in_channels`` must be c + c'.
+A batch with ``condition`` (B, c', h, w), or (B, c', f, h, w) for video latents (e.g. a reference image's
+latents and per-frame audio features) has it concatenated to every row's noisy latents as extra input
+channels, as image-to-video and InstructPix2Pix-style denoisers take their conditioning; the denoiser's
+``in_channels`` must be c + c'.
 
 Policy and reference must see the same (t, ε). The backbone draws it on its first pass over a batch
 object and stores it on the batch (``batch.noise_draw``); the reference pass of the same batch reads
@@ -347,14 +348,14 @@ class DiffusionBackbone(Backbone):
     ) -> Tensor:
         """The denoiser's output for noisy latents (N, c, h, w) or (N, c, f, h, w) at ``timesteps`` (N,) under ``text``.
 
-        ``condition`` (N, c', h, w), when given, is concatenated after the latents' channels.
+        ``condition`` (N, c', h, w) or (N, c', f, h, w), when given, is concatenated after the latents' channels.
         """
         in_channels = model.denoiser.config.in_channels
         if condition is not None:
             if condition.shape[0] != noisy.shape[0] or condition.shape[2:] != noisy.shape[2:]:
                 raise ValueError(
                     f"condition tensors of shape {tuple(condition.shape[1:])} do not fit latents of shape "
-                    f"{tuple(noisy.shape[1:])}: a condition is (channels, height, width) at the latents' size"
+                    f"{tuple(noisy.shape[1:])}: a condition is (channels, [frames,] height, width) at the latents' size"
                 )
             noisy = torch.cat([noisy, condition.to(noisy.device, noisy.dtype)], dim=1)
         if noisy.shape[1] != in_channels:
