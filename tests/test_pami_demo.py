@@ -11,7 +11,14 @@ import pytest
 
 from datamodules.worlds.video import clip_from_objects, make_record, render_clip
 from datamodules.worlds.video_probes import make_video_probes
-from mmpo.recipes.pami_data import EVAL_PROBE_SEED, TRAIN_PROBE_SEED, WORLD, question_type, write_yes_no_split
+from mmpo.recipes.pami_data import (
+    EVAL_PROBE_SEED,
+    TRAIN_PROBE_SEED,
+    WORLD,
+    question_type,
+    scene_question_example,
+    write_yes_no_split,
+)
 
 _MOVE = re.compile(r"does the (\w+) (\w+) move (\w+) \?")
 _COLOR = re.compile(r"is the (\w+) that moves (\w+) (\w+) \?")
@@ -73,13 +80,38 @@ def test_question_types_of_the_world_and_the_probes():
         assert question_type(probe.basic) == question_type(probe.hallucinated) == detail_type[probe.detail]
 
 
+def test_text_examples_describe_a_scene_and_answer_its_question_truly():
+    import random
+
+    from datamodules.worlds.video import vocabulary
+    from datamodules.worlds.video_probes import probe_vocabulary
+
+    rng, words = random.Random(0), set(vocabulary()) | set(probe_vocabulary())
+    examples = [scene_question_example(rng) for _ in range(200)]
+    yes_no = [e for e in examples if e["chosen"] in ("yes .", "no .")]
+    assert 60 < len(yes_no) < 140 and 20 < sum(e["chosen"] == "yes ." for e in yes_no) < len(yes_no) - 20
+    checked = 0
+    for e in examples:
+        caption, question = e["prompt"].split(" . ", 1)  # a caption ends at its only " ."
+        assert question.endswith(("?", ".")) and set(e["prompt"].split()) | set(e["chosen"].split()) <= words
+        objects = []  # the caption's objects: "a <colour> <shape> moves <direction>", in order of appearance
+        for phrase in caption.replace(" and ", " , ").split(" , "):
+            _, color, shape, _, direction = phrase.split()
+            objects.append(type("O", (), {"color": color, "shape": shape, "direction": direction}))
+        if e in yes_no and (truth := _truth(question, objects)) is not None:
+            assert e["chosen"] == ("yes ." if truth else "no ."), e
+            checked += 1
+    assert checked > 20
+
+
 @pytest.mark.slow
 def test_the_demo_runs_end_to_end_at_the_smallest_sizes(tmp_path):
     from mmpo.recipes.pami_demo import CANDIDATES, METRICS, TYPES, main
 
     argv = ["--workdir", str(tmp_path), "--seeds", "1", "--n-train", "32", "--n-yes-no", "12", "--n-val", "24"]
     argv += ["--vision-steps", "5", "--sft-epochs", "1", "--dpo-steps", "2", "--batch-size", "2", "--probes", "6"]
-    results = main(argv)
+    results = main([*argv, "--language-steps", "3"])
+    assert 0.0 <= results["language"]["accuracy"] <= 1.0 and results["language"]["steps"] == 3
     assert json.loads((tmp_path / "results.json").read_text())["before"] == results["before"]
     for figures in (results["before"], results["after"]["vdpo"][0], results["after"]["pami"][0]):
         assert {f"{t}/{m}" for t in TYPES for m in METRICS} <= figures.keys()

@@ -93,6 +93,25 @@ def write_yes_no_split(data: Path, name: str, n: int, seed: int) -> list[dict]:
     return records
 
 
+def scene_question_example(rng: random.Random) -> dict:
+    """A text-only example for :func:`mmpo.tiny.language.pretrain_tiny_language_model`: a fresh clip's caption
+    where the clip would be, then one of the SFT questions about it (an open world question or, half the time,
+    a yes/no probe question answered ``yes .`` or ``no .``), so the language model learns to read the question
+    and answer it from a description of the scene before SFT shows it clips."""
+    from datamodules.worlds.video import caption_for, make_record
+    from datamodules.worlds.video_probes import make_video_probes
+
+    if rng.random() < 0.5:
+        record = make_record(rng, num_frames=WORLD["num_frames"], size=WORLD["size"], max_objects=WORLD["max_objects"])
+        return {"prompt": f"{record['caption']} {record['prompt']}", "chosen": record["chosen"]}
+    probe = make_video_probes(
+        1, rng.randrange(1 << 30), num_frames=WORLD["num_frames"], size=WORLD["size"], max_objects=WORLD["max_objects"]
+    )[0]
+    basic = rng.random() < 0.5
+    question, answer = (probe.basic, "yes .") if basic else (probe.hallucinated, "no .")
+    return {"prompt": f"{caption_for(probe.objects)} {question}", "chosen": answer}
+
+
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
     from datamodules.core.atomic import atomic_write_text
 
@@ -109,6 +128,7 @@ def prepare(
     vision_steps: int,
     progress: bool = True,
     patch_size: int = MODEL["patch_size"],
+    language_steps: int = 0,
 ) -> dict:
     """Write the world, the SFT / preference / awareness splits and the pretrained tiny video-LLM.
 
@@ -116,7 +136,8 @@ def prepare(
     world's training records then ``n_yes_no`` yes/no pairs of training clips, shuffled with ``seed``; the
     preference stages train on the same records' chosen answers) and ``awareness.jsonl`` (the world's held-out
     direction and colour questions, for the prompt-awareness scores). ``patch_size`` sets the tower's patches
-    (its 2x2-pooled tokens are 16 px cells of the 48 px frames at 8, 8 px cells at 4).
+    (its 2x2-pooled tokens are 16 px cells of the 48 px frames at 8, 8 px cells at 4). ``language_steps`` > 0
+    first pretrains the language model on the world's questions as text (:func:`scene_question_example`).
 
     Returns:
         ``{"model": path, "vision": pretraining report, "files": {...}, "counts": {...}}``.
@@ -142,8 +163,15 @@ def prepare(
         **(MODEL | {"patch_size": patch_size}),
     )  # fmt: skip
     vision = pretrain_video_tower(path, steps=vision_steps, seed=seed, progress=progress)
+    language = None
+    if language_steps:
+        from mmpo.tiny.language import pretrain_tiny_language_model
+
+        language = pretrain_tiny_language_model(
+            path, steps=language_steps, seed=seed, example=scene_question_example, progress=progress
+        )
     counts = {"world_train": len(train), "yes_no_train": len(yes_no), "val": len(val)}
-    return {"model": path, "vision": vision, "files": files, "counts": counts}
+    return {"model": path, "vision": vision, "language": language, "files": files, "counts": counts}
 
 
 def _frame_batch(rng: random.Random, n: int, processor, grid: int) -> tuple:

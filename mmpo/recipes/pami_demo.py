@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--vision-steps", type=int, default=300, help="vision tower pretraining steps")
     parser.add_argument(
+        "--language-steps", type=int, default=0, help="pretrain the language model on the questions as text first"
+    )
+    parser.add_argument(
         "--patch-size", type=int, default=8, help="the tower's patch side at 48 px frames (8: 9 tokens a frame, 4: 36)"
     )
     parser.add_argument("--sft-epochs", type=int, default=8)
@@ -227,13 +230,16 @@ def main(argv: list[str] | None = None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     prepared = prepare(
-        workdir, args.n_train, args.n_yes_no, args.n_val, args.world_seed, args.vision_steps, patch_size=args.patch_size
-    )
+        workdir, args.n_train, args.n_yes_no, args.n_val, args.world_seed, args.vision_steps,
+        patch_size=args.patch_size, language_steps=args.language_steps,
+    )  # fmt: skip
     vision = prepared["vision"]
     print(
         f"[mmpo] video tower: held-out frames recognised {vision['accuracy']:.3f}, object patches' colour "
         f"{vision['patch_accuracy']:.3f} ({'reused' if vision['reused'] else 'trained'})"
     )
+    if prepared["language"] is not None:
+        print(f"[mmpo] language model: held-out text questions answered exactly {prepared['language']['accuracy']:.3f}")
     seconds["prepare"] = round(time.perf_counter() - t0, 1)
     data = prepared["files"]
     kinds = {(r := json.loads(line))["id"]: question_type(r["prompt"]) for line in data["sft"].read_text().splitlines()}
@@ -290,6 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
         "awareness": {"scores": awareness, "kept": kept},
         "settings": {k: v for k, v in vars(args).items()},
         "vision": vision,
+        "language": prepared["language"],
         "counts": prepared["counts"],
         "seconds": seconds,
         "total_seconds": total,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -86,7 +86,7 @@ def _batch(examples: list[dict], processor) -> tuple[Tensor, Tensor, Tensor, Ten
         ids[i, : len(row)] = torch.tensor(row)
         labels[i, : len(row)] = torch.tensor(target)
         mask[i, : len(row)] = 1
-    return ids, mask, labels, torch.tensor([e["items"] for e in examples])
+    return ids, mask, labels, torch.tensor([e.get("items", 1) for e in examples])
 
 
 def exact_answer_match(model, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
@@ -122,6 +122,7 @@ def pretrain_tiny_language_model(
     seed: int = 0,
     eval_lists: int = 512,
     progress: bool = True,
+    example: Callable[[random.Random], dict] | None = None,
 ) -> dict:
     """Train the language model of a tiny LLaVA on labelled caption lists (text only); save it in place.
 
@@ -138,6 +139,9 @@ def pretrain_tiny_language_model(
         seed: seed of the lists.
         eval_lists: held-out lists (their own seed) scored after training.
         progress: show a progress bar.
+        example: another source of text examples, ``example(rng) -> {"prompt", "chosen"[, "items"]}`` (e.g. a
+            video world's questions with the scene described in words); then ``max_items``, ``max_objects`` and
+            ``task_weights`` are not read, and its ``__name__`` is part of the stamp.
 
     Returns:
         ``{"accuracy", "accuracy_by_items", "loss", "seconds", "steps", "reused"}``: the share of held-out
@@ -157,6 +161,8 @@ def pretrain_tiny_language_model(
         "task_weights": dict(task_weights) if task_weights is not None else None,
         "seed": seed,
     }
+    if example is not None:
+        settings["example"] = example.__name__
     reused = reused_pretraining(
         stamp, "language_pretraining", settings, ("accuracy", "accuracy_by_items", "loss", "seconds")
     )
@@ -172,9 +178,13 @@ def pretrain_tiny_language_model(
         p.requires_grad_(True)
     rng = random.Random(f"mmpo-tiny-language/{seed}/train")
     sample = (max_items, max_objects, task_weights)
+    if example is None:
+
+        def example(r: random.Random) -> dict:
+            return labelled_list_example(r, *sample)
 
     def step_loss() -> Tensor:
-        ids, mask, labels, _ = _batch([labelled_list_example(rng, *sample) for _ in range(batch_size)], processor)
+        ids, mask, labels, _ = _batch([example(rng) for _ in range(batch_size)], processor)
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
     model.train()
@@ -183,7 +193,7 @@ def pretrain_tiny_language_model(
 
     model.eval()
     held_out = random.Random(f"mmpo-tiny-language/{seed}/eval")
-    examples = [labelled_list_example(held_out, *sample) for _ in range(eval_lists)]
+    examples = [example(held_out) for _ in range(eval_lists)]
     ids, mask, labels, items = _batch(examples, processor)
     chunks = zip(ids.split(128), mask.split(128), labels.split(128), strict=True)
     exact = torch.cat([exact_answer_match(model, *chunk) for chunk in chunks])
