@@ -112,6 +112,8 @@ def test_the_demo_runs_end_to_end_at_the_smallest_sizes(tmp_path):
     argv += ["--vision-steps", "5", "--sft-epochs", "1", "--dpo-steps", "2", "--batch-size", "2", "--probes", "6"]
     results = main([*argv, "--language-steps", "3"])
     assert 0.0 <= results["language"]["accuracy"] <= 1.0 and results["language"]["steps"] == 3
+    assert set(results["open_questions"]) == {"caption", "color", "direction", "order"}
+    assert all(0.0 <= v <= 1.0 for v in results["open_questions"].values())
     assert json.loads((tmp_path / "results.json").read_text())["before"] == results["before"]
     for figures in (results["before"], results["after"]["vdpo"][0], results["after"]["pami"][0]):
         assert {f"{t}/{m}" for t in TYPES for m in METRICS} <= figures.keys()

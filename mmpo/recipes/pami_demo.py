@@ -171,6 +171,34 @@ def prompt_awareness(sft: Path, awareness: Path, args) -> dict[str, dict[str, fl
     return {kind: {tag: statistics.fmean(v) for tag, v in by_tag.items()} for kind, by_tag in sums.items()}
 
 
+def open_question_accuracy(model_dir: Path, val: Path, per_kind: int = 30) -> dict[str, float]:
+    """Share of held-out open questions (the first ``per_kind`` of each kind in ``val``) whose greedy answer is
+    the chosen one, word for word (spaces before the final "." ignored): does the model read the clip?"""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from datamodules.vision_text.video_io import read_video
+    from mmpo.generation import generate_answers
+
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    by_kind: dict[str, list[dict]] = {}
+    for line in val.read_text().splitlines():
+        record = json.loads(line)
+        by_kind.setdefault(record["kind"], []).append(record)
+
+    def words(text: str) -> list[str]:
+        return text.replace(".", " .").split()
+
+    accuracy = {}
+    for kind, records in sorted(by_kind.items()):
+        records = records[:per_kind]
+        clips = [read_video(val.parent / r["videos"][0], WORLD["num_frames"])[0].numpy() for r in records]
+        answers = generate_answers(model, processor, [r["prompt"] for r in records], videos=clips)
+        accuracy[kind] = statistics.fmean(words(a) == words(r["chosen"]) for a, r in zip(answers, records, strict=True))
+    return accuracy
+
+
 def _table(before: dict, after: dict[str, list[dict]]) -> list[str]:
     lines = [f"{'probe type / metric':<28}{'SFT':>12}{'VDPO':>14}{'PaMi-VDPO':>14}"]
     for kind in TYPES:
@@ -262,6 +290,10 @@ def main(argv: list[str] | None = None) -> dict:
     print("[mmpo] stage 2/3: prompt-awareness of the SFT model's scores")
     t0 = time.perf_counter()
     awareness = prompt_awareness(sft, data["awareness"], args)
+    answered = open_question_accuracy(sft, data["val"])
+    print("[mmpo] SFT model, held-out open questions answered exactly: " + ", ".join(
+        f"{kind} {share:.2f}" for kind, share in answered.items()
+    ))  # fmt: skip
     seconds["awareness"] = round(time.perf_counter() - t0, 1)
 
     after: dict[str, list[dict]] = {"vdpo": [], "pami": []}
@@ -294,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
         "before": before,
         "after": after,
         "awareness": {"scores": awareness, "kept": kept},
+        "open_questions": answered,
         "settings": {k: v for k, v in vars(args).items()},
         "vision": vision,
         "language": prepared["language"],
