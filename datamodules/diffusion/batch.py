@@ -35,8 +35,8 @@ class TrajectoryStep:
     guidance_scale: float
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> TrajectoryStep:
-        return TrajectoryStep(fn(self.next_latents), fn(self.timesteps), fn(self.prev_timesteps), self.eta,
-                              self.guidance_scale)  # fmt: skip
+        tensors = (fn(self.next_latents), fn(self.timesteps), fn(self.prev_timesteps))
+        return TrajectoryStep(*tensors, self.eta, self.guidance_scale)
 
 
 @dataclass

@@ -208,8 +208,8 @@ class DiffusionPreferenceDataModule(L.LightningDataModule):
                 f"reference: cached needs the same inputs every epoch, but the {split} split has {changing}: set "
                 "center_crop: true, random_flip: false and caption_dropout: 0 (a latent cache turns crops off too)"
             )
-        return CacheableSplit(dataset, dataset.records, DiffusionPreferenceCollator(), self.loader.eval_size,
-                              self.reference_cache_settings())  # fmt: skip
+        collator, settings = DiffusionPreferenceCollator(), self.reference_cache_settings()
+        return CacheableSplit(dataset, dataset.records, collator, self.loader.eval_size, settings)
 
     def reference_cache_settings(self) -> dict[str, Any]:
         """What besides the records changes a record's statistics (part of the reference cache's name)."""

@@ -170,8 +170,8 @@ class ReferenceCache:
         groups = [self.responses[self.index[rid]] for rid in ids]
         for rid, group in zip(ids, groups, strict=True):
             if len(group) != k or any(t.numel() != 1 for t in group):
-                raise ValueError(f"reference cache holds {[t.numel() for t in group]} values for record {rid!r}, "
-                                 f"not one per response for {k} responses")  # fmt: skip
+                sizes = [t.numel() for t in group]
+                raise ValueError(f"reference cache holds {sizes} values for record {rid!r}, not one for each of {k}")
         return torch.stack([torch.cat(group) for group in groups]) if groups else torch.zeros(0, k)
 
     def token_logps(
