@@ -64,6 +64,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every child (default: cores)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per framework, interleaved; the best is reported")
     ap.add_argument("--workdir", default="runs/bench-diffusion", help="where the model and the pairs are written")
+    ap.add_argument(
+        "--release-host-memory", action="store_true",
+        help="mmpo's runs leave the host allocator alone (keep_host_memory=False), as the example's loop does",
+    )  # fmt: skip
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: one framework's run
     return ap.parse_args(argv)
@@ -149,6 +153,7 @@ def run_mmpo(
     module = PreferenceModule(
         backbone, DPOLoss(beta=BETA), optimizer=optimizer, reference=reference,
         reference_cache_dir=None if cache_dir is None else str(Path(cache_dir) / "reference"),
+        keep_host_memory=not args.release_host_memory,
     )  # fmt: skip
     dm = DiffusionPreferenceDataModule(
         train_file=str(pairs),
@@ -296,6 +301,8 @@ def _run_child(args: argparse.Namespace, framework: str) -> dict[str, Any]:
     cmd = [sys.executable, str(Path(__file__).resolve()), f"--child={framework}"]
     for name in ("steps", "warmup", "batch", "resolution", "rank", "geometry", "threads", "workdir"):
         cmd.append(f"--{name}={getattr(args, name)}")
+    if args.release_host_memory:
+        cmd.append("--release-host-memory")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT ")]
