@@ -114,6 +114,12 @@ def _unet(sdxl: bool) -> Any:
     )
 
 
+def _new_build(out: Path, settings: dict[str, Any], overwrite: bool) -> Any:
+    """The word tokenizer over ``settings["words"]`` for a new build at ``out``; None when ``out`` already holds
+    a build with these settings (and ``overwrite`` is off)."""
+    return None if reusable_build(out, settings, overwrite) else diffusion_word_tokenizer(settings["words"])
+
+
 def _write(out: Path, pipeline: Any, settings: dict[str, Any]) -> Path:
     with atomic_directory(out) as tmp:
         pipeline.save_pretrained(tmp)
@@ -148,9 +154,8 @@ def build_tiny_sd(
     words = sorted(set(words))
     settings = {"kind": f"tiny-{variant}", "seed": seed, "prediction_type": prediction_type, "words": words}
     out = Path(out)
-    if reusable_build(out, settings, overwrite):
+    if (tokenizer := _new_build(out, settings, overwrite)) is None:
         return out
-    tokenizer = diffusion_word_tokenizer(words)
     schedule = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}  # SD's betas
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -202,9 +207,8 @@ def build_tiny_sd3(out: str | os.PathLike, words: Iterable[str], seed: int = 0, 
     words = sorted(set(words))
     settings = {"kind": "tiny-sd3", "seed": seed, "words": words}
     out = Path(out)
-    if reusable_build(out, settings, overwrite):
+    if (tokenizer := _new_build(out, settings, overwrite)) is None:
         return out
-    tokenizer = diffusion_word_tokenizer(words)
     t5 = T5Config(
         vocab_size=len(tokenizer),
         d_model=2 * _WIDTH,  # SD3 pads the CLIP embeddings (2 × width side by side) to T5's width
@@ -268,9 +272,8 @@ def build_tiny_wan(out: str | os.PathLike, words: Iterable[str], seed: int = 0, 
     words = sorted(set(words))
     settings = {"kind": "tiny-wan", "seed": seed, "words": words}
     out = Path(out)
-    if reusable_build(out, settings, overwrite):
+    if (tokenizer := _new_build(out, settings, overwrite)) is None:
         return out
-    tokenizer = diffusion_word_tokenizer(words)
     umt5 = UMT5Config(
         vocab_size=len(tokenizer), d_model=_WIDTH, d_ff=2 * _WIDTH, d_kv=16, num_layers=2, num_heads=2,
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
