@@ -150,3 +150,24 @@ def test_the_diffusion_bench_runs_mmpo_and_the_diffusers_example_step_and_report
         rows["mmpo"]["pairs_per_s"] / rows["diffusers"]["pairs_per_s"]
     )
     assert rows["mmpo"]["cache_seconds"] > 0 and "cache_seconds" not in rows["mmpo-uncached"]
+
+
+def test_diffusion_step_flops_match_the_text_encoder_by_hand_and_add_up_per_framework(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import diffusion_step_flops as flops
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    parts = flops.count("sd15", 64)
+    # CLIP ViT-L/14 on 77 tokens, 12 layers: q, k, v, out projections, the 4x MLP, and the two attention products
+    n, d = 77, 768
+    layer = 4 * 2 * n * d * d + 2 * 2 * n * d * 4 * d + 2 * 2 * n * n * d
+    assert parts["text_encoders"] == pytest.approx(12 * layer / 1e12, rel=1e-9)
+    # the backward of a frozen UNet runs its input gradients only (none for the caption's keys and values):
+    # of the forward's order, not twice it as with weight gradients
+    forward = parts["reference_forward"]
+    assert forward / 2 < parts["policy_forward_backward"] - forward < 2 * forward
+    steps = flops.steps(parts)
+    assert steps["mmpo"] == pytest.approx(parts["policy_forward_backward"] + forward)
+    assert steps["diffusers"] == pytest.approx(steps["mmpo"] + parts["vae_encoder"] + parts["text_encoders"])
+    assert steps["mmpo-cached-ref"] < steps["mmpo"] < steps["diffusers"]
