@@ -182,6 +182,12 @@ def test_bad_trajectories_name_the_record_and_the_file(trajectories, tmp_path):
     ):
         with pytest.raises(BadSampleError, match=message):
             dataset[index]
+    # one step read by slice: the same two latents as from the whole file; a step past the end is refused
+    path = str(root / records[0]["trajectory_0"])
+    step = load_trajectory(path, "x", step=2)
+    assert torch.equal(step["latents"], first["latents"][2:4]) and torch.equal(step["timesteps"], first["timesteps"])
+    with pytest.raises(BadSampleError, match=r"x: trajectory .* has 4 steps; step 4 asked for"):
+        load_trajectory(path, "x", step=STEPS)
     skipping = datamodule(root / "train.jsonl", on_bad_sample="skip")
     batches = list(skipping.train_dataloader())
     assert sum(b.skipped for b in batches) == 3 * STEPS and sum(len(b.ids) for b in batches) == STEPS

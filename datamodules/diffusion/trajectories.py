@@ -67,8 +67,11 @@ def save_trajectory(
         save_file(tensors, str(tmp), metadata={"eta": repr(float(eta)), "guidance_scale": repr(float(guidance_scale))})
 
 
-def load_trajectory(path: str, where: str) -> dict[str, Any]:
+def load_trajectory(path: str, where: str, step: int | None = None) -> dict[str, Any]:
     """A trajectory file's tensors and sampler settings (``eta``, ``guidance_scale``).
+
+    With ``step`` j, ``latents`` holds x_j and x_{j+1} only (2, c, h, w), read by slice without the rest of the
+    file, and ``num_steps`` the trajectory's S; without it, every latent (S + 1, c, h, w).
 
     Raises:
         BadSampleError: naming ``where`` and the file, when it cannot be read, lacks a tensor or setting, or
@@ -80,7 +83,11 @@ def load_trajectory(path: str, where: str) -> dict[str, Any]:
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
             names = [n for n in ("latents", "timesteps", "prev_timesteps") if n in f.keys()]
-            found = {name: f.get_tensor(name) for name in names}
+            found = {name: f.get_tensor(name) for name in names if name != "latents"}
+            if "latents" in names:
+                stored = f.get_slice("latents")
+                shape = tuple(stored.get_shape())
+                found["latents"] = stored[:] if step is None else stored[step : step + 2]
     except Exception as e:  # a missing file (OSError) or safetensors' own SafetensorError, which derives from Exception
         raise BadSampleError(f"{where}: cannot read trajectory {path}: {e}") from e
     missing = [n for n in ("latents", "timesteps", "prev_timesteps") if n not in found]
@@ -88,11 +95,13 @@ def load_trajectory(path: str, where: str) -> dict[str, Any]:
     if missing:
         raise BadSampleError(f"{where}: trajectory {path} lacks {missing}")
     latents, steps = found["latents"], found["timesteps"]
-    if latents.dim() != 4 or steps.dim() != 1 or latents.shape[0] != steps.shape[0] + 1:
+    if len(shape) != 4 or steps.dim() != 1 or shape[0] != steps.shape[0] + 1:
         raise BadSampleError(
-            f"{where}: trajectory {path} holds latents {tuple(latents.shape)} for timesteps {tuple(steps.shape)}; "
+            f"{where}: trajectory {path} holds latents {shape} for timesteps {tuple(steps.shape)}; "
             "expected (S + 1, c, h, w) for (S,)"
         )
+    if step is not None and not 0 <= step < steps.shape[0]:
+        raise BadSampleError(f"{where}: trajectory {path} has {steps.shape[0]} steps; step {step} asked for")
     if found["prev_timesteps"].shape != steps.shape or not bool(torch.isfinite(latents).all()):
         raise BadSampleError(f"{where}: trajectory {path} has prev_timesteps of another length, or NaN latents")
     eta, guidance = float(meta["eta"]), float(meta["guidance_scale"])
@@ -157,7 +166,8 @@ class DiffusionTrajectoryDataset(Dataset):
         r, j = self.step_of(index, epoch)
         rec = self.records[r]
         try:
-            first, second = (load_trajectory(rec.images[i], rec.where) for i in rec.order)  # preferred first
+            # preferred first; only x_j and x_{j+1} of each file are read
+            first, second = (load_trajectory(rec.images[i], rec.where, step=j) for i in rec.order)
             for path, traj in zip((rec.images[i] for i in rec.order), (first, second), strict=True):
                 if traj["timesteps"].shape[0] != self.num_steps:
                     raise BadSampleError(
@@ -179,9 +189,9 @@ class DiffusionTrajectoryDataset(Dataset):
         return {
             "id": f"{rec.id}@{j}", "caption": rec.caption, "label": rec.label, "scores": rec.scores,
             "image_captions": None, "caption_dropped": False, "text": {},
-            "latents": torch.stack([t["latents"][j] for t in pair]),  # (2, c, h, w) x_t
+            "latents": torch.stack([t["latents"][0] for t in pair]),  # (2, c, h, w) x_t
             "trajectory": {
-                "next_latents": torch.stack([t["latents"][j + 1] for t in pair]),  # (2, c, h, w) x_{t'}
+                "next_latents": torch.stack([t["latents"][1] for t in pair]),  # (2, c, h, w) x_{t'}
                 "timestep": int(first["timesteps"][j]), "prev_timestep": int(first["prev_timesteps"][j]),
                 "eta": first["eta"], "guidance_scale": first["guidance_scale"],
             },
