@@ -99,6 +99,7 @@ class VideoHallucinationEval(AnswerEval):
         processor: Processor path; by default the datamodule's ``processor``.
         fps: The frame rate the probe clips stand for (the video world writes its clips at 8), passed to
             the processor with the frames shown, as the datamodule passes a decoded clip's timing.
+        speeds: Least and most px per frame of the probe clips' objects (the video world's ``speeds``).
     """
 
     def __init__(
@@ -115,12 +116,14 @@ class VideoHallucinationEval(AnswerEval):
         during_fit: bool = False,
         processor: str | None = None,
         fps: float = 8.0,
+        speeds: tuple[int, int] = (1, 3),
     ) -> None:
         super().__init__()
         self.types = list(types or PROBE_TYPES)
         make_video_probes(0, seed, self.types)  # validates the types now, not at the end of a validation
         self.n_probes, self.seed = n_probes, seed
         self.clip_frames, self.size, self.max_objects = clip_frames, size, max_objects
+        self.speeds = (int(speeds[0]), int(speeds[1]))
         self.num_frames = num_frames
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
         self.during_fit = during_fit
@@ -144,7 +147,7 @@ class VideoHallucinationEval(AnswerEval):
         key = tuple(shown)
         if key not in self._probes:
             self._probes[key] = make_video_probes(
-                self.n_probes, self.seed, self.types, self.clip_frames, self.size, self.max_objects, key
+                self.n_probes, self.seed, self.types, self.clip_frames, self.size, self.max_objects, key, self.speeds
             )
         return self._probes[key]
 

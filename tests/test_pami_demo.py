@@ -15,6 +15,8 @@ from mmpo.recipes.pami_data import (
     EVAL_PROBE_SEED,
     TRAIN_PROBE_SEED,
     WORLD,
+    clip_question_example,
+    clip_settings,
     question_type,
     scene_question_example,
     write_yes_no_split,
@@ -61,7 +63,7 @@ def test_training_clips_are_not_the_evaluation_probes():
     def key(objects):
         return tuple(sorted((o.shape, o.color, o.direction, o.appears, o.side, o.speed, o.start) for o in objects))
 
-    settings = {"num_frames": WORLD["num_frames"], "size": WORLD["size"], "max_objects": WORLD["max_objects"]}
+    settings = clip_settings()
     train = {key(p.objects) for p in make_video_probes(200, TRAIN_PROBE_SEED, **settings)}
     held_out = [key(p.objects) for p in make_video_probes(120, EVAL_PROBE_SEED, **settings)]
     assert len(train) > 150 and not train.intersection(held_out)
@@ -104,14 +106,69 @@ def test_text_examples_describe_a_scene_and_answer_its_question_truly():
     assert checked > 20
 
 
+def test_clip_examples_show_their_clip_and_answer_its_question_truly():
+    import random
+
+    from datamodules.worlds.video_probes import PROBE_TYPES
+
+    rng = random.Random(0)
+    examples = [clip_question_example(rng) for _ in range(120)]
+    kinds = {e["kind"] for e in examples}
+    assert {"direction", "color", "order", "caption"} <= kinds
+    assert {f"yes/no {t}" for t in PROBE_TYPES} <= kinds  # every probe type, not the first one only
+    checked = 0
+    for e in examples:
+        objects = clip_from_objects(e["objects"])
+        want = render_clip(objects, WORLD["num_frames"], WORLD["size"])
+        assert e["frames"].dtype == np.uint8 and np.array_equal(e["frames"], want)
+        truth = _truth(e["prompt"], objects)
+        if truth is not None:
+            assert e["chosen"] == ("yes ." if truth else "no ."), e["prompt"]
+            checked += 1
+        elif e["kind"] == "direction":
+            color, shape = e["prompt"].split()[4:6]
+            (o,) = [o for o in objects if (o.color, o.shape) == (color, shape)]
+            assert e["chosen"] == f"the {color} {shape} moves {o.direction} ."
+            checked += 1
+    assert checked > 20
+
+
+def test_clip_batches_put_the_loss_on_the_answer_and_its_eos_only(video_llava):
+    import random
+
+    from transformers import AutoProcessor
+
+    from mmpo.recipes.pami_data import _clip_batch
+
+    processor = AutoProcessor.from_pretrained(video_llava)
+    rng = random.Random(1)
+    examples = [clip_question_example(rng) for _ in range(3)]
+    batch = _clip_batch(examples, processor)
+    tokenizer = processor.tokenizer
+    for i, e in enumerate(examples):
+        answer = tokenizer(e["chosen"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        row = batch["labels"][i]
+        assert row[row != -100].tolist() == answer
+        n = int(batch["attention_mask"][i].sum())
+        assert batch["input_ids"][i, n - len(answer) : n].tolist() == answer and (row[n:] == -100).all()
+    assert batch["pixel_values_videos"].shape[:2] == (3, WORLD["num_frames"])
+
+
 @pytest.mark.slow
 def test_the_demo_runs_end_to_end_at_the_smallest_sizes(tmp_path):
     from mmpo.recipes.pami_demo import CANDIDATES, METRICS, TYPES, main
 
     argv = ["--workdir", str(tmp_path), "--seeds", "1", "--n-train", "32", "--n-yes-no", "12", "--n-val", "24"]
     argv += ["--vision-steps", "5", "--sft-epochs", "1", "--dpo-steps", "2", "--batch-size", "2", "--probes", "6"]
-    results = main([*argv, "--language-steps", "3"])
+    argv += ["--speeds", "2", "4", "--tower-positions"]
+    results = main([*argv, "--language-steps", "3", "--video-steps", "2"])
+    assert WORLD["speeds"] == [1, 3]  # the demo's speeds were put back
+    speeds = {o["speed"] for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()
+              for o in json.loads(line)["objects"]}  # fmt: skip
+    assert speeds <= {2, 3, 4} and results["vision"]["position_error"] >= 0
     assert 0.0 <= results["language"]["accuracy"] <= 1.0 and results["language"]["steps"] == 3
+    video = results["video_language"]
+    assert video["steps"] == 2 and {"direction", "color", "order", "caption"} <= set(video["accuracy"])
     assert set(results["open_questions"]) == {"caption", "color", "direction", "order"}
     assert all(0.0 <= v <= 1.0 for v in results["open_questions"].values())
     assert json.loads((tmp_path / "results.json").read_text())["before"] == results["before"]

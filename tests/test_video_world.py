@@ -255,3 +255,21 @@ def test_cli(tmp_path, capsys):
     assert _records(tmp_path / "cli", "train") == [world.record("train", i) for i in range(3)]
     assert _records(tmp_path / "cli", "val") == [world.record("val", 0)]
     assert json.loads((tmp_path / "cli" / "world.json").read_text())["vocabulary"] == vocabulary()
+
+
+def test_speeds_bound_every_object_and_the_default_draws_are_unchanged():
+    import random
+
+    from datamodules.worlds.video import sample_clip
+
+    for seed in range(40):
+        assert sample_clip(random.Random(seed), 8, 64, 2) == sample_clip(random.Random(seed), 8, 64, 2, (1, 3))
+        fast = sample_clip(random.Random(seed), 8, 64, 2, speeds=(3, 6))
+        assert fast and all(3 <= o.speed <= 6 for o in fast)
+        for o in fast:  # still inside the frame at the last frame
+            x0, y0, x1, y1 = o.bbox_at(7)
+            assert 0 <= x0 and 0 <= y0 and x1 <= 64 and y1 <= 64
+    with pytest.raises(ValueError, match="no room to move 7 px per frame for 8 frames"):
+        sample_clip(random.Random(0), 8, 64, 2, speeds=(7, 8))
+    with pytest.raises(ValueError, match=r"1 <= least <= most, got \(3, 2\)"):
+        sample_clip(random.Random(0), 8, 64, 2, speeds=(3, 2))

@@ -35,6 +35,7 @@ from datamodules.worlds.shapes import BACKGROUND, COLORS, SHAPES, ShapeObject, r
 from datamodules.worlds.writer import world_cli, write_world
 
 __all__ = [
+    "DEFAULT_SPEEDS",
     "DEFAULT_TASK_WEIGHTS",
     "DIRECTIONS",
     "KINDS",
@@ -65,7 +66,7 @@ _COLOR_ANSWER = "the {shape} that moves {direction} is {color} ."
 _ORDER_PROMPT = "which shape appears first ?"
 _ORDER_ANSWER = "the {color} {shape} appears first ."
 _MARGIN = 2  # px kept free at the border and between objects
-_MAX_SPEED = 3  # px per frame
+DEFAULT_SPEEDS = (1, 3)  # px per frame, least and most
 
 
 @dataclass(frozen=True)
@@ -113,11 +114,14 @@ def _apart(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     return a[2] + _MARGIN <= b[0] or b[2] + _MARGIN <= a[0] or a[3] + _MARGIN <= b[1] or b[3] + _MARGIN <= a[1]
 
 
-def _place(rng: random.Random, obj: MovingObject, num_frames: int, size: int) -> MovingObject:
+def _place(
+    rng: random.Random, obj: MovingObject, num_frames: int, size: int, speeds: tuple[int, int] = DEFAULT_SPEEDS
+) -> MovingObject:
     """Draw a speed and a start that keep the object's whole path inside the frame."""
     travel_room = size - 2 * _MARGIN - obj.side
     moves = max(1, num_frames - 1 - obj.appears)
-    speed = rng.randint(1, max(1, min(_MAX_SPEED, travel_room // moves)))
+    slowest, fastest = speeds
+    speed = rng.randint(slowest, max(slowest, min(fastest, travel_room // moves)))
     travel = speed * (num_frames - 1 - obj.appears)
     dx, dy = DIRECTIONS[obj.direction]
     lo, hi = _MARGIN, size - _MARGIN - obj.side  # range of a box corner coordinate
@@ -127,21 +131,32 @@ def _place(rng: random.Random, obj: MovingObject, num_frames: int, size: int) ->
     return MovingObject(obj.shape, obj.color, obj.direction, obj.appears, obj.side, speed, start)
 
 
-def sample_clip(rng: random.Random, num_frames: int = 16, size: int = 64, max_objects: int = 3) -> list[MovingObject]:
+def sample_clip(
+    rng: random.Random,
+    num_frames: int = 16,
+    size: int = 64,
+    max_objects: int = 3,
+    speeds: tuple[int, int] = DEFAULT_SPEEDS,
+) -> list[MovingObject]:
     """Sample 1..max_objects moving objects with distinct (shape, colour) and distinct appearance frames.
 
-    Box sides are 3/16 to 1/4 of the frame (12 to 16 px at 64), speeds 1 to 3 px per frame. The first
+    Box sides are 3/16 to 1/4 of the frame (12 to 16 px at 64), speeds ``speeds`` (least, most) px per frame,
+    1 to 3 by default, the most capped by the room the object has to move in. The first
     object appears at frame 0; the others at distinct multiples of ``num_frames // 4`` up to half the
     clip, so sparse frame sampling still sees who came first. Boxes keep a 2 px gap from the border
     and, in every frame where both are visible, from each other. An object that cannot be placed
     after 100 tries is left out. Objects are returned in order of appearance.
 
     Raises:
-        ValueError: The frame is too small for an object to move for the whole clip.
+        ValueError: The frame is too small for an object to move at the least speed for the whole clip, or
+            ``speeds`` is not 1 <= least <= most.
     """
     lo, hi = max(4, round(size * 3 / 16)), max(4, round(size / 4))
-    if size - 2 * _MARGIN - hi < num_frames - 1:
-        raise ValueError(f"a {size}px frame leaves no room to move 1 px per frame for {num_frames} frames")
+    slowest, fastest = speeds
+    if not 1 <= slowest <= fastest:
+        raise ValueError(f"speeds must be (least, most) px per frame with 1 <= least <= most, got {tuple(speeds)}")
+    if size - 2 * _MARGIN - hi < slowest * (num_frames - 1):
+        raise ValueError(f"a {size}px frame leaves no room to move {slowest} px per frame for {num_frames} frames")
     step = max(1, num_frames // 4)
     late_slots = list(range(step, num_frames // 2 + 1, step))
     pairs = [(s, c) for s in SHAPES for c in COLORS]
@@ -151,7 +166,7 @@ def sample_clip(rng: random.Random, num_frames: int = 16, size: int = 64, max_ob
     for (shape, color), first in zip(rng.sample(pairs, n), appears, strict=True):
         for _ in range(100):
             draft = MovingObject(shape, color, rng.choice(list(DIRECTIONS)), first, rng.randint(lo, hi), 1, (0, 0))
-            obj = _place(rng, draft, num_frames, size)
+            obj = _place(rng, draft, num_frames, size, speeds)
             frames = range(obj.appears, num_frames)  # `placed` objects appeared earlier: both visible here
             if all(_apart(obj.bbox_at(t), other.bbox_at(t)) for other in placed for t in frames):
                 placed.append(obj)
@@ -267,6 +282,7 @@ def make_record(
     num_frames: int = 16,
     size: int = 64,
     max_objects: int = 3,
+    speeds: tuple[int, int] = DEFAULT_SPEEDS,
 ) -> dict:
     """Sample one preference example (without ``id`` and ``videos``, which the writer adds).
 
@@ -279,6 +295,7 @@ def make_record(
         num_frames: Frames per clip.
         size: Side of the square frames in pixels.
         max_objects: Most objects per clip (at least 2 for the ``order`` task).
+        speeds: Least and most px per frame (`sample_clip`).
 
     Returns:
         ``{"prompt", "chosen", "rejected", "kind", "objects", "caption"}``.
@@ -291,9 +308,9 @@ def make_record(
     if objects is None:
         if kind == "order" and max_objects < 2:
             raise ValueError("the order task needs max_objects >= 2")
-        objects = sample_clip(rng, num_frames, size, max_objects)
+        objects = sample_clip(rng, num_frames, size, max_objects, speeds)
         while not _feasible(kind, objects):
-            objects = sample_clip(rng, num_frames, size, max_objects)
+            objects = sample_clip(rng, num_frames, size, max_objects, speeds)
     prompt, chosen, rejected = _TASKS[kind](objects, rng)
     return {
         "prompt": prompt,
@@ -330,6 +347,7 @@ class VideoWorld:
         fps: Frame rate of the written clips.
         max_objects: Most objects per clip.
         task_weights: Relative weight per kind (see `make_record`).
+        speeds: Least and most px per frame (`sample_clip`).
     """
 
     seed: int = 0
@@ -338,6 +356,7 @@ class VideoWorld:
     fps: int = 8
     max_objects: int = 3
     task_weights: Mapping[str, float] | None = None
+    speeds: tuple[int, int] = DEFAULT_SPEEDS
 
     def rng(self, split: str, index: int) -> random.Random:
         # A string seed is hashed with SHA-512 by `random`, independent of PYTHONHASHSEED.
@@ -352,6 +371,7 @@ class VideoWorld:
             num_frames=self.num_frames,
             size=self.size,
             max_objects=self.max_objects,
+            speeds=self.speeds,
         )
         return {"id": record_id, "videos": [f"videos/{record_id}.mp4"], **body}
 
@@ -371,6 +391,7 @@ def write_video_world(
     max_objects: int = 3,
     task_weights: Mapping[str, float] | None = None,
     overwrite: bool = False,
+    speeds: tuple[int, int] = DEFAULT_SPEEDS,
 ) -> dict:
     """Write ``root/videos/*.mp4``, ``root/train.jsonl``, ``root/val.jsonl`` and ``root/world.json``.
 
@@ -389,6 +410,7 @@ def write_video_world(
         max_objects: Most objects per clip.
         task_weights: Relative weight per kind; defaults to `DEFAULT_TASK_WEIGHTS`.
         overwrite: Replace a world generated with different settings instead of raising.
+        speeds: Least and most px per frame (`sample_clip`); recorded in ``world.json`` when not the default.
 
     Returns:
         Summary: ``root``, ``train`` and ``val`` paths, counts, per-split kind counts, vocabulary size
@@ -409,7 +431,10 @@ def write_video_world(
         "max_objects": max_objects,
         "task_weights": _normalise_weights(task_weights),
     }
-    world = VideoWorld(seed, num_frames, size, fps, max_objects, settings["task_weights"])
+    speeds = (int(speeds[0]), int(speeds[1]))
+    if speeds != DEFAULT_SPEEDS:  # worlds written before speeds were a setting keep their settings
+        settings["speeds"] = list(speeds)
+    world = VideoWorld(seed, num_frames, size, fps, max_objects, settings["task_weights"], speeds)
     info = {
         "shapes": list(SHAPES),
         "colors": {name: list(rgb) for name, rgb in COLORS.items()},

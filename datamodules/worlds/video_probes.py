@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from datamodules.worlds.shapes import COLORS, SHAPES, tokenize
-from datamodules.worlds.video import DIRECTIONS, MovingObject, render_clip, sample_clip
+from datamodules.worlds.video import DEFAULT_SPEEDS, DIRECTIONS, MovingObject, render_clip, sample_clip
 
 __all__ = [
     "PROBE_DETAILS",
@@ -213,6 +213,7 @@ def make_video_probes(
     size: int = 64,
     max_objects: int = 3,
     shown_frames: Sequence[int] | None = None,
+    speeds: tuple[int, int] = DEFAULT_SPEEDS,
 ) -> list[VideoProbePair]:
     """``n`` probe pairs, a pure function of the arguments; probe ``i`` does not depend on ``n``.
 
@@ -226,6 +227,7 @@ def make_video_probes(
         shown_frames: Indices of the frames a model will see (e.g. `sample_frame_indices`); a question
             is asked only if those frames answer it: a direction needs the object in two of them, an
             order one with the earlier object alone. None: every frame.
+        speeds: Least and most px per frame of the objects (`datamodules.worlds.video.sample_clip`).
 
     Raises:
         ValueError: An unknown type, or a question no clip of these settings allows.
@@ -244,7 +246,7 @@ def make_video_probes(
         rng = random.Random(f"mmpo-video-hallucination-probe/v1/{seed}/{index}")
         detail = rng.choice(PROBE_DETAILS[kind])
         for _ in range(_MAX_CLIPS):
-            objects = sample_clip(rng, num_frames, size, max_objects)
+            objects = sample_clip(rng, num_frames, size, max_objects, speeds)
             questions = _QUESTIONS[detail](_Clip(objects, shown, num_frames), rng)
             if questions is not None:
                 break

@@ -24,18 +24,25 @@ __all__ = [
     "WORLD",
     "question_type",
     "prepare",
+    "clip_question_example",
+    "pretrain_video_language",
     "pretrain_video_tower",
     "write_yes_no_split",
 ]
 
 # Short clips keep the CPU demo fast: 8 frames, at most two objects (order and relation need two). Written at
 # 64 px: decord (the video reader) fails on 48 px frames (row alignment), so the processor resizes them instead.
-WORLD = {"num_frames": 8, "size": 64, "max_objects": 2, "fps": 8}
+WORLD = {"num_frames": 8, "size": 64, "max_objects": 2, "fps": 8, "speeds": [1, 3]}
 # Frames resized to 48 px in 8 px patches: 36 patches a frame, 2x2-pooled to 9 video tokens, 72 for the clip.
 MODEL = {"image_size": 48, "patch_size": 8, "vision_width": 64, "text_width": 128, "text_layers": 4}
 # Probe seeds: the SFT yes/no questions come from TRAIN_PROBE_SEED + world seed, the evaluation from EVAL_PROBE_SEED.
 TRAIN_PROBE_SEED = 1000
 EVAL_PROBE_SEED = 0
+
+
+def clip_settings() -> dict:
+    """`WORLD`'s settings of a clip (frames, size, objects, speeds), as the world's clip samplers take them."""
+    return {k: WORLD[k] for k in ("num_frames", "size", "max_objects", "speeds")}
 
 
 def question_type(prompt: str) -> str:
@@ -68,9 +75,7 @@ def write_yes_no_split(data: Path, name: str, n: int, seed: int) -> list[dict]:
     from datamodules.vision_text.video_io import write_video
     from datamodules.worlds.video_probes import make_video_probes
 
-    probes = make_video_probes(
-        n, seed, num_frames=WORLD["num_frames"], size=WORLD["size"], max_objects=WORLD["max_objects"]
-    )
+    probes = make_video_probes(n, seed, **clip_settings())
     (data / "videos").mkdir(parents=True, exist_ok=True)
     records = []
     for probe in probes:
@@ -99,14 +104,13 @@ def scene_question_example(rng: random.Random) -> dict:
     a yes/no probe question answered ``yes .`` or ``no .``), so the language model learns to read the question
     and answer it from a description of the scene before SFT shows it clips."""
     from datamodules.worlds.video import caption_for, make_record
-    from datamodules.worlds.video_probes import make_video_probes
+    from datamodules.worlds.video_probes import PROBE_TYPES, make_video_probes
 
     if rng.random() < 0.5:
-        record = make_record(rng, num_frames=WORLD["num_frames"], size=WORLD["size"], max_objects=WORLD["max_objects"])
+        record = make_record(rng, **clip_settings())
         return {"prompt": f"{record['caption']} {record['prompt']}", "chosen": record["chosen"]}
-    probe = make_video_probes(
-        1, rng.randrange(1 << 30), num_frames=WORLD["num_frames"], size=WORLD["size"], max_objects=WORLD["max_objects"]
-    )[0]
+    kind = [rng.choice(PROBE_TYPES)]  # probe i of a call has type types[i % len(types)]: one probe, so choose it
+    probe = make_video_probes(1, rng.randrange(1 << 30), kind, **clip_settings())[0]
     basic = rng.random() < 0.5
     question, answer = (probe.basic, "yes .") if basic else (probe.hallucinated, "no .")
     return {"prompt": f"{caption_for(probe.objects)} {question}", "chosen": answer}
@@ -129,6 +133,8 @@ def prepare(
     progress: bool = True,
     patch_size: int = MODEL["patch_size"],
     language_steps: int = 0,
+    video_steps: int = 0,
+    tower_positions: bool = False,
 ) -> dict:
     """Write the world, the SFT / preference / awareness splits and the pretrained tiny video-LLM.
 
@@ -137,10 +143,13 @@ def prepare(
     preference stages train on the same records' chosen answers) and ``awareness.jsonl`` (the world's held-out
     direction and colour questions, for the prompt-awareness scores). ``patch_size`` sets the tower's patches
     (its 2x2-pooled tokens are 16 px cells of the 48 px frames at 8, 8 px cells at 4). ``language_steps`` > 0
-    first pretrains the language model on the world's questions as text (:func:`scene_question_example`).
+    first pretrains the language model on the world's questions as text (:func:`scene_question_example`);
+    ``video_steps`` > 0 then trains the projector and the language model on fresh clips
+    (:func:`pretrain_video_language`). ``tower_positions`` adds the position head to the tower's pretraining.
 
     Returns:
-        ``{"model": path, "vision": pretraining report, "files": {...}, "counts": {...}}``.
+        ``{"model": path, "vision", "language", "video": the pretraining reports (None when not run), "files": {...},
+        "counts": {...}}``.
     """
     from datamodules.worlds.video import vocabulary, write_video_world
     from datamodules.worlds.video_probes import probe_vocabulary
@@ -162,7 +171,7 @@ def prepare(
         workdir / "tiny-video-llava", [*vocabulary(), *probe_vocabulary()], seed=seed, video=True,
         **(MODEL | {"patch_size": patch_size}),
     )  # fmt: skip
-    vision = pretrain_video_tower(path, steps=vision_steps, seed=seed, progress=progress)
+    vision = pretrain_video_tower(path, steps=vision_steps, seed=seed, progress=progress, positions=tower_positions)
     language = None
     if language_steps:
         from mmpo.tiny.language import pretrain_tiny_language_model
@@ -170,8 +179,9 @@ def prepare(
         language = pretrain_tiny_language_model(
             path, steps=language_steps, seed=seed, example=scene_question_example, progress=progress
         )
+    video = pretrain_video_language(path, steps=video_steps, seed=seed, progress=progress) if video_steps else None
     counts = {"world_train": len(train), "yes_no_train": len(yes_no), "val": len(val)}
-    return {"model": path, "vision": vision, "language": language, "files": files, "counts": counts}
+    return {"model": path, "vision": vision, "language": language, "video": video, "files": files, "counts": counts}
 
 
 def _frame_batch(rng: random.Random, n: int, processor, grid: int) -> tuple:
@@ -192,7 +202,7 @@ def _frame_batch(rng: random.Random, n: int, processor, grid: int) -> tuple:
     edges = np.linspace(0, size, grid + 1).round().astype(int)
     frames, present, patches = [], torch.zeros(n, len(pairs)), torch.zeros(n, grid * grid, dtype=torch.long)
     for i in range(n):
-        objects = sample_clip(rng, count, size, WORLD["max_objects"])
+        objects = sample_clip(rng, **clip_settings())
         t = rng.randrange(count)
         frame = render_clip(objects, count, size)[t]  # (H, W, 3)
         frames.append(frame[None])
@@ -210,7 +220,13 @@ def _frame_batch(rng: random.Random, n: int, processor, grid: int) -> tuple:
 
 
 def pretrain_video_tower(
-    checkpoint: Path, steps: int, seed: int, batch_size: int = 32, lr: float = 2e-3, progress: bool = True
+    checkpoint: Path,
+    steps: int,
+    seed: int,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    progress: bool = True,
+    positions: bool = False,
 ) -> dict:
     """Teach the tiny video-LLM's vision tower what and where objects are, on single frames of the world.
 
@@ -218,8 +234,10 @@ def pretrain_video_tower(
     image LLaVA, whose image processor this video checkpoint does not have). Two throw-away linear heads: one
     on the patch features' mean predicts which (colour, shape) pairs are in the frame (binary cross-entropy),
     one on each patch's feature predicts the colour filling that patch or background (cross-entropy), so where
-    each colour is, and with it motion across frames, is in the tokens the language model reads. Reused when
-    stamped with the same settings.
+    each colour is, and with it motion across frames, is in the tokens the language model reads. With
+    ``positions``, a third head regresses each patch's centre (x, y in [-1, 1]) from its feature (mean squared
+    error), so where a token is in the frame is a linear read-out of it too. Reused when stamped with the same
+    settings.
 
     Returns:
         ``{"accuracy", "patch_accuracy", "loss", "seconds", "steps", "reused"}``: held-out frames whose k
@@ -237,7 +255,10 @@ def pretrain_video_tower(
 
     stamp = read_tiny_stamp(checkpoint)
     settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "world": WORLD, "version": 2}
+    if positions:  # the stamp of a run without the head stays what it was
+        settings["positions"] = True
     kept = ("accuracy", "patch_accuracy", "loss", "seconds")
+    kept += ("position_error",) if positions else ()
     if (reused := reused_pretraining(stamp, "video_tower_pretraining", settings, kept)) is not None:
         return reused
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32)
@@ -247,27 +268,33 @@ def pretrain_video_tower(
     torch.manual_seed(seed)
     what = nn.Linear(vision.hidden_size, len(COLORS) * len(SHAPES))
     where = nn.Linear(vision.hidden_size, 1 + len(COLORS))
+    place = nn.Linear(vision.hidden_size, 2) if positions else None
+    centres = (torch.arange(grid, dtype=torch.float32) + 0.5) / grid * 2 - 1
+    xy = torch.stack(torch.meshgrid(centres, centres, indexing="xy"), dim=-1).reshape(grid * grid, 2)  # row-major
     rng = random.Random(f"mmpo-pami-demo/tower/{seed}/train")
 
     def heads(pixels):
         hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:]  # (n, grid², D)
-        return what(reduce(hidden, "n p d -> n d", "mean")), where(hidden)  # (n, P), (n, grid², 1 + C)
+        pooled = reduce(hidden, "n p d -> n d", "mean")
+        xy_out = place(hidden) if positions else None  # (n, grid², 2)
+        return what(pooled), where(hidden), xy_out  # (n, P), (n, grid², 1 + C)
 
     def step_loss():
         pixels, present, patches = _frame_batch(rng, batch_size, processor, grid)
-        pair_logits, patch_logits = heads(pixels)
+        pair_logits, patch_logits, where_xy = heads(pixels)
         presence = nn.functional.binary_cross_entropy_with_logits(pair_logits, present)
-        return presence + nn.functional.cross_entropy(patch_logits.flatten(0, 1), patches.flatten())
+        loss = presence + nn.functional.cross_entropy(patch_logits.flatten(0, 1), patches.flatten())
+        return loss + nn.functional.mse_loss(where_xy, xy.expand_as(where_xy)) if positions else loss
 
     start = time.perf_counter()
     tower.train()
-    params = [*tower.parameters(), *what.parameters(), *where.parameters()]
+    params = [*tower.parameters(), *what.parameters(), *where.parameters(), *(place.parameters() if positions else [])]
     loss = pretraining_loop(params, step_loss, steps, lr, min(50, steps // 10), "video tower pretraining", progress)
     tower.eval()
     held_out = random.Random(f"mmpo-pami-demo/tower/{seed}/eval")
     pixels, present, patches = _frame_batch(held_out, 256, processor, grid)
     with torch.no_grad():
-        pair_logits, patch_logits = heads(pixels)
+        pair_logits, patch_logits, where_xy = heads(pixels)
     ranked = pair_logits.argsort(dim=1, descending=True)
     k = present.sum(dim=1).long()
     truth = [set(row.nonzero().flatten().tolist()) for row in present]
@@ -275,7 +302,132 @@ def pretrain_video_tower(
     objects = patches > 0
     patch_accuracy = (patch_logits.argmax(-1) == patches)[objects].float().mean().item()
     report = {"accuracy": accuracy, "patch_accuracy": round(patch_accuracy, 4), "loss": loss}
+    if positions:  # mean distance of a patch's predicted centre from its own, in patches
+        report["position_error"] = round(((where_xy - xy).norm(dim=-1).mean() * grid / 2).item(), 4)
     report["seconds"] = round(time.perf_counter() - start, 1)
     stamp["video_tower_pretraining"] = {**settings, **report}
+    save_tiny_weights(model, checkpoint, stamp)
+    return {**report, "steps": steps, "reused": False}
+
+
+def clip_question_example(rng: random.Random) -> dict:
+    """A fresh clip rendered in memory and one SFT question about it, for :func:`pretrain_video_language`.
+
+    Half the time an open world question (direction, colour, order, caption), else a yes/no probe question
+    answered ``yes .`` or ``no .``: the SFT set's mix. Returns ``{"frames": (T, H, W, 3) uint8, "prompt",
+    "chosen", "kind", "objects"}`` (the clip's ground truth, as a record's ``objects``).
+    """
+    from datamodules.worlds.video import clip_from_objects, make_record, render_clip
+    from datamodules.worlds.video_probes import PROBE_TYPES, make_video_probes
+
+    count, size = WORLD["num_frames"], WORLD["size"]
+    if rng.random() < 0.5:
+        record = make_record(rng, **clip_settings())
+        frames = render_clip(clip_from_objects(record["objects"]), count, size)
+        example = {k: record[k] for k in ("prompt", "chosen", "kind", "objects")}
+        return {"frames": frames, **example}
+    kind = [rng.choice(PROBE_TYPES)]  # probe i of a call has type types[i % len(types)]: one probe, so choose it
+    probe = make_video_probes(1, rng.randrange(1 << 30), kind, **clip_settings())[0]
+    basic = rng.random() < 0.5
+    question, answer = (probe.basic, "yes .") if basic else (probe.hallucinated, "no .")
+    objects = [o.to_dict() for o in probe.objects]
+    return {
+        "frames": probe.frames,
+        "prompt": question,
+        "chosen": answer,
+        "kind": f"yes/no {probe.kind}",
+        "objects": objects,
+    }
+
+
+def _clip_batch(examples: list[dict], processor) -> dict:
+    """Model inputs for clip examples: the prompt after the clip in one user turn, the answer then EOS,
+    right-padded, labels on the answer only (the datamodules' layout)."""
+    import torch
+
+    tokenizer = processor.tokenizer
+    rows, targets, pixels = [], [], []
+    for example in examples:
+        messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": example["prompt"]}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        enc = processor(text=[text], videos=[example["frames"]], do_sample_frames=False, return_tensors="pt")
+        prompt = enc["input_ids"][0].tolist()
+        answer = tokenizer(example["chosen"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(prompt + answer)
+        targets.append([-100] * len(prompt) + answer)
+        pixels.append(enc["pixel_values_videos"])
+    length = max(map(len, rows))
+    ids = torch.full((len(rows), length), tokenizer.pad_token_id)
+    labels = torch.full((len(rows), length), -100)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, (row, target) in enumerate(zip(rows, targets, strict=True)):
+        ids[i, : len(row)], labels[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), torch.tensor(target), 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values_videos": torch.cat(pixels)}
+
+
+def pretrain_video_language(
+    checkpoint: Path,
+    steps: int,
+    seed: int,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    eval_examples: int = 400,
+    progress: bool = True,
+) -> dict:
+    """Train the tiny video-LLM's projector and language model on fresh clips, one SFT question each.
+
+    A stand-in for the video-instruction pretraining of a real video-LLM: every step renders ``batch_size`` new
+    clips in memory (:func:`clip_question_example`), so the model cannot learn the answers by heart and has to
+    read them off the frames, which the SFT stage's 1,000 records do not make it do. The vision tower stays
+    frozen. Reused when stamped with the same settings.
+
+    Returns:
+        ``{"accuracy": {kind: share}, "loss", "seconds", "steps", "reused"}``: held-out clips (their own seed)
+        whose answer the model reproduces token for token (teacher-forced argmax), per question kind.
+    """
+    import time
+
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from mmpo.tiny.llava import pretraining_loop, read_tiny_stamp, reused_pretraining, save_tiny_weights
+
+    stamp = read_tiny_stamp(checkpoint)
+    settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "world": WORLD, "version": 1}
+    if reused := reused_pretraining(stamp, "video_language_pretraining", settings, ("accuracy", "loss", "seconds")):
+        return reused
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32)
+    processor = AutoProcessor.from_pretrained(checkpoint)
+    trained = [p for n, p in model.named_parameters() if "vision_tower" not in n]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in trained:
+        p.requires_grad_(True)
+    rng = random.Random(f"mmpo-pami-demo/video-language/{seed}/train")
+
+    def step_loss():
+        return model(**_clip_batch([clip_question_example(rng) for _ in range(batch_size)], processor)).loss
+
+    start = time.perf_counter()
+    model.train()
+    loss = pretraining_loop(trained, step_loss, steps, lr, min(50, steps // 10), "video-language pretraining", progress)
+    model.eval()
+    held_out = random.Random(f"mmpo-pami-demo/video-language/{seed}/eval")
+    examples = [clip_question_example(held_out) for _ in range(eval_examples)]
+    exact = []
+    for chunk in range(0, len(examples), 50):
+        batch = _clip_batch(examples[chunk : chunk + 50], processor)
+        with torch.no_grad():
+            predicted = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].argmax(-1)
+        target = batch["labels"][:, 1:]
+        exact += ((predicted == target) | (target == -100)).all(dim=1).tolist()
+    by_kind: dict[str, list[bool]] = {}
+    for example, hit in zip(examples, exact, strict=True):
+        by_kind.setdefault(example["kind"], []).append(hit)
+    accuracy = {kind: round(sum(hits) / len(hits), 4) for kind, hits in sorted(by_kind.items())}
+    report = {"accuracy": accuracy, "loss": loss, "seconds": round(time.perf_counter() - start, 1)}
+    stamp["video_language_pretraining"] = {**settings, **report}
+    for p in model.parameters():
+        p.requires_grad_(True)
     save_tiny_weights(model, checkpoint, stamp)
     return {**report, "steps": steps, "reused": False}

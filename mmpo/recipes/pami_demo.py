@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -91,6 +92,7 @@ def probe(module, datamodule, n_probes: int) -> dict[str, float]:
         clip_frames=WORLD["num_frames"],
         size=WORLD["size"],
         max_objects=WORLD["max_objects"],
+        speeds=WORLD["speeds"],
         batch_size=32,
         max_new_tokens=2,
     )
@@ -239,9 +241,19 @@ def main(argv: list[str] | None = None) -> dict:
         "--language-steps", type=int, default=0, help="pretrain the language model on the questions as text first"
     )
     parser.add_argument(
+        "--tower-positions", action="store_true", help="the tower's pretraining also regresses each patch's place"
+    )
+    parser.add_argument(
+        "--speeds", type=int, nargs=2, default=WORLD["speeds"], metavar=("LEAST", "MOST"),
+        help="px per frame of the world's objects (at 64 px frames)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--video-steps", type=int, default=0, help="then train projector and language model on fresh clips"
+    )
+    parser.add_argument(
         "--patch-size", type=int, default=8, help="the tower's patch side at 48 px frames (8: 9 tokens a frame, 4: 36)"
     )
-    parser.add_argument("--sft-epochs", type=int, default=8)
+    parser.add_argument("--sft-epochs", type=int, default=8, help="0: the pretrained model is the SFT model")
     parser.add_argument("--sft-lr", type=float, default=2e-3)
     parser.add_argument("--dpo-steps", type=int, default=30, help="optimizer steps of each preference run")
     parser.add_argument("--batch-size", type=int, default=8, help="records per step (SFT uses twice as many)")
@@ -252,14 +264,23 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--probes", type=int, default=60, help="probe pairs per measurement (types take turns)")
     args = parser.parse_args(argv)
+    previous = WORLD["speeds"]
+    WORLD["speeds"] = list(args.speeds)  # every clip the demo writes, renders or probes reads WORLD
+    try:
+        return _demo(args)
+    finally:
+        WORLD["speeds"] = previous
 
+
+def _demo(args: argparse.Namespace) -> dict:
     start, seconds = time.perf_counter(), {}
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     prepared = prepare(
         workdir, args.n_train, args.n_yes_no, args.n_val, args.world_seed, args.vision_steps,
-        patch_size=args.patch_size, language_steps=args.language_steps,
+        patch_size=args.patch_size, language_steps=args.language_steps, video_steps=args.video_steps,
+        tower_positions=args.tower_positions,
     )  # fmt: skip
     vision = prepared["vision"]
     print(
@@ -268,6 +289,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if prepared["language"] is not None:
         print(f"[mmpo] language model: held-out text questions answered exactly {prepared['language']['accuracy']:.3f}")
+    if prepared["video"] is not None:
+        shares = ", ".join(f"{kind} {share:.2f}" for kind, share in prepared["video"]["accuracy"].items())
+        print(f"[mmpo] video-language pretraining: held-out clips' questions answered exactly: {shares}")
     seconds["prepare"] = round(time.perf_counter() - t0, 1)
     data = prepared["files"]
     kinds = {(r := json.loads(line))["id"]: question_type(r["prompt"]) for line in data["sft"].read_text().splitlines()}
@@ -278,7 +302,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     L.seed_everything(args.world_seed, verbose=False)
     sft = workdir / "sft-model"
-    if not (args.reuse_sft and (sft / "config.json").is_file()):
+    if args.sft_epochs == 0:
+        shutil.copytree(prepared["model"], sft, dirs_exist_ok=True)
+    elif not (args.reuse_sft and (sft / "config.json").is_file()):
         module = _module(prepared["model"], SFTLoss(), args.sft_lr, save_dir=str(sft))
         dm = _videos(prepared["model"], data["sft"], data["val"], 2 * args.batch_size, args.world_seed)
         _trainer(max_epochs=args.sft_epochs, progress=True).fit(module, datamodule=dm)
@@ -330,6 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {k: v for k, v in vars(args).items()},
         "vision": vision,
         "language": prepared["language"],
+        "video_language": prepared["video"],
         "counts": prepared["counts"],
         "seconds": seconds,
         "total_seconds": total,
