@@ -73,7 +73,7 @@ def test_question_types_of_the_world_and_the_probes():
     import random
 
     rng = random.Random(0)
-    for kind in ("direction", "color", "order", "caption"):
+    for kind in ("direction", "color", "order", "caption", "shape_color"):
         for _ in range(5):
             assert question_type(make_record(rng, kind=kind, max_objects=2)["prompt"]) == kind
     detail_type = {"direction": "direction", "order": "order", "color": "color", "shape": "shape"}
@@ -160,7 +160,7 @@ def test_the_demo_runs_end_to_end_at_the_smallest_sizes(tmp_path):
 
     argv = ["--workdir", str(tmp_path), "--seeds", "1", "--n-train", "32", "--n-yes-no", "12", "--n-val", "24"]
     argv += ["--vision-steps", "5", "--sft-epochs", "1", "--dpo-steps", "2", "--batch-size", "2", "--probes", "6"]
-    argv += ["--speeds", "2", "4", "--tower-positions"]
+    argv += ["--speeds", "2", "4", "--tower-positions", "--shape-color-questions"]
     results = main([*argv, "--language-steps", "3", "--video-steps", "2"])
     assert WORLD["speeds"] == [1, 3]  # the demo's speeds were put back
     speeds = {o["speed"] for line in (tmp_path / "data" / "train.jsonl").read_text().splitlines()
@@ -169,14 +169,15 @@ def test_the_demo_runs_end_to_end_at_the_smallest_sizes(tmp_path):
     assert 0.0 <= results["language"]["accuracy"] <= 1.0 and results["language"]["steps"] == 3
     video = results["video_language"]
     assert video["steps"] == 2 and {"direction", "color", "order", "caption"} <= set(video["accuracy"])
-    assert set(results["open_questions"]) == {"caption", "color", "direction", "order"}
+    assert set(results["open_questions"]) == {"caption", "color", "direction", "order", "shape_color"}
+    assert WORLD["task_weights"] is None  # put back too
     assert all(0.0 <= v <= 1.0 for v in results["open_questions"].values())
     assert json.loads((tmp_path / "results.json").read_text())["before"] == results["before"]
     for figures in (results["before"], results["after"]["vdpo"][0], results["after"]["pami"][0]):
         assert {f"{t}/{m}" for t in TYPES for m in METRICS} <= figures.keys()
         assert all(0.0 <= v <= 1.0 for v in figures.values())
     scores = results["awareness"]["scores"]
-    for kind in ("direction", "color"):
+    for kind in ("direction", "color", "shape_color"):
         assert set(scores[kind]) == set(CANDIDATES)
         assert all(0.0 <= s <= math.log(2) for s in scores[kind].values())
     assert len(results["after"]["vdpo"]) == len(results["after"]["pami"]) == 1

@@ -13,6 +13,7 @@ import pytest
 from datamodules.vision_text.video_io import read_video
 from datamodules.worlds.shapes import BACKGROUND, COLORS, SHAPES, tokenize
 from datamodules.worlds.video import (
+    DEFAULT_TASK_WEIGHTS,
     DIRECTIONS,
     KINDS,
     MovingObject,
@@ -66,6 +67,9 @@ def _is_true(record: dict, text: str) -> bool:
         color, shape = re.fullmatch(r"the (\w+) (\w+) appears first \.", text).groups()
         first = min(o["appears"] for o in objects)
         return [o["appears"] for o in _find(objects, color=color, shape=shape)] == [first]
+    if kind == "shape_color":  # "the circle is red ."
+        shape, color = re.fullmatch(r"the (\w+) is (\w+) \.", text).groups()
+        return [o["color"] for o in _find(objects, shape=shape)] == [color]
     assert kind == "caption"  # "a red circle moves left , a blue square moves up and ... ."
     named = re.findall(r"a (\w+) (\w+) moves (\w+)", text)
     truth = [(o["color"], o["shape"], o["direction"]) for o in sorted(objects, key=lambda o: o["appears"])]
@@ -136,7 +140,7 @@ def test_every_kind_is_generated_and_judged_correctly():
         assert _is_true(record, record["chosen"]), record
         assert not _is_true(record, record["rejected"]), record
         assert record["caption"] == caption_for(clip_from_objects(record["objects"]))
-    assert kinds == set(KINDS)
+    assert kinds == set(DEFAULT_TASK_WEIGHTS) == set(KINDS) - {"shape_color"}  # not drawn by default
     for kind in KINDS:  # a forced kind resamples the clip until the task is possible
         record = make_record(random.Random(0), kind=kind)
         assert record["kind"] == kind and _is_true(record, record["chosen"])
@@ -273,3 +277,16 @@ def test_speeds_bound_every_object_and_the_default_draws_are_unchanged():
         sample_clip(random.Random(0), 8, 64, 2, speeds=(7, 8))
     with pytest.raises(ValueError, match=r"1 <= least <= most, got \(3, 2\)"):
         sample_clip(random.Random(0), 8, 64, 2, speeds=(3, 2))
+
+
+def test_shape_colour_questions_are_drawn_only_when_weighted_and_leave_the_default_draws_alone():
+    weighted = [make_record(random.Random(i), task_weights={"shape_color": 1, "direction": 1}) for i in range(200)]
+    asked = [r for r in weighted if r["kind"] == "shape_color"]
+    assert 60 < len(asked) < 140 and {r["kind"] for r in weighted} == {"shape_color", "direction"}
+    for r in asked:
+        assert "moves" not in r["prompt"] + r["chosen"]  # motion-free: a reversed clip leaves the answer true
+        assert _is_true(r, r["chosen"]) and not _is_true(r, r["rejected"])
+    # the kind is listed last with weight 0 by default: the draws of every other kind are unchanged
+    assert [make_record(random.Random(i))["kind"] for i in range(50)] == [
+        make_record(random.Random(i), task_weights=DEFAULT_TASK_WEIGHTS | {"shape_color": 0})["kind"] for i in range(50)
+    ]

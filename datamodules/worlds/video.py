@@ -10,6 +10,10 @@ its size, speed and starting box) is stored with a preference pair about the cli
 - ``color``: "what color is the circle that moves left ?"; the rejected answer names another colour.
 - ``order``: "which shape appears first ?"; the rejected answer names an object that appears later.
 - ``caption``: "describe the video ."; the rejected caption hallucinates an object.
+- ``shape_color``: "what color is the circle ?" about a shape the clip holds once, answered without a word
+  about motion; the rejected answer names another colour. Not drawn by default (`DEFAULT_TASK_WEIGHTS`):
+  a question whose answer a reversed or shuffled clip leaves true, for measuring what a temporal negative
+  changes (``mmpo pami-demo``).
 
 Clips are written as mp4 (`datamodules.vision_text.video_io.write_video`, needs PyAV) with JSONL records in the image
 preference format, ``videos`` in place of ``images``. Lower-case words, punctuation as separate
@@ -55,7 +59,7 @@ __all__ = [
 VIDEO_WORLD_VERSION = 1
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 _OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
-KINDS: tuple[str, ...] = ("caption", "color", "direction", "order")
+KINDS: tuple[str, ...] = ("caption", "color", "direction", "order", "shape_color")
 DEFAULT_TASK_WEIGHTS: dict[str, float] = {"caption": 0.25, "color": 0.25, "direction": 0.25, "order": 0.25}
 
 _CAPTION_PROMPT = "describe the video ."
@@ -65,6 +69,8 @@ _COLOR_PROMPT = "what color is the {shape} that moves {direction} ?"
 _COLOR_ANSWER = "the {shape} that moves {direction} is {color} ."
 _ORDER_PROMPT = "which shape appears first ?"
 _ORDER_ANSWER = "the {color} {shape} appears first ."
+_SHAPE_COLOR_PROMPT = "what color is the {shape} ?"
+_SHAPE_COLOR_ANSWER = "the {shape} is {color} ."
 _MARGIN = 2  # px kept free at the border and between objects
 DEFAULT_SPEEDS = (1, 3)  # px per frame, least and most
 
@@ -243,6 +249,18 @@ def _color_task(objects: Sequence[MovingObject], rng: random.Random) -> tuple[st
     return prompt, answer, _COLOR_ANSWER.format(shape=obj.shape, direction=obj.direction, color=color)
 
 
+def _shape_color_task(objects: Sequence[MovingObject], rng: random.Random) -> tuple[str, str, str]:
+    counts = Counter(o.shape for o in objects)
+    referents = [o for o in objects if counts[o.shape] == 1]
+    if not referents:
+        raise ValueError("shape_color task needs a shape that occurs once in the clip")
+    obj = rng.choice(referents)
+    seen = [c for c in dict.fromkeys(o.color for o in objects) if c != obj.color]
+    color = rng.choice(seen) if seen and rng.random() < 0.5 else rng.choice([c for c in COLORS if c != obj.color])
+    answer = _SHAPE_COLOR_ANSWER.format(shape=obj.shape, color=obj.color)
+    return _SHAPE_COLOR_PROMPT.format(shape=obj.shape), answer, _SHAPE_COLOR_ANSWER.format(shape=obj.shape, color=color)
+
+
 def _order_task(objects: Sequence[MovingObject], rng: random.Random) -> tuple[str, str, str]:
     if len(objects) < 2 or len({o.appears for o in objects}) != len(objects):
         raise ValueError("order task needs two or more objects appearing at distinct frames")
@@ -252,12 +270,20 @@ def _order_task(objects: Sequence[MovingObject], rng: random.Random) -> tuple[st
     return _ORDER_PROMPT, answer, _ORDER_ANSWER.format(color=later.color, shape=later.shape)
 
 
-_TASKS = {"caption": _caption_task, "color": _color_task, "direction": _direction_task, "order": _order_task}
+_TASKS = {
+    "caption": _caption_task,
+    "color": _color_task,
+    "direction": _direction_task,
+    "order": _order_task,
+    "shape_color": _shape_color_task,
+}
 
 
 def _feasible(kind: str, objects: Sequence[MovingObject]) -> bool:
     if kind == "order":
         return len(objects) >= 2
+    if kind == "shape_color":
+        return 1 in Counter(o.shape for o in objects).values()
     return kind != "color" or bool(_color_referents(objects))
 
 
@@ -302,7 +328,7 @@ def make_record(
     """
     if kind is None:
         weights = _normalise_weights(task_weights)
-        kind = rng.choices(KINDS, weights=[weights[k] for k in KINDS])[0]
+        kind = rng.choices(KINDS, weights=[weights.get(k, 0.0) for k in KINDS])[0]
     if kind not in _TASKS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
     if objects is None:
@@ -328,6 +354,8 @@ def vocabulary() -> list[str]:
     for shape in SHAPES:
         for color in COLORS:
             texts.append(_ORDER_ANSWER.format(color=color, shape=shape))
+            texts.append(_SHAPE_COLOR_PROMPT.format(shape=shape))
+            texts.append(_SHAPE_COLOR_ANSWER.format(shape=shape, color=color))
             texts.append(_DIRECTION_PROMPT.format(color=color, shape=shape))
             for direction in DIRECTIONS:
                 texts.append(_DIRECTION_ANSWER.format(color=color, shape=shape, direction=direction))

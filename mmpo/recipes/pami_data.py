@@ -32,9 +32,13 @@ __all__ = [
 
 # Short clips keep the CPU demo fast: 8 frames, at most two objects (order and relation need two). Written at
 # 64 px: decord (the video reader) fails on 48 px frames (row alignment), so the processor resizes them instead.
-WORLD = {"num_frames": 8, "size": 64, "max_objects": 2, "fps": 8, "speeds": [1, 3]}
+WORLD = {"num_frames": 8, "size": 64, "max_objects": 2, "fps": 8, "speeds": [1, 3], "task_weights": None}
+# The world's question kinds with the motion-free colour question ("what color is the circle ?") among them.
+WITH_SHAPE_COLOR = {"caption": 1.0, "color": 1.0, "direction": 1.0, "order": 1.0, "shape_color": 1.0}
 # Frames resized to 48 px in 8 px patches: 36 patches a frame, 2x2-pooled to 9 video tokens, 72 for the clip.
 MODEL = {"image_size": 48, "patch_size": 8, "vision_width": 64, "text_width": 128, "text_layers": 4}
+# Held-out question kinds the prompt-awareness scores are reported for.
+AWARENESS_KINDS = ("direction", "color", "shape_color")
 # Probe seeds: the SFT yes/no questions come from TRAIN_PROBE_SEED + world seed, the evaluation from EVAL_PROBE_SEED.
 TRAIN_PROBE_SEED = 1000
 EVAL_PROBE_SEED = 0
@@ -46,7 +50,8 @@ def clip_settings() -> dict:
 
 
 def question_type(prompt: str) -> str:
-    """``direction``, ``color``, ``order``, ``caption``, ``shape`` or ``relation``: what a prompt asks about.
+    """``direction``, ``color``, ``shape_color``, ``order``, ``caption``, ``shape`` or ``relation``: what a prompt
+    asks about.
 
     Covers the world's open questions and the probes' yes/no questions, so training batches and scores can be
     grouped by the kind of question whatever its form.
@@ -54,6 +59,8 @@ def question_type(prompt: str) -> str:
     words = prompt.split()
     if "which" in words and "way" in words or (words[:1] == ["does"] and "move" in words):
         return "direction"
+    if words[:2] == ["what", "color"] and "moves" not in words:
+        return "shape_color"
     if words[:2] == ["what", "color"] or (words[:1] == ["is"] and "shape" not in words and "that" in words):
         return "color"
     if "appears" in words or "appear" in words:
@@ -107,7 +114,7 @@ def scene_question_example(rng: random.Random) -> dict:
     from datamodules.worlds.video_probes import PROBE_TYPES, make_video_probes
 
     if rng.random() < 0.5:
-        record = make_record(rng, **clip_settings())
+        record = make_record(rng, task_weights=WORLD["task_weights"], **clip_settings())
         return {"prompt": f"{record['caption']} {record['prompt']}", "chosen": record["chosen"]}
     kind = [rng.choice(PROBE_TYPES)]  # probe i of a call has type types[i % len(types)]: one probe, so choose it
     probe = make_video_probes(1, rng.randrange(1 << 30), kind, **clip_settings())[0]
@@ -165,7 +172,7 @@ def prepare(
     files = {
         "sft": _write_jsonl(data / "sft_train.jsonl", sft),
         "val": Path(world["val"]),
-        "awareness": _write_jsonl(data / "awareness.jsonl", [r for r in val if r["kind"] in ("direction", "color")]),
+        "awareness": _write_jsonl(data / "awareness.jsonl", [r for r in val if r["kind"] in AWARENESS_KINDS]),
     }
     path = build_tiny_llava(
         workdir / "tiny-video-llava", [*vocabulary(), *probe_vocabulary()], seed=seed, video=True,
@@ -322,7 +329,7 @@ def clip_question_example(rng: random.Random) -> dict:
 
     count, size = WORLD["num_frames"], WORLD["size"]
     if rng.random() < 0.5:
-        record = make_record(rng, **clip_settings())
+        record = make_record(rng, task_weights=WORLD["task_weights"], **clip_settings())
         frames = render_clip(clip_from_objects(record["objects"]), count, size)
         example = {k: record[k] for k in ("prompt", "chosen", "kind", "objects")}
         return {"frames": frames, **example}

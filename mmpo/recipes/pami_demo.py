@@ -29,7 +29,7 @@ from pathlib import Path
 
 import lightning as L
 
-from mmpo.recipes.pami_data import EVAL_PROBE_SEED, WORLD, prepare, question_type
+from mmpo.recipes.pami_data import AWARENESS_KINDS, EVAL_PROBE_SEED, WITH_SHAPE_COLOR, WORLD, prepare, question_type
 from mmpo.recipes.report import spread
 
 __all__ = ["CANDIDATES", "SelectionCounter", "main", "probe", "prompt_awareness", "train"]
@@ -214,7 +214,7 @@ def _table(before: dict, after: dict[str, list[dict]]) -> list[str]:
 
 def _awareness_lines(scores: dict, kept: dict[str, int]) -> list[str]:
     lines = [f"{'question':<12}" + "".join(f"{tag:>14}" for tag in CANDIDATES)]
-    for kind in ("direction", "color"):
+    for kind in [k for k in AWARENESS_KINDS if k in scores]:
         lines.append(f"{kind:<12}" + "".join(f"{scores.get(kind, {}).get(t, float('nan')):>14.4f}" for t in CANDIDATES))
     lines += ["", "PaMi-VDPO training: share of kept candidates per augmentation, by question type (all seeds)"]
     for kind, counts in sorted(kept.items()):
@@ -248,6 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
         help="px per frame of the world's objects (at 64 px frames)",
     )  # fmt: skip
     parser.add_argument(
+        "--shape-color-questions", action="store_true",
+        help="the world also asks motion-free colour questions (what color is the circle ?), scored for awareness",
+    )  # fmt: skip
+    parser.add_argument(
         "--video-steps", type=int, default=0, help="then train projector and language model on fresh clips"
     )
     parser.add_argument(
@@ -264,12 +268,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--probes", type=int, default=60, help="probe pairs per measurement (types take turns)")
     args = parser.parse_args(argv)
-    previous = WORLD["speeds"]
+    previous = dict(WORLD)
     WORLD["speeds"] = list(args.speeds)  # every clip the demo writes, renders or probes reads WORLD
+    WORLD["task_weights"] = dict(WITH_SHAPE_COLOR) if args.shape_color_questions else None
     try:
         return _demo(args)
     finally:
-        WORLD["speeds"] = previous
+        WORLD.update(previous)
 
 
 def _demo(args: argparse.Namespace) -> dict:
