@@ -236,14 +236,18 @@ def _color_referents(objects: Sequence[MovingObject]) -> list[MovingObject]:
     return [o for o in objects if counts[o.shape, o.direction] == 1]
 
 
+def _wrong_color(obj: MovingObject, objects: Sequence[MovingObject], rng: random.Random) -> str:
+    """A colour ``obj`` does not have: half the time another object's of the clip (a binding error)."""
+    seen = [c for c in dict.fromkeys(o.color for o in objects) if c != obj.color]
+    return rng.choice(seen) if seen and rng.random() < 0.5 else rng.choice([c for c in COLORS if c != obj.color])
+
+
 def _color_task(objects: Sequence[MovingObject], rng: random.Random) -> tuple[str, str, str]:
     referents = _color_referents(objects)
     if not referents:
         raise ValueError("color task needs a (shape, direction) that occurs once in the clip")
     obj = rng.choice(referents)
-    # Half the time the wrong colour belongs to another object of the clip (binding error).
-    seen = [c for c in dict.fromkeys(o.color for o in objects) if c != obj.color]
-    color = rng.choice(seen) if seen and rng.random() < 0.5 else rng.choice([c for c in COLORS if c != obj.color])
+    color = _wrong_color(obj, objects, rng)
     prompt = _COLOR_PROMPT.format(shape=obj.shape, direction=obj.direction)
     answer = _COLOR_ANSWER.format(shape=obj.shape, direction=obj.direction, color=obj.color)
     return prompt, answer, _COLOR_ANSWER.format(shape=obj.shape, direction=obj.direction, color=color)
@@ -255,8 +259,7 @@ def _shape_color_task(objects: Sequence[MovingObject], rng: random.Random) -> tu
     if not referents:
         raise ValueError("shape_color task needs a shape that occurs once in the clip")
     obj = rng.choice(referents)
-    seen = [c for c in dict.fromkeys(o.color for o in objects) if c != obj.color]
-    color = rng.choice(seen) if seen and rng.random() < 0.5 else rng.choice([c for c in COLORS if c != obj.color])
+    color = _wrong_color(obj, objects, rng)
     answer = _SHAPE_COLOR_ANSWER.format(shape=obj.shape, color=obj.color)
     return _SHAPE_COLOR_PROMPT.format(shape=obj.shape), answer, _SHAPE_COLOR_ANSWER.format(shape=obj.shape, color=color)
 
