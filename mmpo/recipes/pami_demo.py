@@ -3,8 +3,10 @@
 1. Write the video world (8 frames of 48 px, one or two moving shapes) and yes/no questions in the probes' form
    about training clips (:mod:`mmpo.recipes.pami_data`); build a tiny LLaVA-NeXT-Video over the world's and
    the probes' words and pretrain its vision tower on single frames.
+   Optional stages (off by default): the language model on the questions as text (``--language-steps``), then
+   projector and language model on fresh clips rendered in memory (``--video-steps``).
 2. SFT (full model, tower frozen, ``SFTLoss``) on the world's open questions and the yes/no questions; one SFT
-   model is shared by every seed.
+   model is shared by every seed (``--sft-epochs 0``: the pretrained model itself).
 3. For each seed, from the SFT model with the same LoRA, steps, batch and learning rate: VDPO (one random
    augmentation per record, ``DPOLoss``) and PaMi-VDPO (K fixed candidates, ``PaMiSelector`` keeping one,
    ``MultiInstanceVDPOLoss``); the reference is the SFT model (the adapter disabled). A seed sets the data
@@ -244,13 +246,18 @@ def main(argv: list[str] | None = None) -> dict:
         "--tower-positions", action="store_true", help="the tower's pretraining also regresses each patch's place"
     )
     parser.add_argument(
-        "--speeds", type=int, nargs=2, default=WORLD["speeds"], metavar=("LEAST", "MOST"),
+        "--speeds",
+        type=int,
+        nargs=2,
+        default=WORLD["speeds"],
+        metavar=("LEAST", "MOST"),
         help="px per frame of the world's objects (at 64 px frames)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--shape-color-questions", action="store_true",
+        "--shape-color-questions",
+        action="store_true",
         help="the world also asks motion-free colour questions (what color is the circle ?), scored for awareness",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--video-steps", type=int, default=0, help="then train projector and language model on fresh clips"
     )
@@ -307,8 +314,9 @@ def _demo(args: argparse.Namespace) -> dict:
 
     L.seed_everything(args.world_seed, verbose=False)
     sft = workdir / "sft-model"
-    if args.sft_epochs == 0:
-        shutil.copytree(prepared["model"], sft, dirs_exist_ok=True)
+    if args.sft_epochs == 0:  # the pretrained model, as it is, stands in for the SFT model
+        shutil.rmtree(sft, ignore_errors=True)
+        shutil.copytree(prepared["model"], sft)
     elif not (args.reuse_sft and (sft / "config.json").is_file()):
         module = _module(prepared["model"], SFTLoss(), args.sft_lr, save_dir=str(sft))
         dm = _videos(prepared["model"], data["sft"], data["val"], 2 * args.batch_size, args.world_seed)
