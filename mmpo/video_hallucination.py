@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import lightning as L
 
 from datamodules.vision_text.video_io import sample_frame_indices
+from datamodules.worlds.video import DEFAULT_SPEEDS
 from datamodules.worlds.video_probes import PROBE_TYPES, VideoProbePair, make_video_probes
 from mmpo.generation import generate_answers
 from mmpo.hallucination import AnswerEval, parse_yes_no
@@ -116,7 +117,7 @@ class VideoHallucinationEval(AnswerEval):
         during_fit: bool = False,
         processor: str | None = None,
         fps: float = 8.0,
-        speeds: tuple[int, int] = (1, 3),
+        speeds: tuple[int, int] = DEFAULT_SPEEDS,
     ) -> None:
         super().__init__()
         self.types = list(types or PROBE_TYPES)
