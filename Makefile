@@ -23,7 +23,7 @@ quickstart: venv
 	$(VENV)/bin/mmpo quickstart
 
 test: venv
-	$(PY) -m pytest -q -m "slow or not slow"  # everything; plain `pytest` skips the slow end-to-end runs
+	$(PY) -m pytest -q -m "slow or not slow" --durations=15  # everything, then the 15 slowest; plain `pytest` skips the slow runs
 
 lint: venv
 	$(PY) -m ruff check .
