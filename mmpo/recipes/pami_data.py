@@ -110,17 +110,29 @@ def scene_question_example(rng: random.Random) -> dict:
     where the clip would be, then one of the SFT questions about it (an open world question or, half the time,
     a yes/no probe question answered ``yes .`` or ``no .``), so the language model learns to read the question
     and answer it from a description of the scene before SFT shows it clips."""
-    from datamodules.worlds.video import caption_for, make_record
+    from datamodules.worlds.video import caption_for, clip_from_objects
+
+    question = _sft_question(rng)
+    caption = caption_for(clip_from_objects(question["objects"]))
+    return {"prompt": f"{caption} {question['prompt']}", "chosen": question["chosen"]}
+
+
+def _sft_question(rng: random.Random) -> dict:
+    """A fresh clip's ground truth and one SFT question about it: an open world question half the time, else a
+    yes/no probe question of a random type answered ``yes .`` or ``no .``. ``{"prompt", "chosen", "kind",
+    "objects"}`` (``objects`` as a record's)."""
+    from datamodules.worlds.video import make_record
     from datamodules.worlds.video_probes import PROBE_TYPES, make_video_probes
 
     if rng.random() < 0.5:
         record = make_record(rng, task_weights=WORLD["task_weights"], **clip_settings())
-        return {"prompt": f"{record['caption']} {record['prompt']}", "chosen": record["chosen"]}
+        return {k: record[k] for k in ("prompt", "chosen", "kind", "objects")}
     kind = [rng.choice(PROBE_TYPES)]  # probe i of a call has type types[i % len(types)]: one probe, so choose it
     probe = make_video_probes(1, rng.randrange(1 << 30), kind, **clip_settings())[0]
     basic = rng.random() < 0.5
     question, answer = (probe.basic, "yes .") if basic else (probe.hallucinated, "no .")
-    return {"prompt": f"{caption_for(probe.objects)} {question}", "chosen": answer}
+    objects = [o.to_dict() for o in probe.objects]
+    return {"prompt": question, "chosen": answer, "kind": f"yes/no {probe.kind}", "objects": objects}
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -324,33 +336,19 @@ def clip_question_example(rng: random.Random) -> dict:
     answered ``yes .`` or ``no .``: the SFT set's mix. Returns ``{"frames": (T, H, W, 3) uint8, "prompt",
     "chosen", "kind", "objects"}`` (the clip's ground truth, as a record's ``objects``).
     """
-    from datamodules.worlds.video import clip_from_objects, make_record, render_clip
-    from datamodules.worlds.video_probes import PROBE_TYPES, make_video_probes
+    from datamodules.worlds.video import clip_from_objects, render_clip
 
-    count, size = WORLD["num_frames"], WORLD["size"]
-    if rng.random() < 0.5:
-        record = make_record(rng, task_weights=WORLD["task_weights"], **clip_settings())
-        frames = render_clip(clip_from_objects(record["objects"]), count, size)
-        example = {k: record[k] for k in ("prompt", "chosen", "kind", "objects")}
-        return {"frames": frames, **example}
-    kind = [rng.choice(PROBE_TYPES)]  # probe i of a call has type types[i % len(types)]: one probe, so choose it
-    probe = make_video_probes(1, rng.randrange(1 << 30), kind, **clip_settings())[0]
-    basic = rng.random() < 0.5
-    question, answer = (probe.basic, "yes .") if basic else (probe.hallucinated, "no .")
-    objects = [o.to_dict() for o in probe.objects]
-    return {
-        "frames": probe.frames,
-        "prompt": question,
-        "chosen": answer,
-        "kind": f"yes/no {probe.kind}",
-        "objects": objects,
-    }
+    question = _sft_question(rng)
+    frames = render_clip(clip_from_objects(question["objects"]), WORLD["num_frames"], WORLD["size"])
+    return {"frames": frames, **question}
 
 
 def _clip_batch(examples: list[dict], processor) -> dict:
     """Model inputs for clip examples: the prompt after the clip in one user turn, the answer then EOS,
     right-padded, labels on the answer only (the datamodules' layout)."""
     import torch
+
+    from mmpo.tiny.language import right_padded
 
     tokenizer = processor.tokenizer
     rows, targets, pixels = [], [], []
@@ -363,12 +361,7 @@ def _clip_batch(examples: list[dict], processor) -> dict:
         rows.append(prompt + answer)
         targets.append([-100] * len(prompt) + answer)
         pixels.append(enc["pixel_values_videos"])
-    length = max(map(len, rows))
-    ids = torch.full((len(rows), length), tokenizer.pad_token_id)
-    labels = torch.full((len(rows), length), -100)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, (row, target) in enumerate(zip(rows, targets, strict=True)):
-        ids[i, : len(row)], labels[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), torch.tensor(target), 1
+    ids, mask, labels = right_padded(rows, targets, tokenizer.pad_token_id)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values_videos": torch.cat(pixels)}
 
 
@@ -397,6 +390,7 @@ def pretrain_video_language(
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from mmpo.tiny.language import exact_answer_match
     from mmpo.tiny.llava import pretraining_loop, read_tiny_stamp, reused_pretraining, save_tiny_weights
 
     stamp = read_tiny_stamp(checkpoint)
@@ -424,10 +418,7 @@ def pretrain_video_language(
     exact = []
     for chunk in range(0, len(examples), 50):
         batch = _clip_batch(examples[chunk : chunk + 50], processor)
-        with torch.no_grad():
-            predicted = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[:, :-1].argmax(-1)
-        target = batch["labels"][:, 1:]
-        exact += ((predicted == target) | (target == -100)).all(dim=1).tolist()
+        exact += exact_answer_match(model, batch.pop("input_ids"), batch.pop("attention_mask"), **batch).tolist()
     by_kind: dict[str, list[bool]] = {}
     for example, hit in zip(examples, exact, strict=True):
         by_kind.setdefault(example["kind"], []).append(hit)

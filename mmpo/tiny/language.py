@@ -36,7 +36,7 @@ from torch import Tensor
 
 from mmpo.tiny.llava import pretraining_loop, read_tiny_stamp, reused_pretraining, save_tiny_weights
 
-__all__ = ["exact_answer_match", "labelled_list_example", "pretrain_tiny_language_model"]
+__all__ = ["exact_answer_match", "labelled_list_example", "pretrain_tiny_language_model", "right_padded"]
 
 _IGNORE = -100
 
@@ -78,18 +78,25 @@ def _batch(examples: list[dict], processor) -> tuple[Tensor, Tensor, Tensor, Ten
         a = tokenizer(example["chosen"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(p + a)
         targets.append([_IGNORE] * len(p) + a)
+    ids, mask, labels = right_padded(rows, targets, tokenizer.pad_token_id)
+    return ids, mask, labels, torch.tensor([e.get("items", 1) for e in examples])
+
+
+def right_padded(rows: list[list[int]], targets: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Token rows and their labels (``-100`` where no loss) as right-padded (B, T) ``input_ids``,
+    ``attention_mask`` and ``labels``."""
     length = max(map(len, rows))
-    ids = torch.full((len(rows), length), tokenizer.pad_token_id)
+    ids = torch.full((len(rows), length), pad_id)
     labels = torch.full((len(rows), length), _IGNORE)
     mask = torch.zeros(len(rows), length, dtype=torch.long)
     for i, (row, target) in enumerate(zip(rows, targets, strict=True)):
         ids[i, : len(row)] = torch.tensor(row)
         labels[i, : len(row)] = torch.tensor(target)
         mask[i, : len(row)] = 1
-    return ids, mask, labels, torch.tensor([e.get("items", 1) for e in examples])
+    return ids, mask, labels
 
 
-def exact_answer_match(model, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+def exact_answer_match(model, ids: Tensor, mask: Tensor, labels: Tensor, **media: Tensor) -> Tensor:
     """Whether a causal language model reproduces each row's answer token for token (teacher-forced argmax).
 
     The accuracy :func:`pretrain_tiny_language_model` reports, usable to score any checkpoint on labelled rows.
@@ -100,12 +107,13 @@ def exact_answer_match(model, ids: Tensor, mask: Tensor, labels: Tensor) -> Tens
         mask: (B, T) attention mask.
         labels: (B, T) the ids where the answer is and ``-100`` elsewhere (prompt, padding), as for a
             transformers loss: position ``t`` is predicted from the positions before it.
+        media: further model inputs of the rows (e.g. ``pixel_values_videos``).
 
     Returns:
         (B,) bool: True where the argmax of the next-token distribution is the label at every answer position.
     """
     with torch.no_grad():
-        predicted = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
+        predicted = model(input_ids=ids, attention_mask=mask, **media).logits[:, :-1].argmax(-1)
     target = labels[:, 1:]
     return ((predicted == target) | (target == _IGNORE)).all(dim=1)
 
