@@ -48,6 +48,7 @@ __all__ = [
     "scene_from_objects",
     "tokenize",
     "vocabulary",
+    "wrong_color",
     "write_shapes_world",
 ]
 
@@ -193,16 +194,20 @@ def _caption_task(scene: Sequence[ShapeObject], rng: random.Random) -> tuple[str
     return _CAPTION_PROMPT, _describe(truth), _describe(rejected)
 
 
+def wrong_color(color: str, scene_colors: Sequence[str], rng: random.Random) -> str:
+    """A colour other than ``color``: half the time one of ``scene_colors`` (another object's, an attribute
+    binding error), else any other colour of `COLORS`."""
+    seen = [c for c in dict.fromkeys(scene_colors) if c != color]
+    return rng.choice(seen) if seen and rng.random() < 0.5 else rng.choice([c for c in COLORS if c != color])
+
+
 def _color_task(scene: Sequence[ShapeObject], rng: random.Random) -> tuple[str, str, str]:
     counts = Counter(o.shape for o in scene)
     unique = [o for o in scene if counts[o.shape] == 1]
     if not unique:
         raise ValueError("color task needs a shape that occurs once in the scene")
     obj = rng.choice(unique)
-    wrong = [c for c in COLORS if c != obj.color]
-    # Half the time the wrong colour belongs to another object in the image (attribute binding error).
-    seen = [c for c in dict.fromkeys(o.color for o in scene) if c != obj.color]
-    color = rng.choice(seen) if seen and rng.random() < 0.5 else rng.choice(wrong)
+    color = wrong_color(obj.color, [o.color for o in scene], rng)
     prompt = _COLOR_PROMPT.format(shape=obj.shape)
     chosen = _COLOR_ANSWER.format(shape=obj.shape, color=obj.color)
     return prompt, chosen, _COLOR_ANSWER.format(shape=obj.shape, color=color)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.vision_text.video_io import write_video
-from datamodules.worlds.shapes import BACKGROUND, COLORS, SHAPES, ShapeObject, render_scene, tokenize
+from datamodules.worlds.shapes import BACKGROUND, COLORS, SHAPES, ShapeObject, render_scene, tokenize, wrong_color
 from datamodules.worlds.writer import world_cli, write_world
 
 __all__ = [
@@ -236,18 +236,12 @@ def _color_referents(objects: Sequence[MovingObject]) -> list[MovingObject]:
     return [o for o in objects if counts[o.shape, o.direction] == 1]
 
 
-def _wrong_color(obj: MovingObject, objects: Sequence[MovingObject], rng: random.Random) -> str:
-    """A colour ``obj`` does not have: half the time another object's of the clip (a binding error)."""
-    seen = [c for c in dict.fromkeys(o.color for o in objects) if c != obj.color]
-    return rng.choice(seen) if seen and rng.random() < 0.5 else rng.choice([c for c in COLORS if c != obj.color])
-
-
 def _color_task(objects: Sequence[MovingObject], rng: random.Random) -> tuple[str, str, str]:
     referents = _color_referents(objects)
     if not referents:
         raise ValueError("color task needs a (shape, direction) that occurs once in the clip")
     obj = rng.choice(referents)
-    color = _wrong_color(obj, objects, rng)
+    color = wrong_color(obj.color, [o.color for o in objects], rng)
     prompt = _COLOR_PROMPT.format(shape=obj.shape, direction=obj.direction)
     answer = _COLOR_ANSWER.format(shape=obj.shape, direction=obj.direction, color=obj.color)
     return prompt, answer, _COLOR_ANSWER.format(shape=obj.shape, direction=obj.direction, color=color)
@@ -259,7 +253,7 @@ def _shape_color_task(objects: Sequence[MovingObject], rng: random.Random) -> tu
     if not referents:
         raise ValueError("shape_color task needs a shape that occurs once in the clip")
     obj = rng.choice(referents)
-    color = _wrong_color(obj, objects, rng)
+    color = wrong_color(obj.color, [o.color for o in objects], rng)
     answer = _SHAPE_COLOR_ANSWER.format(shape=obj.shape, color=obj.color)
     return _SHAPE_COLOR_PROMPT.format(shape=obj.shape), answer, _SHAPE_COLOR_ANSWER.format(shape=obj.shape, color=color)
 
