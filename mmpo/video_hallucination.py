@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import lightning as L
 
 from datamodules.vision_text.video_io import sample_frame_indices
-from datamodules.worlds.video import DEFAULT_SPEEDS
+from datamodules.worlds.video_clips import DEFAULT_SPEEDS
 from datamodules.worlds.video_probes import PROBE_TYPES, VideoProbePair, make_video_probes
 from mmpo.generation import generate_answers
 from mmpo.hallucination import AnswerEval, parse_yes_no

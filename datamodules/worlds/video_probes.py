@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from datamodules.worlds.shapes import COLORS, SHAPES, tokenize
-from datamodules.worlds.video import DEFAULT_SPEEDS, DIRECTIONS, MovingObject, render_clip, sample_clip
+from datamodules.worlds.video_clips import DEFAULT_SPEEDS, DIRECTIONS, MovingObject, render_clip, sample_clip
 
 __all__ = [
     "PROBE_DETAILS",
