@@ -27,7 +27,7 @@ from mmpo.backbones.shared_prefix import (
 from mmpo.logprobs import response_logprobs, response_logprobs_from_hidden
 from mmpo.losses.base import ResponseStats
 
-__all__ = ["DEFAULT_LORA_TARGETS", "LoraSettings", "VisionLanguageBackbone"]
+__all__ = ["DEFAULT_LORA_TARGETS", "LoraSettings", "VisionLanguageBackbone", "in_vision_tower"]
 
 # The language model's attention and MLP projections, not the vision tower's or the projector's: the
 # language model is ``language_model`` (LLaVA, Qwen2-VL, Gemma 3, Llama 3.2 Vision, ...) or ``text_model``
@@ -39,6 +39,11 @@ _PROJECTOR_PATTERNS = ("multi_modal_projector", "visual.merger", "mm_projector")
 # per-token inputs the shared prompt pass cuts to the prompts (the responses are text, which they leave out)
 _SPLIT_INPUTS = frozenset({"mm_token_type_ids", "token_type_ids", "cross_attention_mask"})
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def in_vision_tower(name: str) -> bool:
+    """Whether a parameter ``name`` is the vision encoder's (its projector, even where inside it, is not)."""
+    return any(s in name for s in _VISION_PATTERNS) and not any(s in name for s in _PROJECTOR_PATTERNS)
 
 
 def _checkpointing(model: nn.Module) -> bool:
@@ -194,9 +199,8 @@ class VisionLanguageBackbone(Backbone):
         if self.quantization is not None:
             model = self.quantization.prepare(model)
         for name, p in model.named_parameters():
-            if self.freeze_vision_tower and any(s in name for s in _VISION_PATTERNS):
-                if not any(s in name for s in _PROJECTOR_PATTERNS):
-                    p.requires_grad_(False)
+            if self.freeze_vision_tower and in_vision_tower(name):
+                p.requires_grad_(False)
             if self.freeze_projector and any(s in name for s in _PROJECTOR_PATTERNS):
                 p.requires_grad_(False)
         if self.gradient_checkpointing:

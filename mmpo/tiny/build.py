@@ -1,10 +1,11 @@
-"""What every tiny build does last: a model initialised from a seed, saved with its processor atomically."""
+"""What every tiny build does last: a model initialised from a seed, saved with its processor atomically; and the
+sizes and settings the tiny builds of :mod:`mmpo.tiny.families` share."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,21 @@ import torch
 
 from datamodules.core.atomic import atomic_directory
 
-__all__ = ["reusable_build", "save_tiny_build", "seeded_model", "write_tiny_build"]
+__all__ = [
+    "IMAGE_SIZE",
+    "TEXT",
+    "VISION_WIDTH",
+    "reusable_build",
+    "save_tiny_build",
+    "seeded_model",
+    "text_config",
+    "token_ids",
+    "vit_config",
+    "write_family_build",
+    "write_tiny_build",
+]
+
+PathLike = str | os.PathLike
 
 
 def seeded_model(model_class: Any, config: Any, seed: int) -> Any:
@@ -64,3 +79,55 @@ def write_tiny_build(
         after_init(model)
     save_tiny_build(out, model, processor, settings)
     return out
+
+
+# -- what the family builds share ---------------------------------------------------------------------------
+
+IMAGE_SIZE = 32
+# The language model every family gets (its own config class): 2 layers of attention and gated MLP.
+TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+}
+VISION_WIDTH = 32
+
+
+def vit_config(**overrides: Any) -> dict[str, Any]:
+    """A one-layer, 32-wide vision transformer on 32-pixel images in 8-pixel patches (4 x 4 patches)."""
+    base = {"hidden_size": VISION_WIDTH, "intermediate_size": 2 * VISION_WIDTH, "num_hidden_layers": 1}
+    return {**base, "num_attention_heads": 2, "image_size": IMAGE_SIZE, "patch_size": 8, **overrides}
+
+
+def token_ids(tokenizer, *tokens: str) -> list[int]:
+    """The ids of ``tokens`` in ``tokenizer``'s vocabulary."""
+    return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+
+
+def text_config(tokenizer, **overrides: Any) -> dict[str, Any]:
+    """The language model's settings (``TEXT``) with the tokenizer's vocabulary size and special ids."""
+    ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_token_id") for role in ("pad", "bos", "eos")}
+    return {**TEXT, "vocab_size": len(tokenizer), **ids, **overrides}
+
+
+def write_family_build(
+    out_dir: PathLike,
+    family: str,
+    words: Iterable[str],
+    seed: int,
+    overwrite: bool,
+    make: Callable,
+    after_init: Callable | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Build ``make(words) -> (config, model class, processor)``, initialise the model, save both atomically.
+
+    ``after_init(model)`` may change the fresh weights. A directory already holding a build of the same
+    family, words, seed and ``extra`` settings (e.g. other sizes) is reused.
+    """
+    words = sorted(set(words))
+    settings = {"family": family, "version": 1, "seed": seed, "words": words, **(extra or {})}
+    return write_tiny_build(out_dir, settings, seed, lambda: make(words), overwrite=overwrite, after_init=after_init)

@@ -18,14 +18,22 @@ Example:
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmpo.tiny.build import write_tiny_build
+from mmpo.tiny.build import (
+    IMAGE_SIZE,
+    TEXT,
+    VISION_WIDTH,
+    PathLike,
+    text_config,
+    token_ids,
+    vit_config,
+    write_family_build,
+)
 from mmpo.tiny.chat_templates import (
     GEMMA3_TEMPLATE,
     IDEFICS3_TEMPLATE,
@@ -34,10 +42,10 @@ from mmpo.tiny.chat_templates import (
     MLLAMA_TEMPLATE,
     ONEVISION_TEMPLATE,
     PALIGEMMA_TEMPLATE,
-    QWEN2_VL_TEMPLATE,
     SMOLVLM_TEMPLATE,
     word_tokenizer,
 )
+from mmpo.tiny.qwen import build_tiny_qwen2_5_vl, build_tiny_qwen2_vl
 
 __all__ = [
     "TINY_FAMILIES",
@@ -54,130 +62,11 @@ __all__ = [
     "build_tiny_smolvlm",
 ]
 
-PathLike = str | os.PathLike
-
-IMAGE_SIZE = 32
-# The language model every family gets (its own config class): 2 layers of attention and gated MLP.
-TEXT = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 1024,
-}
-VISION_WIDTH = 32
-# -- shared pieces -------------------------------------------------------------------------------------------
-
-
-def _vit(**overrides: Any) -> dict[str, Any]:
-    """A one-layer, 32-wide vision transformer on 32-pixel images in 8-pixel patches (4 x 4 patches)."""
-    base = {"hidden_size": VISION_WIDTH, "intermediate_size": 2 * VISION_WIDTH, "num_hidden_layers": 1}
-    return {**base, "num_attention_heads": 2, "image_size": IMAGE_SIZE, "patch_size": 8, **overrides}
-
-
-def _ids(tokenizer, *tokens: str) -> list[int]:
-    return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
-
-
-def _text_config(tokenizer, **overrides: Any) -> dict[str, Any]:
-    """The language model's settings (``TEXT``) with the tokenizer's vocabulary size and special ids."""
-    ids = {f"{role}_token_id": getattr(tokenizer, f"{role}_token_id") for role in ("pad", "bos", "eos")}
-    return {**TEXT, "vocab_size": len(tokenizer), **ids, **overrides}
-
-
-def _write(
-    out_dir: PathLike,
-    family: str,
-    words: Iterable[str],
-    seed: int,
-    overwrite: bool,
-    make: Callable,
-    after_init: Callable | None = None,
-) -> Path:
-    """Build ``make(words) -> (config, model class, processor)``, initialise the model, save both atomically.
-
-    ``after_init(model)`` may change the fresh weights. A directory already holding a build of the same
-    family, words and seed is reused.
-    """
-    words = sorted(set(words))
-    settings = {"family": family, "version": 1, "seed": seed, "words": words}
-    return write_tiny_build(out_dir, settings, seed, lambda: make(words), overwrite=overwrite, after_init=after_init)
-
-
-# -- Qwen2-VL and Qwen2.5-VL ---------------------------------------------------------------------------------
-
-_QWEN_NAMED = {
-    "image_token": "<|image_pad|>",
-    "video_token": "<|video_pad|>",
-    "vision_bos_token": "<|vision_start|>",
-    "vision_eos_token": "<|vision_end|>",
-}
-# 4-pixel patches merged 2 x 2: a 32-pixel image is 8 x 8 patches and 16 image tokens
-_QWEN_PATCHES = {"patch_size": 4, "temporal_patch_size": 2}
-# multimodal rotary positions: (temporal, height, width) sections of the 16-wide heads' 8 frequencies
-_MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-
-
-def _qwen(words, processor_class, config_class, vision: dict[str, Any]):
-    """A Qwen2-VL-style processor and model config (``processor_class``, ``config_class``)."""
-    import transformers as tf
-
-    specials = {"pad": "<|endoftext|>", "eos": "<|im_end|>"}
-    tokenizer = word_tokenizer(words, QWEN2_VL_TEMPLATE, specials, _QWEN_NAMED, extra=["<|im_start|>"])
-    pixels = {"shortest_edge": IMAGE_SIZE * IMAGE_SIZE, "longest_edge": IMAGE_SIZE * IMAGE_SIZE}
-    frames = {**pixels, "longest_edge": 8 * IMAGE_SIZE * IMAGE_SIZE}
-    processor = processor_class(
-        image_processor=tf.Qwen2VLImageProcessor(size=pixels, merge_size=2, **_QWEN_PATCHES),
-        tokenizer=tokenizer,
-        video_processor=tf.Qwen2VLVideoProcessor(size=frames, merge_size=2, **_QWEN_PATCHES),
-        chat_template=QWEN2_VL_TEMPLATE,
-    )
-    image, video, start, end = _ids(tokenizer, *_QWEN_NAMED.values())
-    config = config_class(
-        text_config=_text_config(tokenizer, rope_parameters=_MROPE),
-        vision_config={**vision, **_QWEN_PATCHES, "spatial_merge_size": 2, "num_heads": 2},
-        image_token_id=image,
-        video_token_id=video,
-        vision_start_token_id=start,
-        vision_end_token_id=end,
-    )
-    return config, processor
-
-
-def build_tiny_qwen2_vl(out_dir: PathLike, words: Iterable[str], seed: int = 0, overwrite: bool = False) -> Path:
-    """A ``Qwen2VLForConditionalGeneration`` with a ``Qwen2VLProcessor`` (multimodal rotary positions)."""
-    import transformers as tf
-
-    def make(words):
-        vision = {"depth": 1, "embed_dim": VISION_WIDTH, "hidden_size": TEXT["hidden_size"], "mlp_ratio": 2}
-        config, processor = _qwen(words, tf.Qwen2VLProcessor, tf.Qwen2VLConfig, vision)
-        return config, tf.Qwen2VLForConditionalGeneration, processor
-
-    return _write(out_dir, "qwen2_vl", words, seed, overwrite, make)
-
-
-def build_tiny_qwen2_5_vl(out_dir: PathLike, words: Iterable[str], seed: int = 0, overwrite: bool = False) -> Path:
-    """A ``Qwen2_5_VLForConditionalGeneration`` with a ``Qwen2_5_VLProcessor``.
-
-    Its vision tower has two blocks: windowed attention (16-pixel windows, 2 x 2 per image) and full.
-    """
-    import transformers as tf
-
-    def make(words):
-        vision = {"depth": 2, "hidden_size": VISION_WIDTH, "intermediate_size": 2 * VISION_WIDTH}
-        vision |= {"out_hidden_size": TEXT["hidden_size"], "window_size": 16, "fullatt_block_indexes": [1]}
-        config, processor = _qwen(words, tf.Qwen2_5_VLProcessor, tf.Qwen2_5_VLConfig, vision)
-        return config, tf.Qwen2_5_VLForConditionalGeneration, processor
-
-    return _write(out_dir, "qwen2_5_vl", words, seed, overwrite, make)
-
-
 # -- SigLIP towers: LLaVA-OneVision, PaliGemma 2, Gemma 3 ----------------------------------------------------
 
 
 def _siglip(**overrides: Any) -> dict[str, Any]:
-    return _vit(model_type="siglip_vision_model", **overrides)
+    return vit_config(model_type="siglip_vision_model", **overrides)
 
 
 def build_tiny_llava_onevision(out_dir: PathLike, words: Iterable[str], seed: int = 0, overwrite: bool = False) -> Path:
@@ -201,10 +90,10 @@ def build_tiny_llava_onevision(out_dir: PathLike, words: Iterable[str], seed: in
             vision_feature_select_strategy="full",
             chat_template=ONEVISION_TEMPLATE,
         )
-        image, video = _ids(tokenizer, "<image>", "<video>")
+        image, video = token_ids(tokenizer, "<image>", "<video>")
         config = tf.LlavaOnevisionConfig(
             vision_config=_siglip(),
-            text_config={"model_type": "qwen2", **_text_config(tokenizer)},
+            text_config={"model_type": "qwen2", **text_config(tokenizer)},
             image_token_index=image,
             video_token_index=video,
             vision_feature_select_strategy="full",
@@ -213,7 +102,7 @@ def build_tiny_llava_onevision(out_dir: PathLike, words: Iterable[str], seed: in
         )
         return config, tf.LlavaOnevisionForConditionalGeneration, processor
 
-    return _write(out_dir, "llava_onevision", words, seed, overwrite, make)
+    return write_family_build(out_dir, "llava_onevision", words, seed, overwrite, make)
 
 
 def build_tiny_paligemma2(out_dir: PathLike, words: Iterable[str], seed: int = 0, overwrite: bool = False) -> Path:
@@ -229,7 +118,7 @@ def build_tiny_paligemma2(out_dir: PathLike, words: Iterable[str], seed: int = 0
         image_processor = tf.SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
         image_processor.image_seq_length = (IMAGE_SIZE // 8) ** 2
         processor = tf.PaliGemmaProcessor(image_processor, tokenizer, chat_template=PALIGEMMA_TEMPLATE)
-        text = _text_config(tokenizer, head_dim=16, query_pre_attn_scalar=16, sliding_window=16)
+        text = text_config(tokenizer, head_dim=16, query_pre_attn_scalar=16, sliding_window=16)
         config = tf.PaliGemmaConfig(
             vision_config=_siglip(projection_dim=TEXT["hidden_size"]),
             text_config={"model_type": "gemma2", **text},
@@ -239,7 +128,7 @@ def build_tiny_paligemma2(out_dir: PathLike, words: Iterable[str], seed: int = 0
         )
         return config, tf.PaliGemmaForConditionalGeneration, processor
 
-    return _write(out_dir, "paligemma2", words, seed, overwrite, make)
+    return write_family_build(out_dir, "paligemma2", words, seed, overwrite, make)
 
 
 def build_tiny_gemma3(out_dir: PathLike, words: Iterable[str], seed: int = 0, overwrite: bool = False) -> Path:
@@ -259,8 +148,8 @@ def build_tiny_gemma3(out_dir: PathLike, words: Iterable[str], seed: int = 0, ov
             chat_template=GEMMA3_TEMPLATE,
             image_seq_length=4,
         )
-        image, boi, eoi = _ids(tokenizer, *named.values())
-        text = _text_config(tokenizer, head_dim=16, query_pre_attn_scalar=16, sliding_window=16)
+        image, boi, eoi = token_ids(tokenizer, *named.values())
+        text = text_config(tokenizer, head_dim=16, query_pre_attn_scalar=16, sliding_window=16)
         config = tf.Gemma3Config(
             vision_config=_siglip(),
             text_config={**text, "model_type": "gemma3_text", "layer_types": ["sliding_attention", "full_attention"]},
@@ -274,7 +163,7 @@ def build_tiny_gemma3(out_dir: PathLike, words: Iterable[str], seed: int = 0, ov
     def project_images(model):  # transformers initialises the projection to 0, which would hide the images
         torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.02)
 
-    return _write(out_dir, "gemma3", words, seed, overwrite, make, after_init=project_images)
+    return write_family_build(out_dir, "gemma3", words, seed, overwrite, make, after_init=project_images)
 
 
 # -- Idefics3 and SmolVLM ------------------------------------------------------------------------------------
@@ -299,14 +188,14 @@ def build_tiny_idefics3(out_dir: PathLike, words: Iterable[str], seed: int = 0, 
             chat_template=IDEFICS3_TEMPLATE,
         )
         config = tf.Idefics3Config(
-            vision_config=_vit(),
-            text_config={"model_type": "llama", **_text_config(tokenizer)},
+            vision_config=vit_config(),
+            text_config={"model_type": "llama", **text_config(tokenizer)},
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
             scale_factor=2,
         )
         return config, tf.Idefics3ForConditionalGeneration, processor
 
-    return _write(out_dir, "idefics3", words, seed, overwrite, make)
+    return write_family_build(out_dir, "idefics3", words, seed, overwrite, make)
 
 
 def build_tiny_smolvlm(out_dir: PathLike, words: Iterable[str], seed: int = 0, overwrite: bool = False) -> Path:
@@ -335,14 +224,14 @@ def build_tiny_smolvlm(out_dir: PathLike, words: Iterable[str], seed: int = 0, o
             chat_template=SMOLVLM_TEMPLATE,
         )
         config = tf.SmolVLMConfig(
-            vision_config=_vit(),
-            text_config={"model_type": "llama", **_text_config(tokenizer)},
+            vision_config=vit_config(),
+            text_config={"model_type": "llama", **text_config(tokenizer)},
             image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
             scale_factor=2,
         )
         return config, tf.SmolVLMForConditionalGeneration, processor
 
-    return _write(out_dir, "smolvlm", words, seed, overwrite, make)
+    return write_family_build(out_dir, "smolvlm", words, seed, overwrite, make)
 
 
 # -- Llama 3.2 Vision, Mistral 3 and Pixtral, InternVL -------------------------------------------------------
@@ -365,11 +254,11 @@ def build_tiny_mllama(out_dir: PathLike, words: Iterable[str], seed: int = 0, ov
         processor = tf.MllamaProcessor(
             tf.MllamaImageProcessor(size=square, max_image_tiles=1), tokenizer, chat_template=MLLAMA_TEMPLATE
         )
-        vision = _vit(num_global_layers=1, max_num_tiles=1, intermediate_layers_indices=[0])
+        vision = vit_config(num_global_layers=1, max_num_tiles=1, intermediate_layers_indices=[0])
         vision["attention_heads"] = vision.pop("num_attention_heads")
         config = tf.MllamaConfig(
             vision_config={**vision, "vision_output_dim": 2 * VISION_WIDTH, "supported_aspect_ratios": [[1, 1]]},
-            text_config=_text_config(tokenizer, num_hidden_layers=3, cross_attention_layers=[1]),
+            text_config=text_config(tokenizer, num_hidden_layers=3, cross_attention_layers=[1]),
             image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"),
         )
         return config, tf.MllamaForConditionalGeneration, processor
@@ -380,7 +269,7 @@ def build_tiny_mllama(out_dir: PathLike, words: Iterable[str], seed: int = 0, ov
                 if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
                     p.fill_(1.0)
 
-    return _write(out_dir, "mllama", words, seed, overwrite, make, after_init=open_gates)
+    return write_family_build(out_dir, "mllama", words, seed, overwrite, make, after_init=open_gates)
 
 
 def _pixtral(words, spatial_merge_size: int):
@@ -397,11 +286,11 @@ def _pixtral(words, spatial_merge_size: int):
         spatial_merge_size=spatial_merge_size,
         chat_template=MISTRAL3_TEMPLATE,
     )
-    text = {"model_type": "mistral", **_text_config(tokenizer, head_dim=16, sliding_window=None)}
+    text = {"model_type": "mistral", **text_config(tokenizer, head_dim=16, sliding_window=None)}
     return processor, text
 
 
-_PIXTRAL_VISION = _vit(model_type="pixtral", head_dim=VISION_WIDTH // 2)
+_PIXTRAL_VISION = vit_config(model_type="pixtral", head_dim=VISION_WIDTH // 2)
 
 
 def build_tiny_mistral3(out_dir: PathLike, words: Iterable[str], seed: int = 0, overwrite: bool = False) -> Path:
@@ -420,7 +309,7 @@ def build_tiny_mistral3(out_dir: PathLike, words: Iterable[str], seed: int = 0, 
         )
         return config, tf.Mistral3ForConditionalGeneration, processor
 
-    return _write(out_dir, "mistral3", words, seed, overwrite, make)
+    return write_family_build(out_dir, "mistral3", words, seed, overwrite, make)
 
 
 def build_tiny_pixtral(out_dir: PathLike, words: Iterable[str], seed: int = 0, overwrite: bool = False) -> Path:
@@ -441,7 +330,7 @@ def build_tiny_pixtral(out_dir: PathLike, words: Iterable[str], seed: int = 0, o
         )
         return config, tf.LlavaForConditionalGeneration, processor
 
-    return _write(out_dir, "pixtral", words, seed, overwrite, make)
+    return write_family_build(out_dir, "pixtral", words, seed, overwrite, make)
 
 
 def build_tiny_internvl(out_dir: PathLike, words: Iterable[str], seed: int = 0, overwrite: bool = False) -> Path:
@@ -470,15 +359,15 @@ def build_tiny_internvl(out_dir: PathLike, words: Iterable[str], seed: int = 0, 
             chat_template=INTERNVL_TEMPLATE,
         )
         config = tf.InternVLConfig(
-            vision_config=_vit(image_size=[IMAGE_SIZE, IMAGE_SIZE], patch_size=[8, 8]),
-            text_config={"model_type": "qwen2", **_text_config(tokenizer)},
+            vision_config=vit_config(image_size=[IMAGE_SIZE, IMAGE_SIZE], patch_size=[8, 8]),
+            text_config={"model_type": "qwen2", **text_config(tokenizer)},
             image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
             image_seq_length=4,
             downsample_ratio=0.5,
         )
         return config, tf.InternVLForConditionalGeneration, processor
 
-    return _write(out_dir, "internvl", words, seed, overwrite, make)
+    return write_family_build(out_dir, "internvl", words, seed, overwrite, make)
 
 
 # Family name -> builder, in the order of the model-coverage issue (SmolVLM after Idefics3, Pixtral
