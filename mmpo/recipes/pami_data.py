@@ -19,6 +19,7 @@ import numpy as np
 
 __all__ = [
     "EVAL_PROBE_SEED",
+    "FAMILIES",
     "MODEL",
     "TRAIN_PROBE_SEED",
     "WORLD",
@@ -37,6 +38,9 @@ WORLD = {"num_frames": 8, "size": 64, "max_objects": 2, "fps": 8, "speeds": [1, 
 WITH_SHAPE_COLOR = {"caption": 1.0, "color": 1.0, "direction": 1.0, "order": 1.0, "shape_color": 1.0}
 # Frames resized to 48 px in 8 px patches: 36 patches a frame, 2x2-pooled to 9 video tokens, 72 for the clip.
 MODEL = {"image_size": 48, "patch_size": 8, "vision_width": 64, "text_width": 128, "text_layers": 4}
+# The demo's model families: a tiny LLaVA-NeXT-Video (frames encoded one by one) or a tiny Qwen2-VL (two frames
+# a token, mmpo.recipes.pami_qwen), and the vision tower pretraining steps each gets by default.
+FAMILIES = {"llava_next_video": 300, "qwen2_vl": 2000}
 # Held-out question kinds the prompt-awareness scores are reported for.
 AWARENESS_KINDS = ("direction", "color", "shape_color")
 # Probe seeds: the SFT yes/no questions come from TRAIN_PROBE_SEED + world seed, the evaluation from EVAL_PROBE_SEED.
@@ -154,6 +158,7 @@ def prepare(
     language_steps: int = 0,
     video_steps: int = 0,
     tower_positions: bool = False,
+    family: str = "llava_next_video",
 ) -> dict:
     """Write the world, the SFT / preference / awareness splits and the pretrained tiny video-LLM.
 
@@ -165,6 +170,8 @@ def prepare(
     first pretrains the language model on the world's questions as text (:func:`scene_question_example`);
     ``video_steps`` > 0 then trains the projector and the language model on fresh clips
     (:func:`pretrain_video_language`). ``tower_positions`` adds the position head to the tower's pretraining.
+    ``family`` ``qwen2_vl`` builds the tiny Qwen2-VL of :mod:`mmpo.recipes.pami_qwen` instead (tokens of two
+    frames, ``patch_size`` px patches of the 64 px frames) and pretrains its tower there.
 
     Returns:
         ``{"model": path, "vision", "language", "video": the pretraining reports (None when not run), "files": {...},
@@ -174,6 +181,8 @@ def prepare(
     from datamodules.worlds.video_probes import probe_vocabulary
     from mmpo.tiny.llava import build_tiny_llava
 
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {', '.join(FAMILIES)}, got {family!r}")
     data = workdir / "data"
     world = write_video_world(data, n_train=n_train, n_val=n_val, seed=seed, overwrite=True, **WORLD)
     train = [json.loads(line) for line in Path(world["train"]).read_text().splitlines()]
@@ -186,11 +195,17 @@ def prepare(
         "val": Path(world["val"]),
         "awareness": _write_jsonl(data / "awareness.jsonl", [r for r in val if r["kind"] in AWARENESS_KINDS]),
     }
-    path = build_tiny_llava(
-        workdir / "tiny-video-llava", [*vocabulary(), *probe_vocabulary()], seed=seed, video=True,
-        **(MODEL | {"patch_size": patch_size}),
-    )  # fmt: skip
-    vision = pretrain_video_tower(path, steps=vision_steps, seed=seed, progress=progress, positions=tower_positions)
+    words = [*vocabulary(), *probe_vocabulary()]
+    if family == "qwen2_vl":
+        from mmpo.recipes.pami_qwen import build_demo_qwen2_vl, pretrain_qwen_video_tower
+
+        path = build_demo_qwen2_vl(workdir / "tiny-video-qwen2-vl", words, seed, patch_size)
+        vision = pretrain_qwen_video_tower(path, steps=vision_steps, seed=seed, progress=progress)
+    else:
+        path = build_tiny_llava(
+            workdir / "tiny-video-llava", words, seed=seed, video=True, **(MODEL | {"patch_size": patch_size})
+        )
+        vision = pretrain_video_tower(path, vision_steps, seed, progress=progress, positions=tower_positions)
     language = None
     if language_steps:
         from mmpo.tiny.language import pretrain_tiny_language_model
@@ -345,24 +360,37 @@ def clip_question_example(rng: random.Random) -> dict:
 
 def _clip_batch(examples: list[dict], processor) -> dict:
     """Model inputs for clip examples: the prompt after the clip in one user turn, the answer then EOS,
-    right-padded, labels on the answer only (the datamodules' layout)."""
+    right-padded, labels on the answer only (the datamodules' layout). The processor's media (LLaVA-NeXT-Video's
+    frames; Qwen2-VL's patches and ``video_grid_thw``) are concatenated, its token-aligned inputs (Qwen2-VL's
+    ``mm_token_type_ids``) padded like the tokens."""
     import torch
 
+    from datamodules.vision_text.collator import TOKEN_ALIGNED_MEDIA
     from mmpo.tiny.language import right_padded
 
     tokenizer = processor.tokenizer
-    rows, targets, pixels = [], [], []
+    rows, targets, media, aligned = [], [], {}, {}
     for example in examples:
         messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": example["prompt"]}]}]
         text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         enc = processor(text=[text], videos=[example["frames"]], do_sample_frames=False, return_tensors="pt")
-        prompt = enc["input_ids"][0].tolist()
+        prompt = enc.pop("input_ids")[0].tolist()
+        enc.pop("attention_mask")
         answer = tokenizer(example["chosen"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append(prompt + answer)
         targets.append([-100] * len(prompt) + answer)
-        pixels.append(enc["pixel_values_videos"])
+        for key, value in enc.items():
+            if key in TOKEN_ALIGNED_MEDIA:
+                aligned.setdefault(key, []).append(value[0].tolist() + [TOKEN_ALIGNED_MEDIA[key]] * len(answer))
+            else:
+                media.setdefault(key, []).append(value)
     ids, mask, labels = right_padded(rows, targets, tokenizer.pad_token_id)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values_videos": torch.cat(pixels)}
+    width = ids.shape[1]
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch |= {key: torch.cat(values) for key, values in media.items()}
+    for key, values in aligned.items():
+        batch[key] = torch.tensor([row + [TOKEN_ALIGNED_MEDIA[key]] * (width - len(row)) for row in values])
+    return batch
 
 
 def pretrain_video_language(
@@ -390,6 +418,7 @@ def pretrain_video_language(
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from mmpo.backbones.vlm import in_vision_tower
     from mmpo.tiny.language import exact_answer_match
     from mmpo.tiny.llava import pretraining_loop, read_tiny_stamp, reused_pretraining, save_tiny_weights
 
@@ -399,7 +428,7 @@ def pretrain_video_language(
         return reused
     model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(checkpoint)
-    trained = [p for n, p in model.named_parameters() if "vision_tower" not in n]
+    trained = [p for n, p in model.named_parameters() if not in_vision_tower(n)]
     for p in model.parameters():
         p.requires_grad_(False)
     for p in trained:

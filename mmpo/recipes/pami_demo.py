@@ -31,7 +31,15 @@ from pathlib import Path
 
 import lightning as L
 
-from mmpo.recipes.pami_data import AWARENESS_KINDS, EVAL_PROBE_SEED, WITH_SHAPE_COLOR, WORLD, prepare, question_type
+from mmpo.recipes.pami_data import (
+    AWARENESS_KINDS,
+    EVAL_PROBE_SEED,
+    FAMILIES,
+    WITH_SHAPE_COLOR,
+    WORLD,
+    prepare,
+    question_type,
+)
 from mmpo.recipes.report import spread
 
 __all__ = ["CANDIDATES", "SelectionCounter", "main", "probe", "prompt_awareness", "train"]
@@ -238,7 +246,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--n-val", type=int, default=200, help="world validation records (awareness: its direction/colour)"
     )
-    parser.add_argument("--vision-steps", type=int, default=300, help="vision tower pretraining steps")
+    parser.add_argument(
+        "--family",
+        choices=list(FAMILIES),
+        default="llava_next_video",
+        help="the tiny video-LLM: LLaVA-NeXT-Video (a frame a token) or Qwen2-VL (two frames a token)",
+    )
+    parser.add_argument(
+        "--vision-steps", type=int, default=None, help="vision tower pretraining steps (default 300, Qwen2-VL 2000)"
+    )
     parser.add_argument(
         "--language-steps", type=int, default=0, help="pretrain the language model on the questions as text first"
     )
@@ -262,7 +278,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--video-steps", type=int, default=0, help="then train projector and language model on fresh clips"
     )
     parser.add_argument(
-        "--patch-size", type=int, default=8, help="the tower's patch side at 48 px frames (8: 9 tokens a frame, 4: 36)"
+        "--patch-size",
+        type=int,
+        default=8,
+        help="the tower's patch side: LLaVA at 48 px frames (8: 9 tokens a frame, 4: 36), Qwen2-VL at 64 px "
+        "(8: 16 tokens for two frames)",
     )
     parser.add_argument("--sft-epochs", type=int, default=8, help="0: the pretrained model is the SFT model")
     parser.add_argument("--sft-lr", type=float, default=2e-3)
@@ -275,6 +295,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--probes", type=int, default=60, help="probe pairs per measurement (types take turns)")
     args = parser.parse_args(argv)
+    if args.vision_steps is None:
+        args.vision_steps = FAMILIES[args.family]
     previous = dict(WORLD)
     WORLD["speeds"] = list(args.speeds)  # every clip the demo writes, renders or probes reads WORLD
     WORLD["task_weights"] = dict(WITH_SHAPE_COLOR) if args.shape_color_questions else None
@@ -292,13 +314,18 @@ def _demo(args: argparse.Namespace) -> dict:
     prepared = prepare(
         workdir, args.n_train, args.n_yes_no, args.n_val, args.world_seed, args.vision_steps,
         patch_size=args.patch_size, language_steps=args.language_steps, video_steps=args.video_steps,
-        tower_positions=args.tower_positions,
+        tower_positions=args.tower_positions, family=args.family,
     )  # fmt: skip
     vision = prepared["vision"]
-    print(
-        f"[mmpo] video tower: held-out frames recognised {vision['accuracy']:.3f}, object patches' colour "
-        f"{vision['patch_accuracy']:.3f} ({'reused' if vision['reused'] else 'trained'})"
-    )
+    done = "reused" if vision["reused"] else "trained"
+    if args.family == "qwen2_vl":
+        shares = ", ".join(f"{name} {share:.3f}" for name, share in vision["accuracy"].items())
+        print(f"[mmpo] video tower: held-out object cells labelled right: {shares} ({done})")
+    else:
+        print(
+            f"[mmpo] video tower: held-out frames recognised {vision['accuracy']:.3f}, object patches' colour "
+            f"{vision['patch_accuracy']:.3f} ({done})"
+        )
     if prepared["language"] is not None:
         print(f"[mmpo] language model: held-out text questions answered exactly {prepared['language']['accuracy']:.3f}")
     if prepared["video"] is not None:
