@@ -183,20 +183,29 @@ def test_the_demo_runs_end_to_end_at_the_smallest_sizes(tmp_path):
     assert len(results["after"]["vdpo"]) == len(results["after"]["pami"]) == 1
 
 
-def test_selection_counter_counts_the_kept_candidate_by_question_type():
+def test_selection_counter_counts_the_kept_and_the_identical_candidates_by_question_type():
     from types import SimpleNamespace
 
     import torch
 
-    from mmpo.recipes.pami_demo import SelectionCounter
+    from augment.video.pami import CloseToFar
+    from mmpo.recipes.pami_demo import SelectionCounter, merge_counts
 
     tags = (("original", "reverse", "static", "crop"),) * 3
     # keep: positions in the group (the original at 0); a kept candidate of weight 0 is a false rejection, dropped
     last = {
+        "scores": torch.tensor([[0.2, 0.0, 0.01], [0.0005, 0.002, 0.03], [0.0, float("nan"), 0.0]]),
         "keep": torch.tensor([[0, 1], [0, 3], [0, 1]]),
         "weights": torch.tensor([[1.0], [0.5], [0.0]]),
         "tags": tags,
     }
-    counter = SelectionCounter(SimpleNamespace(last=last), {"a": "direction", "b": "color", "c": "color"})
+    selector = SimpleNamespace(last=last, schedule=CloseToFar())  # identical below 1e-3 nats
+    counter = SelectionCounter(selector, {"a": "direction", "b": "color", "c": "color"})
     counter.on_train_batch_end(None, None, None, SimpleNamespace(ids=["a", "b", "c"]), 0)
     assert counter.kept == {"direction": {"reverse": 1}, "color": {"crop": 1}}
+    # a: static scored 0; b: reverse 0.0005; c: all three, the NaN included
+    assert counter.identical == {"direction": {"static": 1}, "color": {"reverse": 2, "static": 1, "crop": 1}}
+    assert counter.groups == {"direction": 1, "color": 2}
+    total = merge_counts(merge_counts({}, counter.counts()), counter.counts())  # two runs' counts add up
+    assert total["kept"]["color"] == {"crop": 2} and total["identical"]["color"]["reverse"] == 4
+    assert total["groups"] == {"direction": 2, "color": 4}

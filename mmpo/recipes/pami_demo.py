@@ -42,7 +42,7 @@ from mmpo.recipes.pami_data import (
 )
 from mmpo.recipes.report import spread
 
-__all__ = ["CANDIDATES", "SelectionCounter", "main", "probe", "prompt_awareness", "train"]
+__all__ = ["CANDIDATES", "SelectionCounter", "main", "merge_counts", "probe", "prompt_awareness", "train"]
 
 # PaMi-VDPO's fixed candidates: two that break time (reverse, shuffle), one that removes motion (static), two
 # that keep it (crop, colour jitter), so a prompt-aware choice has something to choose between.
@@ -112,30 +112,60 @@ def probe(module, datamodule, n_probes: int) -> dict[str, float]:
 
 
 class SelectionCounter(L.Callback):
-    """Counts, per question type, which augmentation PaMi-VDPO's selector kept (with a non-zero weight).
+    """Counts, per question type, which augmentation PaMi-VDPO's selector kept (with a non-zero weight) and which
+    candidates it judged semantically identical to the original (score under the schedule's threshold).
 
-    A Lightning callback: after each training step it reads the selector's ``last`` choice, the batch's
-    response tags and record ids, and the type of each record's question.
+    A Lightning callback: after each training step it reads the selector's ``last`` scores and choice, the
+    batch's response tags and record ids, and the type of each record's question.
 
     Args:
         selector: the run's :class:`mmpo.pami.PaMiSelector`.
         kinds: record id to question type (:func:`mmpo.recipes.pami_data.question_type`).
+
+    Attributes:
+        kept: ``{type: {augmentation: groups where it was kept}}``.
+        identical: ``{type: {augmentation: groups where it was judged identical}}``.
+        groups: ``{type: groups seen}``.
     """
 
     def __init__(self, selector, kinds: dict[str, str]) -> None:
         super().__init__()
         self.selector, self.kinds = selector, kinds
         self.kept: dict[str, dict[str, int]] = {}
+        self.identical: dict[str, dict[str, int]] = {}
+        self.groups: dict[str, int] = {}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        last = self.selector.last
+        last, threshold = self.selector.last, self.selector.schedule.identical_threshold
         for g, (record, tags) in enumerate(zip(batch.ids, last["tags"], strict=True)):
             kind = self.kinds.get(record, "other")
+            self.groups[kind] = self.groups.get(kind, 0) + 1
             for index, weight in zip(last["keep"][g, 1:].tolist(), last["weights"][g].tolist(), strict=True):
                 if weight > 0:
-                    tag = tags[index]  # keep holds positions in the group, the original at 0
-                    counts = self.kept.setdefault(kind, {})
-                    counts[tag] = counts.get(tag, 0) + 1
+                    _count(self.kept, kind, tags[index])  # keep holds positions in the group, the original at 0
+            for tag, score in zip(tags[1:], last["scores"][g].tolist(), strict=True):
+                if not score >= threshold:  # NaN counts as identical, as the selector judges it
+                    _count(self.identical, kind, tag)
+
+    def counts(self) -> dict:
+        """``{"kept", "identical", "groups"}``, as :func:`merge_counts` adds them up over runs."""
+        return {"kept": self.kept, "identical": self.identical, "groups": self.groups}
+
+
+def _count(table: dict[str, dict[str, int]], kind: str, tag: str, n: int = 1) -> None:
+    row = table.setdefault(kind, {})
+    row[tag] = row.get(tag, 0) + n
+
+
+def merge_counts(total: dict, counts: dict) -> dict:
+    """Add one run's :meth:`SelectionCounter.counts` into ``total`` (in place) and return it."""
+    for name in ("kept", "identical"):
+        for kind, row in counts[name].items():
+            for tag, n in row.items():
+                _count(total.setdefault(name, {}), kind, tag, n)
+    for kind, n in counts["groups"].items():
+        total.setdefault("groups", {})[kind] = total.get("groups", {}).get(kind, 0) + n
+    return total
 
 
 def train(method: str, sft: Path, data: dict, args, seed: int, kinds: dict[str, str]) -> tuple[dict, dict]:
@@ -154,7 +184,7 @@ def train(method: str, sft: Path, data: dict, args, seed: int, kinds: dict[str, 
     dm = _videos(sft, data["sft"], data["val"], args.batch_size, seed, negatives)
     counter = [SelectionCounter(selector, kinds)] if selector else []
     _trainer(counter, max_steps=args.dpo_steps).fit(module, datamodule=dm)
-    return probe(module, dm, args.probes), (counter[0].kept if counter else {})
+    return probe(module, dm, args.probes), (counter[0].counts() if counter else {})
 
 
 def prompt_awareness(sft: Path, awareness: Path, args) -> dict[str, dict[str, float]]:
@@ -222,15 +252,23 @@ def _table(before: dict, after: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def _awareness_lines(scores: dict, kept: dict[str, int]) -> list[str]:
+def _awareness_lines(scores: dict, selections: dict, threshold: float) -> list[str]:
     lines = [f"{'question':<12}" + "".join(f"{tag:>14}" for tag in CANDIDATES)]
     for kind in [k for k in AWARENESS_KINDS if k in scores]:
         lines.append(f"{kind:<12}" + "".join(f"{scores.get(kind, {}).get(t, float('nan')):>14.4f}" for t in CANDIDATES))
-    lines += ["", "PaMi-VDPO training: share of kept candidates per augmentation, by question type (all seeds)"]
-    for kind, counts in sorted(kept.items()):
+    lines += ["", "PaMi-VDPO training, by question type (all seeds): share of kept candidates per augmentation"]
+    for kind, counts in sorted(selections.get("kept", {}).items()):
         total = sum(counts.values())
         shares = "  ".join(f"{tag} {counts.get(tag, 0) / total:.2f}" for tag in CANDIDATES)
-        lines.append(f"{kind:<12} ({total:>4} kept)  {shares}")
+        lines.append(f"{kind:<20} ({total:>4} kept)  {shares}")
+    lines += [
+        "",
+        f"share of groups where each augmentation was judged identical (score < {threshold:g} nats: no rejection)",
+    ]
+    for kind, groups in sorted(selections.get("groups", {}).items()):
+        counts = selections.get("identical", {}).get(kind, {})
+        shares = "  ".join(f"{tag} {counts.get(tag, 0) / groups:.2f}" for tag in CANDIDATES)
+        lines.append(f"{kind:<20} ({groups:>4} groups)  {shares}")
     return lines
 
 
@@ -306,7 +344,14 @@ def main(argv: list[str] | None = None) -> dict:
         WORLD.update(previous)
 
 
+def _kind(record: dict) -> str:
+    """A record's question type, ``yes/no`` added for the yes/no questions' records."""
+    return question_type(record["prompt"]) + (" yes/no" if record["chosen"] in ("yes .", "no .") else "")
+
+
 def _demo(args: argparse.Namespace) -> dict:
+    from augment.video.pami import CloseToFar
+
     start, seconds = time.perf_counter(), {}
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -333,7 +378,7 @@ def _demo(args: argparse.Namespace) -> dict:
         print(f"[mmpo] video-language pretraining: held-out clips' questions answered exactly: {shares}")
     seconds["prepare"] = round(time.perf_counter() - t0, 1)
     data = prepared["files"]
-    kinds = {(r := json.loads(line))["id"]: question_type(r["prompt"]) for line in data["sft"].read_text().splitlines()}
+    kinds = {(r := json.loads(line))["id"]: _kind(r) for line in data["sft"].read_text().splitlines()}
 
     t0 = time.perf_counter()
     print("[mmpo] stage 1/3: SFT on open and yes/no questions")
@@ -363,17 +408,15 @@ def _demo(args: argparse.Namespace) -> dict:
     seconds["awareness"] = round(time.perf_counter() - t0, 1)
 
     after: dict[str, list[dict]] = {"vdpo": [], "pami": []}
-    kept: dict[str, dict[str, int]] = {}
+    selections: dict = {}
     for seed in range(args.seeds):
         for method in ("vdpo", "pami"):
             print(f"[mmpo] stage 3/3: {method} seed {seed} ({args.dpo_steps} steps)")
             t0 = time.perf_counter()
-            figures, selections = train(method, sft, data, args, seed, kinds)
+            figures, counts = train(method, sft, data, args, seed, kinds)
             after[method].append(figures)
-            for kind, counts in selections.items():
-                for tag, n in counts.items():
-                    kept.setdefault(kind, {}).setdefault(tag, 0)
-                    kept[kind][tag] += n
+            if counts:
+                merge_counts(selections, counts)
             seconds[f"{method} seed {seed}"] = round(time.perf_counter() - t0, 1)
 
     total = round(time.perf_counter() - start, 1)
@@ -385,13 +428,13 @@ def _demo(args: argparse.Namespace) -> dict:
     ]
     lines += _table(before, after)
     lines += ["", "Prompt-awareness: SFT model's mean per-token JS (nats) of each candidate, held-out questions", ""]
-    lines += _awareness_lines(awareness, kept)
+    lines += _awareness_lines(awareness, selections, CloseToFar().identical_threshold)
     lines += ["", f"stage seconds: {seconds}; total {total:.0f} s"]
     print("\n".join(lines))
     results = {
         "before": before,
         "after": after,
-        "awareness": {"scores": awareness, "kept": kept},
+        "awareness": {"scores": awareness, **selections},
         "open_questions": answered,
         "settings": {k: v for k, v in vars(args).items()},
         "vision": vision,
