@@ -106,8 +106,10 @@ def test_the_qwen_demo_runs_end_to_end_at_the_smallest_sizes(tmp_path):
     assert set(results["vision"]["accuracy"]) == {"color", "shape", "direction"}
     assert (tmp_path / "tiny-video-qwen2-vl" / "config.json").is_file()
     assert results["video_language"]["steps"] == 2
+    open_keys = {f"open/{kind}" for kind in ("caption", "color", "direction", "order", "shape_color")}
     for figures in (results["before"], results["after"]["vdpo"][0], results["after"]["pami"][0]):
         assert all(0.0 <= v <= 1.0 for v in figures.values())
+        assert open_keys <= figures.keys()  # the open questions are answered before and after each run
     for kind in ("direction", "color", "shape_color"):
         assert set(results["awareness"]["scores"][kind]) == set(CANDIDATES)
     assert torch.isfinite(torch.tensor(list(results["awareness"]["scores"]["direction"].values()))).all()

@@ -11,10 +11,12 @@
    augmentation per record, ``DPOLoss``) and PaMi-VDPO (K fixed candidates, ``PaMiSelector`` keeping one,
    ``MultiInstanceVDPOLoss``); the reference is the SFT model (the adapter disabled). A seed sets the data
    order, the LoRA initialisation and the candidate draws.
-4. The video hallucination probes (``VideoHallucinationEval``, probe seed 0, clips never trained on) before
-   (the SFT model) and after each run; mean and standard deviation over seeds.
+4. The video hallucination probes (``VideoHallucinationEval``, probe seed 0, clips never trained on) and the
+   held-out open questions answered exactly (greedy, the first 30 of each kind), before (the SFT model) and after
+   each run; mean and standard deviation over seeds.
 5. Prompt-awareness: the SFT model's PaMi score (mean per-token JS divergence) of each augmentation on held-out
-   direction and colour questions, and how often PaMi-VDPO's selector kept ``reverse`` for each question type.
+   direction and colour questions, and how often PaMi-VDPO's selector kept each augmentation, or judged it
+   identical to the original, for each question type.
 
 The table is printed and written with every per-seed figure to ``--workdir``/``results.json``.
 """
@@ -184,7 +186,10 @@ def train(method: str, sft: Path, data: dict, args, seed: int, kinds: dict[str, 
     dm = _videos(sft, data["sft"], data["val"], args.batch_size, seed, negatives)
     counter = [SelectionCounter(selector, kinds)] if selector else []
     _trainer(counter, max_steps=args.dpo_steps).fit(module, datamodule=dm)
-    return probe(module, dm, args.probes), (counter[0].counts() if counter else {})
+    figures = probe(module, dm, args.probes)
+    open_answers = open_question_accuracy(module.policy, data["val"], processor=dm.processor)
+    figures |= {f"open/{kind}": share for kind, share in open_answers.items()}
+    return figures, (counter[0].counts() if counter else {})
 
 
 def prompt_awareness(sft: Path, awareness: Path, args) -> dict[str, dict[str, float]]:
@@ -213,17 +218,21 @@ def prompt_awareness(sft: Path, awareness: Path, args) -> dict[str, dict[str, fl
     return {kind: {tag: statistics.fmean(v) for tag, v in by_tag.items()} for kind, by_tag in sums.items()}
 
 
-def open_question_accuracy(model_dir: Path, val: Path, per_kind: int = 30) -> dict[str, float]:
+def open_question_accuracy(model, val: Path, per_kind: int = 30, processor=None) -> dict[str, float]:
     """Share of held-out open questions (the first ``per_kind`` of each kind in ``val``) whose greedy answer is
-    the chosen one, word for word (spaces before the final "." ignored): does the model read the clip?"""
+    the chosen one, word for word (spaces before the final "." ignored): does the model read the clip?
+
+    ``model`` is a checkpoint directory, or a loaded model (a PEFT-wrapped one too) with its ``processor``.
+    """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from datamodules.vision_text.video_io import read_video
     from mmpo.generation import generate_answers
 
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
+    if processor is None:
+        processor = AutoProcessor.from_pretrained(model)
+        model = AutoModelForImageTextToText.from_pretrained(model, dtype=torch.float32).eval()
     by_kind: dict[str, list[dict]] = {}
     for line in val.read_text().splitlines():
         record = json.loads(line)
@@ -243,12 +252,12 @@ def open_question_accuracy(model_dir: Path, val: Path, per_kind: int = 30) -> di
 
 def _table(before: dict, after: dict[str, list[dict]]) -> list[str]:
     lines = [f"{'probe type / metric':<28}{'SFT':>12}{'VDPO':>14}{'PaMi-VDPO':>14}"]
-    for kind in TYPES:
-        for metric in METRICS:
-            key = f"{kind}/{metric}"
-            cells = [f"{before.get(key, float('nan')):>12.3f}"]
-            cells += [f"{spread([run[key] for run in after[m]], sep='±'):>14}" for m in ("vdpo", "pami")]
-            lines.append(f"{key:<28}" + "".join(cells))
+    keys = [f"{kind}/{metric}" for kind in TYPES for metric in METRICS]
+    keys += sorted(k for k in before if k.startswith("open/"))  # held-out open questions answered exactly
+    for key in keys:
+        cells = [f"{before.get(key, float('nan')):>12.3f}"]
+        cells += [f"{spread([run[key] for run in after[m]], sep='±'):>14}" for m in ("vdpo", "pami")]
+        lines.append(f"{key:<28}" + "".join(cells))
     return lines
 
 
@@ -402,6 +411,7 @@ def _demo(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     awareness = prompt_awareness(sft, data["awareness"], args)
     answered = open_question_accuracy(sft, data["val"])
+    before |= {f"open/{kind}": share for kind, share in answered.items()}
     print("[mmpo] SFT model, held-out open questions answered exactly: " + ", ".join(
         f"{kind} {share:.2f}" for kind, share in answered.items()
     ))  # fmt: skip
@@ -422,7 +432,8 @@ def _demo(args: argparse.Namespace) -> dict:
     total = round(time.perf_counter() - start, 1)
     lines = [
         "",
-        f"mmpo pami-demo: video hallucination probes ({args.probes} pairs, probe seed {EVAL_PROBE_SEED}),",
+        f"mmpo pami-demo: video hallucination probes ({args.probes} pairs, probe seed {EVAL_PROBE_SEED}) and held-out",
+        "open questions answered exactly (open/<kind>, greedy, 30 of each kind),",
         f"SFT model and after {args.dpo_steps} steps of each method, mean±std over {args.seeds} seed(s)",
         "",
     ]
