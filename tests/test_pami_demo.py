@@ -158,7 +158,8 @@ def test_clip_batches_put_the_loss_on_the_answer_and_its_eos_only(video_llava):
 def test_the_demo_runs_end_to_end_at_the_smallest_sizes(tmp_path):
     from mmpo.recipes.pami_demo import CANDIDATES, METRICS, TYPES, main
 
-    argv = ["--workdir", str(tmp_path), "--seeds", "1", "--n-train", "32", "--n-yes-no", "12", "--n-val", "24"]
+    argv = ["--workdir", str(tmp_path), "--family", "llava_next_video", "--seeds", "1", "--n-train", "32"]
+    argv += ["--n-yes-no", "12", "--n-val", "24"]
     argv += ["--vision-steps", "5", "--sft-epochs", "1", "--dpo-steps", "2", "--batch-size", "2", "--probes", "6"]
     argv += ["--speeds", "2", "4", "--tower-positions", "--shape-color-questions"]
     results = main([*argv, "--language-steps", "3", "--video-steps", "2"])

@@ -86,6 +86,14 @@ def test_tower_pretraining_learns_cells_and_is_reused(demo_qwen, tmp_path):
     assert again["reused"] and again["accuracy"] == report["accuracy"]
 
 
+def test_the_tower_position_head_is_refused_for_qwen(capsys):
+    from mmpo.recipes.pami_demo import main
+
+    with pytest.raises(SystemExit):
+        main(["--tower-positions"])  # the default family is Qwen2-VL
+    assert "--tower-positions is a head of the LLaVA-NeXT-Video tower" in capsys.readouterr().err
+
+
 def test_the_demo_refuses_an_unknown_family(tmp_path):
     from mmpo.recipes.pami_data import prepare
 

@@ -1,12 +1,13 @@
 """``mmpo pami-demo``: VDPO against PaMi-VDPO on the synthetic video world, on the CPU, no downloads.
 
-1. Write the video world (8 frames of 48 px, one or two moving shapes) and yes/no questions in the probes' form
-   about training clips (:mod:`mmpo.recipes.pami_data`); build a tiny LLaVA-NeXT-Video over the world's and
-   the probes' words and pretrain its vision tower on single frames.
-   Optional stages (off by default): the language model on the questions as text (``--language-steps``), then
-   projector and language model on fresh clips rendered in memory (``--video-steps``).
-2. SFT (full model, tower frozen, ``SFTLoss``) on the world's open questions and the yes/no questions; one SFT
-   model is shared by every seed (``--sft-epochs 0``: the pretrained model itself).
+1. Write the video world (8 frames of 64 px, one or two moving shapes) and yes/no questions in the probes' form
+   about training clips (:mod:`mmpo.recipes.pami_data`); build a tiny video-LLM over the world's and the probes'
+   words, by default a Qwen2-VL whose tokens see two frames (:mod:`mmpo.recipes.pami_qwen`; ``--family
+   llava_next_video``: a LLaVA-NeXT-Video seeing one frame a token), and pretrain its vision tower. Then the
+   language model on the questions as text (``--language-steps``), then the language model (and projector) on
+   fresh clips rendered in memory (``--video-steps``); 0 skips either.
+2. The pretrained model is the SFT model by default; ``--sft-epochs N`` fine-tunes it (full model, tower
+   frozen, ``SFTLoss``) on the written open and yes/no questions first. One SFT model is shared by every seed.
 3. For each seed, from the SFT model with the same LoRA, steps, batch and learning rate: VDPO (one random
    augmentation per record, ``DPOLoss``) and PaMi-VDPO (K fixed candidates, ``PaMiSelector`` keeping one,
    ``MultiInstanceVDPOLoss``); the reference is the SFT model (the adapter disabled). A seed sets the data
@@ -296,14 +297,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--family",
         choices=list(FAMILIES),
-        default="llava_next_video",
-        help="the tiny video-LLM: LLaVA-NeXT-Video (a frame a token) or Qwen2-VL (two frames a token)",
+        default="qwen2_vl",
+        help="the tiny video-LLM: Qwen2-VL (two frames a token, the default) or LLaVA-NeXT-Video (a frame a token)",
     )
     parser.add_argument(
         "--vision-steps", type=int, default=None, help="vision tower pretraining steps (default 300, Qwen2-VL 2000)"
     )
     parser.add_argument(
-        "--language-steps", type=int, default=0, help="pretrain the language model on the questions as text first"
+        "--language-steps",
+        type=int,
+        default=4000,
+        help="pretrain the language model on the questions as text first (0: not)",
     )
     parser.add_argument(
         "--tower-positions", action="store_true", help="the tower's pretraining also regresses each patch's place"
@@ -318,11 +322,15 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument(
         "--shape-color-questions",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="the world also asks motion-free colour questions (what color is the circle ?), scored for awareness",
     )
     parser.add_argument(
-        "--video-steps", type=int, default=0, help="then train projector and language model on fresh clips"
+        "--video-steps",
+        type=int,
+        default=2000,
+        help="then train projector and language model on fresh clips (0: not)",
     )
     parser.add_argument(
         "--patch-size",
@@ -331,7 +339,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="the tower's patch side: LLaVA at 48 px frames (8: 9 tokens a frame, 4: 36), Qwen2-VL at 64 px "
         "(8: 16 tokens for two frames)",
     )
-    parser.add_argument("--sft-epochs", type=int, default=8, help="0: the pretrained model is the SFT model")
+    parser.add_argument(
+        "--sft-epochs",
+        type=int,
+        default=0,
+        help="SFT epochs on the written records (0: the pretrained model is the SFT model)",
+    )
     parser.add_argument("--sft-lr", type=float, default=2e-3)
     parser.add_argument("--dpo-steps", type=int, default=30, help="optimizer steps of each preference run")
     parser.add_argument("--batch-size", type=int, default=8, help="records per step (SFT uses twice as many)")
@@ -344,6 +357,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.vision_steps is None:
         args.vision_steps = FAMILIES[args.family]
+    if args.tower_positions and args.family != "llava_next_video":
+        parser.error(
+            "--tower-positions is a head of the LLaVA-NeXT-Video tower's pretraining (--family llava_next_video)"
+        )
     previous = dict(WORLD)
     WORLD["speeds"] = list(args.speeds)  # every clip the demo writes, renders or probes reads WORLD
     WORLD["task_weights"] = dict(WITH_SHAPE_COLOR) if args.shape_color_questions else None
