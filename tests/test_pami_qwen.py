@@ -94,6 +94,15 @@ def test_the_tower_position_head_is_refused_for_qwen(capsys):
     assert "--tower-positions is a head of the LLaVA-NeXT-Video tower" in capsys.readouterr().err
 
 
+def test_the_probe_seed_of_the_training_questions_is_refused(capsys):
+    from mmpo.recipes.pami_data import TRAIN_PROBE_SEED
+    from mmpo.recipes.pami_demo import main
+
+    with pytest.raises(SystemExit):
+        main(["--probe-seed", str(TRAIN_PROBE_SEED + 3), "--world-seed", "3"])
+    assert "is the seed of the training yes/no questions" in capsys.readouterr().err
+
+
 def test_the_demo_refuses_an_unknown_family(tmp_path):
     from mmpo.recipes.pami_data import prepare
 
@@ -109,8 +118,8 @@ def test_the_qwen_demo_runs_end_to_end_at_the_smallest_sizes(tmp_path):
     argv = ["--workdir", str(tmp_path), "--family", "qwen2_vl", "--seeds", "1", "--n-train", "32"]
     argv += ["--n-yes-no", "12", "--n-val", "24", "--vision-steps", "3", "--sft-epochs", "1", "--dpo-steps", "2"]
     argv += ["--batch-size", "2", "--probes", "6", "--language-steps", "2", "--video-steps", "2"]
-    results = main([*argv, "--shape-color-questions"])
-    assert results["settings"]["family"] == "qwen2_vl"
+    results = main([*argv, "--shape-color-questions", "--probe-seed", "5"])
+    assert results["settings"]["family"] == "qwen2_vl" and results["settings"]["probe_seed"] == 5
     assert set(results["vision"]["accuracy"]) == {"color", "shape", "direction"}
     assert (tmp_path / "tiny-video-qwen2-vl" / "config.json").is_file()
     assert results["video_language"]["steps"] == 2

@@ -38,6 +38,7 @@ from mmpo.recipes.pami_data import (
     AWARENESS_KINDS,
     EVAL_PROBE_SEED,
     FAMILIES,
+    TRAIN_PROBE_SEED,
     WITH_SHAPE_COLOR,
     WORLD,
     prepare,
@@ -95,13 +96,13 @@ def _videos(model: Path, train: Path | None, val: Path, batch_size: int, seed: i
     return VideoVDPODataModule(str(model), negatives=negatives, **common)
 
 
-def probe(module, datamodule, n_probes: int) -> dict[str, float]:
+def probe(module, datamodule, n_probes: int, seed: int = EVAL_PROBE_SEED) -> dict[str, float]:
     """The video hallucination probes of ``module``'s policy: ``{"<type>/<metric>": value}``."""
     from mmpo.video_hallucination import VideoHallucinationEval
 
     callback = VideoHallucinationEval(
         n_probes=n_probes,
-        seed=EVAL_PROBE_SEED,
+        seed=seed,
         clip_frames=WORLD["num_frames"],
         size=WORLD["size"],
         max_objects=WORLD["max_objects"],
@@ -187,7 +188,7 @@ def train(method: str, sft: Path, data: dict, args, seed: int, kinds: dict[str, 
     dm = _videos(sft, data["sft"], data["val"], args.batch_size, seed, negatives)
     counter = [SelectionCounter(selector, kinds)] if selector else []
     _trainer(counter, max_steps=args.dpo_steps).fit(module, datamodule=dm)
-    figures = probe(module, dm, args.probes)
+    figures = probe(module, dm, args.probes, args.probe_seed)
     open_answers = open_question_accuracy(module.policy, data["val"], processor=dm.processor)
     figures |= {f"open/{kind}": share for kind, share in open_answers.items()}
     return figures, (counter[0].counts() if counter else {})
@@ -354,9 +355,17 @@ def main(argv: list[str] | None = None) -> dict:
         "--reuse-sft", action="store_true", help="use the SFT model already in --workdir (same data settings)"
     )
     parser.add_argument("--probes", type=int, default=60, help="probe pairs per measurement (types take turns)")
+    parser.add_argument(
+        "--probe-seed",
+        type=int,
+        default=EVAL_PROBE_SEED,
+        help=f"seed of the evaluation probes (default {EVAL_PROBE_SEED}); tune settings on another one",
+    )
     args = parser.parse_args(argv)
     if args.vision_steps is None:
         args.vision_steps = FAMILIES[args.family]
+    if args.probe_seed == TRAIN_PROBE_SEED + args.world_seed:
+        parser.error(f"--probe-seed {args.probe_seed} is the seed of the training yes/no questions; take another")
     if args.tower_positions and args.family != "llava_next_video":
         parser.error(
             "--tower-positions is a head of the LLaVA-NeXT-Video tower's pretraining (--family llava_next_video)"
@@ -421,7 +430,9 @@ def _demo(args: argparse.Namespace) -> dict:
         _trainer(max_epochs=args.sft_epochs, progress=True).fit(module, datamodule=dm)
     seconds["sft"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
-    before = probe(_module(sft, SFTLoss(), args.lr), _videos(sft, None, data["val"], 16, 0), args.probes)
+    before = probe(
+        _module(sft, SFTLoss(), args.lr), _videos(sft, None, data["val"], 16, 0), args.probes, args.probe_seed
+    )
     seconds["probe SFT"] = round(time.perf_counter() - t0, 1)
 
     print("[mmpo] stage 2/3: prompt-awareness of the SFT model's scores")
@@ -449,7 +460,7 @@ def _demo(args: argparse.Namespace) -> dict:
     total = round(time.perf_counter() - start, 1)
     lines = [
         "",
-        f"mmpo pami-demo: video hallucination probes ({args.probes} pairs, probe seed {EVAL_PROBE_SEED}) and held-out",
+        f"mmpo pami-demo: video hallucination probes ({args.probes} pairs, probe seed {args.probe_seed}) and held-out",
         "open questions answered exactly (open/<kind>, greedy, 30 of each kind),",
         f"SFT model and after {args.dpo_steps} steps of each method, mean±std over {args.seeds} seed(s)",
         "",
